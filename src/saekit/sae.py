@@ -1,0 +1,332 @@
+"""The SAE module: encode pre-activations -> select (a pluggable rule) -> decode.
+
+Weights follow the SAELens layout: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. With ``normalize_input`` the SAE works in a
+space where inputs are multiplied by ``input_scale`` (so that E||x||^2 = d_in); ``forward``
+takes and returns raw activations, and :meth:`folded_weights` folds the scale into the
+weights for export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saekit import kernels, losses
+from saekit.config import SAEConfig
+from saekit.rules import Context, Selection, build_rule
+
+
+@dataclass
+class Codes:
+    """Sparse codes: ``values``/``indices [N, K]`` (padding has value 0) or ``dense [N, F]``."""
+
+    d_sae: int
+    values: Tensor | None = None
+    indices: Tensor | None = None
+    dense: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.dense is None
+
+    def to_dense(self) -> Tensor:
+        if self.dense is not None:
+            return self.dense
+        assert self.values is not None and self.indices is not None
+        out = self.values.new_zeros(self.values.shape[0], self.d_sae)
+        return out.scatter_add(1, self.indices, self.values)
+
+    def l0(self) -> Tensor:
+        """Active latents per token: nonzeros, so negative codes count."""
+        if self.dense is not None:
+            return (self.dense != 0).sum(-1)
+        assert self.values is not None
+        return (self.values != 0).sum(-1)
+
+    def fired(self) -> Tensor:
+        """``[d_sae]`` bool: latents nonzero on at least one token."""
+        if self.dense is not None:
+            return (self.dense != 0).any(0)
+        assert self.values is not None and self.indices is not None
+        out = torch.zeros(self.d_sae, dtype=torch.bool, device=self.values.device)
+        out[self.indices[self.values != 0]] = True
+        return out
+
+    def fire_counts(self) -> Tensor:
+        """``[d_sae]`` number of tokens on which each latent is nonzero."""
+        if self.dense is not None:
+            return (self.dense != 0).sum(0)
+        assert self.values is not None and self.indices is not None
+        out = torch.zeros(self.d_sae, dtype=torch.long, device=self.values.device)
+        return out.index_add_(
+            0, self.indices[self.values != 0], torch.ones_like(self.indices[self.values != 0])
+        )
+
+    def detach(self) -> Codes:
+        f = lambda t: None if t is None else t.detach()  # noqa: E731
+        return Codes(self.d_sae, f(self.values), self.indices, f(self.dense))
+
+
+@dataclass
+class SAEOutput:
+    """Result of a forward pass. ``x_hat`` is in raw units; ``pre`` and codes in SAE units."""
+
+    x_hat: Tensor
+    codes: Codes
+    pre: Tensor
+    x: Tensor  # input in SAE units
+    x_in: Tensor  # encoder input in SAE units
+    x_hat_n: Tensor  # reconstruction in SAE units
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """One sparse autoencoder; the selection rule is ``self.rule`` (an ``nn.Module``)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        d, F = cfg.d_in, cfg.d_sae
+        W_dec = torch.randn(F, d)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        W_enc = W_dec.t().clone() if cfg.tied_init else torch.randn(d, F) / d**0.5
+        self.W_enc = nn.Parameter(W_enc.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        self.register_buffer("fire_freq", torch.zeros(F))  # EMA of per-token firing rate
+        self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
+        self.rule = build_rule(cfg)
+        recon = cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
+        if recon not in ("mse", "nmse"):
+            raise ValueError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
+        self.recon_kind = recon
+
+    # ------------------------------------------------------------------ shapes and units
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def _flat(self, x: Tensor, name: str = "x") -> Tensor:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"{name} has width {x.shape[-1]} but this SAE expects d_in={self.d_in}"
+                f" (shape {tuple(x.shape)})"
+            )
+        return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+
+    def _to_sae_units(self, x: Tensor) -> Tensor:
+        return x * self.input_scale if self.cfg.normalize_input else x
+
+    def _encoder_input(self, xn: Tensor) -> Tensor:
+        return xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Dense pre-activations ``(x - b_dec) W_enc + b_enc`` in SAE units, ``[N, d_sae]``."""
+        xn = self._to_sae_units(self._flat(x))
+        return self._encoder_input(xn) @ self.W_enc + self.b_enc
+
+    def _select(
+        self, xn: Tensor, grad: Tensor | None, step: int
+    ) -> tuple[Codes, Tensor, Tensor, Selection, Context]:
+        x_in = self._encoder_input(xn)
+        ctx = Context(sae=self, training=self.training, x=xn, x_in=x_in, grad=grad, step=step)
+        dense_grad = self.rule.needs_dense_grad or not torch.is_grad_enabled()
+        if dense_grad:
+            pre = x_in @ self.W_enc + self.b_enc
+        else:
+            with torch.no_grad():
+                pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+        sel = self.rule.select(pre, ctx)
+        if sel.dense is not None:
+            return Codes(self.d_sae, dense=sel.dense), pre, x_in, sel, ctx
+        assert sel.indices is not None
+        if dense_grad:
+            pre_sel = pre.gather(1, sel.indices)
+        else:
+            pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, sel.indices, pre)
+        values = self.rule.activate(pre_sel, sel, ctx)
+        if sel.mask is not None:
+            values = values * sel.mask.to(values.dtype)
+        return Codes(self.d_sae, values=values, indices=sel.indices), pre, x_in, sel, ctx
+
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Codes:
+        """Codes of ``x [..., d_in]`` (flattened to ``[N, ...]``). ``grad``: dLoss/dx (gtopk)."""
+        xn = self._to_sae_units(self._flat(x))
+        g = None if grad is None else self._grad_units(grad)
+        return self._select(xn, g, 0)[0]
+
+    def decode_n(self, codes: Codes) -> Tensor:
+        """Reconstruction in SAE units."""
+        if codes.is_sparse:
+            assert codes.indices is not None and codes.values is not None
+            out = kernels.sparse_decode(codes.indices, codes.values, self.W_dec)
+        else:
+            out = kernels.dense_decode(codes.dense, self.W_dec)  # type: ignore[arg-type]
+        return out + self.b_dec
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Reconstruction in raw units, ``[N, d_in]``."""
+        out = self.decode_n(codes)
+        return out / self.input_scale if self.cfg.normalize_input else out
+
+    def _grad_units(self, grad: Tensor) -> Tensor:
+        g = self._flat(grad, "grad")
+        # d loss / d x_n = (d loss / d x) / scale
+        return g / self.input_scale if self.cfg.normalize_input else g
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, step: int = 0) -> SAEOutput:
+        shape = x.shape
+        xn = self._to_sae_units(self._flat(x))
+        g = None if grad is None else self._grad_units(grad)
+        codes, pre, x_in, sel, _ = self._select(xn, g, step)
+        x_hat_n = self.decode_n(codes)
+        x_hat = x_hat_n / self.input_scale if self.cfg.normalize_input else x_hat_n
+        return SAEOutput(
+            x_hat=x_hat.reshape(shape),
+            codes=codes,
+            pre=pre,
+            x=xn,
+            x_in=x_in,
+            x_hat_n=x_hat_n,
+            extras=dict(sel.extras),
+        )
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self, x: Tensor, grad: Tensor | None = None, step: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor], SAEOutput]:
+        """Total loss, its named terms and the forward output, in SAE units."""
+        out = self(x, grad=grad, step=step)
+        ctx = Context(
+            sae=self, training=self.training, x=out.x, x_in=out.x_in, grad=grad, step=step
+        )
+        terms: dict[str, Tensor] = {"recon": losses.recon_loss(self.recon_kind, out.x_hat_n, out.x)}
+        terms.update(self.rule.loss_terms(out, ctx))
+        if self.rule.uses_aux and self.cfg.aux != "none" and self.cfg.aux_coeff > 0:
+            terms["aux"] = self.cfg.aux_coeff * self._aux_loss(out)
+        total = torch.stack(list(terms.values())).sum()
+        return total, terms, out
+
+    def aux_candidates(self) -> tuple[Tensor, Tensor | None]:
+        """Latents the aux loss may use, and optional per-latent weights."""
+        if self.cfg.aux == "auxk":
+            return self.tokens_since_fired >= self.cfg.dead_tokens, None
+        from saekit.losses import aux_registry  # filled by aux modules (e.g. aux-zipf)
+
+        try:
+            fn = aux_registry[self.cfg.aux]
+        except KeyError:
+            raise ValueError(
+                f"unknown aux loss {self.cfg.aux!r}; known: auxk, none, {', '.join(aux_registry)}"
+            ) from None
+        return fn(self)
+
+    def _aux_loss(self, out: SAEOutput) -> Tensor:
+        cand, weights = self.aux_candidates()
+        residual = out.x - out.x_hat_n.detach()
+        pre = out.pre if out.pre.requires_grad else out.pre.detach()
+        return losses.aux_k_loss(
+            out.x_in,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            pre,
+            residual,
+            cand,
+            self.cfg.aux_k,
+            weights,
+            signed=self.rule.signed,
+        )
+
+    @torch.no_grad()
+    def observe(self, codes: Codes, n_tokens: int, ema: float = 0.99) -> None:
+        """Update dead-latent counters and the firing-frequency EMA after a training step."""
+        counts = codes.fire_counts()
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
+        rate = counts.to(self.fire_freq.dtype) / max(n_tokens, 1)
+        if int(self.tokens_seen) == 0:
+            self.fire_freq.copy_(rate)
+        else:
+            self.fire_freq.mul_(ema).add_(rate, alpha=1 - ema)
+        self.tokens_seen += n_tokens
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each decoder row's gradient along the row."""
+        if not self.cfg.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        d = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g -= (g * d).sum(1, keepdim=True) * d
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.cfg.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Set ``input_scale``, ``b_dec`` and the encoder scale from a sample of inputs."""
+        x = self._flat(x).float()
+        if self.cfg.normalize_input:
+            self.input_scale.fill_(float((self.d_in / x.pow(2).sum(-1).mean()).sqrt()))
+        xn = self._to_sae_units(x)
+        how = self.cfg.init_b_dec
+        if how == "geometric_median":
+            self.b_dec.copy_(geometric_median(xn))
+        elif how == "mean":
+            self.b_dec.copy_(xn.mean(0))
+        elif how != "zeros":
+            raise ValueError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
+        # rescale the encoder so that reconstructions start with roughly the input's norm
+        was = self.training
+        self.train(False)
+        x_in = self._encoder_input(xn)
+        recon = self.decode_n(self._select(xn, None, 0)[0]) - self.b_dec
+        ratio = x_in.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
+        if torch.isfinite(ratio) and ratio > 0:
+            self.W_enc.mul_(ratio)
+        self.train(was)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def folded_weights(self) -> dict[str, Tensor]:
+        """Weights with the input scale folded in: the SAE then takes raw activations."""
+        s = float(self.input_scale) if self.cfg.normalize_input else 1.0
+        out = {
+            "W_enc": (self.W_enc * s).contiguous(),
+            "b_enc": self.b_enc.clone(),
+            "W_dec": (self.W_dec / s).contiguous(),
+            "b_dec": (self.b_dec / s).clone(),
+        }
+        th = self.rule.export_threshold()
+        if th is not None:
+            out["threshold"] = th.detach().clone()
+        return out
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm on the rows of ``x``."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-12):
+            return y_new
+        y = y_new
+    return y

@@ -1,0 +1,1 @@
+"""CLI commands: one module each, providing ``add_parser(subparsers)``."""

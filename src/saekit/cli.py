@@ -19,7 +19,12 @@ C = TypeVar("C")
 
 #: modules providing ``add_parser(subparsers)``, in the order shown by ``saekit --help``
 COMMAND_MODULES = [
-    "saekit.commands.info",
+    "saekit.commands.train",  # saekit train, saekit cache
+    "saekit.commands.evaluate",  # saekit eval, saekit compare
+    "saekit.commands.bench",  # saekit bench
+    "saekit.commands.apply",  # saekit steer, ablate, classify, footprint, dashboard
+    "saekit.commands.compress",  # saekit compress
+    "saekit.commands.info",  # saekit rules
 ]
 
 
@@ -94,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
-        importlib.import_module(mod).add_parser(sub)
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a command still being written
+            if e.name == mod:
+                continue
+            raise
+        module.add_parser(sub)
     return parser
 
 

@@ -56,6 +56,11 @@ class Context:
     step: int = 0
 
 
+#: rule_options keys read by shared components rather than by the rule (e.g. the aux-zipf
+#: loss's options under ``"aux_zipf"``); rules ignore them.
+SHARED_OPTION_KEYS: frozenset[str] = frozenset({"aux_zipf"})
+
+
 class Rule(nn.Module):
     """Base class: TopK-style defaults that subclasses override."""
 
@@ -76,7 +81,8 @@ class Rule(nn.Module):
         super().__init__()
         self.cfg = cfg
         try:
-            self.opts = self.Options(**cfg.rule_options)
+            own = {k: v for k, v in cfg.rule_options.items() if k not in SHARED_OPTION_KEYS}
+            self.opts = self.Options(**own)
         except TypeError as e:
             known = [f.name for f in dataclasses.fields(self.Options)]
             raise ValueError(

@@ -1,0 +1,342 @@
+"""Shared plumbing for the applications: runs, texts, models, site activations and codes.
+
+Every application works on *records*: one :class:`TextActs` per text, holding its token ids,
+token strings and the activations at one hook site. Codes are computed from those with the
+SAE's own ``encode`` (so the selection rule, ``normalize_input`` and signed codes are all
+respected). Special tokens are kept in the records but flagged in ``keep`` so that
+statistics can skip them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saekit.sae import SAE
+from saekit.sources.sites import StopForward, hook_site, resolve_site
+
+
+@dataclass
+class RunInfo:
+    """What a run directory says about where its SAE was trained."""
+
+    run_dir: str
+    model: str = ""
+    site: str = ""
+    dataset: str = ""
+    text_field: str = "text"
+    context_len: int = 128
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _find_data_cfg(cfg: dict) -> dict:
+    sk = cfg.get("saekit", {})
+    if not isinstance(sk, dict):
+        return {}
+    for key in ("data", "data_cfg", "DataConfig", "data_config"):
+        if isinstance(sk.get(key), dict):
+            return sk[key]
+    return {}
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """Model, hook site and dataset recorded in ``run_dir/cfg.json`` (saekit or SAELens keys)."""
+    p = Path(run_dir)
+    cfg_path = p / "cfg.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"not a saekit run directory (no cfg.json): {p}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    data = _find_data_cfg(cfg)
+    sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
+    sites = data.get("sites") or []
+    site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
+    hook = cfg.get("hook_name")
+    if not site and isinstance(hook, str) and hook.startswith("layers."):
+        site = hook
+    return RunInfo(
+        run_dir=str(p),
+        model=str(data.get("model", cfg.get("model_name", "")) or ""),
+        site=str(site),
+        dataset=str(data.get("dataset", "")),
+        text_field=str(data.get("text_field", "text")),
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+    )
+
+
+def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
+    """The SAE of a run directory (via :func:`saekit.io.load_sae`) and its :class:`RunInfo`."""
+    info = read_run_info(run_dir)
+    from saekit.io import load_sae
+
+    sae = load_sae(run_dir)
+    sae.eval()
+    return sae, info
+
+
+def load_model(
+    name_or_path: str = "", causal: bool = False, device: str = "cpu", dtype: str = "float32"
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``. ``causal``: an LM with its head (needed for logits/generation).
+
+    Non-causal loads go through :func:`saekit.sources.hf.load_model` ("" = the MiniLM).
+    """
+    if not causal:
+        from saekit.sources.hf import load_model as hf_load
+
+        return hf_load(name_or_path, device=device, dtype=dtype)
+    if not name_or_path:
+        raise ValueError(
+            "a causal LM is needed here (the default MiniLM is an encoder); pass --model"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load causal LM {name_or_path!r}: {e}") from e
+    return model.to(device).eval(), tok
+
+
+def read_texts(path: str = "", text_field: str = "text", limit: int = 0) -> list[str]:
+    """Texts from a ``.jsonl`` (field ``text_field``) or ``.txt`` file (one per non-empty line).
+
+    ``""`` reads the built-in pydoc corpus (one text per topic, sorted by topic name).
+    """
+    out: list[str] = []
+    for t in iter_texts(path, text_field):
+        out.append(t)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def iter_texts(path: str = "", text_field: str = "text") -> Iterator[str]:
+    if not path:
+        from pydoc_data.topics import topics
+
+        for k in sorted(topics):
+            if topics[k].strip():
+                yield topics[k]
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file not found: {p}")
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(p.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i + 1}: not valid JSON: {e}") from e
+            if not isinstance(row, dict) or text_field not in row:
+                raise ValueError(f"{p}:{i + 1}: no {text_field!r} field")
+            yield str(row[text_field])
+    elif p.suffix in (".txt", ".text", ""):
+        for line in p.read_text().splitlines():
+            if line.strip():
+                yield line
+    else:
+        raise ValueError(f"{p}: expected a .jsonl or .txt file")
+
+
+def read_labelled(
+    path: str, text_field: str = "text", label_field: str = "label"
+) -> tuple[list[str], list[str]]:
+    """``(texts, labels)`` from a JSONL file; labels are returned as strings."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labelled data file not found: {p}")
+    texts, labels = [], []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{i + 1}: not valid JSON: {e}") from e
+        if not isinstance(row, dict) or text_field not in row or label_field not in row:
+            raise ValueError(f"{p}:{i + 1}: needs fields {text_field!r} and {label_field!r}")
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]))
+    if not texts:
+        raise ValueError(f"{p}: no labelled rows")
+    return texts, labels
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def encode_texts(tok: Any, texts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids of each text (with the tokenizer's special tokens), truncated to ``max_len``."""
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    out = []
+    for t in texts:
+        ids = tok(t, truncation=True, max_length=max_len)["input_ids"]
+        if len(ids) == 0:
+            ids = [_fallback_id(tok)]
+        out.append(list(ids))
+    return out
+
+
+def _fallback_id(tok: Any) -> int:
+    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def pad_batch(ids: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Right-padded ``input_ids`` (pad id 0) and ``attention_mask``."""
+    n = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), n, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def token_strings(tok: Any, ids: list[int]) -> list[str]:
+    """Human-readable string of each token (decoded one by one)."""
+    return [tok.decode([i]) for i in ids]
+
+
+@dataclass
+class TextActs:
+    """One text's token ids, token strings, ``keep`` mask and site activations ``[T, d]``."""
+
+    ids: list[int]
+    tokens: list[str]
+    keep: Tensor
+    acts: Tensor
+
+
+@torch.no_grad()
+def site_activations(
+    model: nn.Module,
+    tok: Any,
+    site: str,
+    texts: list[str],
+    max_len: int = 128,
+    batch_size: int = 8,
+    exclude_special: bool = True,
+) -> list[TextActs]:
+    """Run ``model`` over ``texts`` and return each text's activations at ``site``.
+
+    The forward stops at the site (``StopForward``), so later layers are not computed.
+    """
+    if not texts:
+        raise ValueError("no texts given")
+    s = resolve_site(model, site)
+    dev = model_device(model)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    all_ids = encode_texts(tok, texts, max_len)
+    out: list[TextActs] = []
+    captured: list[Tensor] = []
+
+    def grab(h: Tensor) -> None:
+        captured.append(h.detach())
+        raise StopForward
+
+    model.eval()
+    for b in range(0, len(all_ids), batch_size):
+        chunk = all_ids[b : b + batch_size]
+        input_ids, mask = pad_batch(chunk, dev)
+        captured.clear()
+        with hook_site(s, grab), suppress(StopForward):
+            model(input_ids=input_ids, attention_mask=mask)
+        if not captured:
+            raise RuntimeError(f"site {site!r} did not run during the forward")
+        h = captured[0].float().cpu()
+        for i, ids in enumerate(chunk):
+            keep = torch.tensor(
+                [not (exclude_special and t in special) for t in ids], dtype=torch.bool
+            )
+            out.append(TextActs(ids, token_strings(tok, ids), keep, h[i, : len(ids)].clone()))
+    return out
+
+
+@torch.no_grad()
+def dense_codes(sae: SAE, acts: Tensor, chunk: int = 4096) -> Tensor:
+    """Dense codes ``[N, d_sae]`` of ``acts [N, d_in]`` (signed for signed rules)."""
+    was = sae.training
+    sae.eval()
+    p = next(sae.parameters())
+    parts = [
+        sae.encode(acts[i : i + chunk].to(p.device, p.dtype)).to_dense().float().cpu()
+        for i in range(0, acts.shape[0], chunk)
+    ]
+    sae.train(was)
+    if not parts:
+        return torch.zeros(0, sae.d_sae)
+    return torch.cat(parts)
+
+
+def decoder_directions(sae: SAE, features: Iterable[int] | None = None) -> Tensor:
+    """Decoder rows in raw activation units (``normalize_input`` folded in), ``[n, d_in]``."""
+    W = sae.W_dec.detach()
+    if sae.cfg.normalize_input:
+        W = W / sae.input_scale
+    if features is None:
+        return W
+    idx = check_features(sae, features)
+    return W[idx]
+
+
+def check_features(sae: SAE, features: Iterable[int]) -> list[int]:
+    """Validate feature indices against ``sae.d_sae``."""
+    idx = [int(f) for f in features]
+    bad = [f for f in idx if not 0 <= f < sae.d_sae]
+    if bad:
+        raise ValueError(f"feature index out of range 0..{sae.d_sae - 1}: {bad}")
+    return idx
+
+
+def unembedding(model: nn.Module) -> Tensor | None:
+    """The LM head weight ``[vocab, d]`` when the model has one, else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    w = getattr(head, "weight", None)
+    return w.detach() if isinstance(w, Tensor) else None
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter of ``module``."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def next_token_loss(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence mean next-token cross-entropy over non-padding positions, ``[B]``."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    tgt = input_ids[:, 1:]
+    nll = -lp.gather(-1, tgt[..., None])[..., 0]
+    m = (mask[:, 1:] * mask[:, :-1]).float()
+    return (nll * m).sum(1) / m.sum(1).clamp_min(1)

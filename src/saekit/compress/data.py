@@ -1,0 +1,69 @@
+"""Calibration / evaluation text and token batches for compression.
+
+The built-in corpus is ``pydoc_data.topics`` (79 documents). Split, documented choice: sort
+the topic keys; documents with index ``i % 8 == 7`` are held out (≈ 8 % of the characters),
+the rest are for calibration / training. Documents are joined with a blank line.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+HELDOUT_EVERY = 8
+
+
+def builtin_texts(split: str = "train") -> list[str]:
+    """Built-in pydoc topics, ``split`` in ``{"train", "test", "all"}`` (test = held out)."""
+    from pydoc_data.topics import topics
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    keys = sorted(topics)
+    out = []
+    for i, k in enumerate(keys):
+        held = i % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        if split == "all" or (split == "test") == held:
+            out.append(topics[k])
+    return out
+
+
+def load_texts(dataset: str = "", split: str = "train", text_field: str = "text") -> list[str]:
+    """Texts for calibration (``split="train"``) or perplexity (``"test"``).
+
+    ``dataset=""`` is the built-in corpus with the split above; otherwise
+    ``saekit.sources.text.iter_texts(dataset, split, text_field)`` is used (a local file or
+    dataset that other saekit commands accept).
+    """
+    if not dataset:
+        return builtin_texts(split)
+    try:
+        from saekit.sources.text import iter_texts
+    except ImportError as e:  # pragma: no cover - depends on another module
+        raise ValueError(f"reading dataset {dataset!r} needs saekit.sources.text: {e}") from e
+    return list(iter_texts(dataset, split=split, text_field=text_field))
+
+
+def token_stream(tokenizer: object, texts: list[str]) -> Tensor:
+    """All texts tokenised (no special tokens) and concatenated, separated by EOS if any."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def chunk_batches(ids: Tensor, seq_len: int, batch_size: int, max_seqs: int = 0) -> list[Tensor]:
+    """Cut a 1-D token stream into non-overlapping ``[batch, seq_len]`` batches (no padding;
+    a trailing partial sequence is dropped). ``max_seqs > 0`` keeps only the first ones."""
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+    n = ids.numel() // seq_len
+    if max_seqs > 0:
+        n = min(n, max_seqs)
+    if n == 0:
+        raise ValueError(f"only {ids.numel()} tokens: not one sequence of length {seq_len}")
+    seqs = ids[: n * seq_len].view(n, seq_len)
+    return list(seqs.split(batch_size))

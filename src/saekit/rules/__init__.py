@@ -1,6 +1,19 @@
 """Selection rules, registered by name. Importing this package registers every rule."""
 
-from saekit.rules import batchtopk, jumprelu, relu, topk  # noqa: F401  (registration)
+# importing a rule module registers it; aux_zipf fills losses.aux_registry["zipf"]
+from saekit.rules import (  # noqa: F401
+    abstopk,
+    aux_zipf,
+    batchtopk,
+    feature_choice,
+    gtopk,
+    jumprelu,
+    mutual_choice,
+    relu,
+    topafa,
+    topk,
+    vtopk,
+)
 from saekit.rules.base import (
     Context,
     Rule,

@@ -1,0 +1,28 @@
+"""AbsTopK (Zhu, Khalili, Zhu 2025): keep the k largest ``|pre|`` with their signs, no ReLU."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+
+
+@register
+class AbsTopK(Rule):
+    """``z_i = u_i`` if ``|u_i|`` is among the k largest of the token, else 0 (hard threshold).
+
+    ``u = W_enc^T (x - b_dec) + b_enc`` [paper: ``u = W_enc x + b_enc``; subtracting b_dec
+    follows Gao et al. and is SAEConfig.apply_b_dec_to_input]. Codes are signed, so L0 counts
+    nonzeros and the aux-k loss ranks dead latents by ``|u|`` and keeps their signs (our
+    choice; the paper does not specify an aux loss). Loss: NMSE + aux-k, as TopK. Inference:
+    the same per-token operation.
+    """
+
+    name = "abstopk"
+    signed = True
+
+    def select(self, pre: Tensor, ctx: Context) -> Selection:
+        return Selection(indices=topk_indices(pre.abs(), self.cfg.k))
+
+    def activate(self, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:
+        return pre_sel

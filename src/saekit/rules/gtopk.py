@@ -1,0 +1,52 @@
+"""g-SAE (Olmo et al. 2024): TopK whose selection is boosted by each latent's loss effect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+
+
+@dataclass
+class GTopKOptions:
+    beta: float = 1.0  # weight of the gradient term in the selection score (paper: unknown)
+    normalize_grad: bool = True  # use g / ||g|| per token (our choice: scale-free beta)
+    require_grad: bool = True  # training without dLoss/dx is an error (else plain TopK)
+
+
+@register
+class GTopK(Rule):
+    """Score ``s = z + beta * z * |W_dec g|``, ``z = ReLU(pre)``; keep TopK_k by ``s``.
+
+    ``(W_dec g)_i = d_i . g`` with ``g = dLoss/dx`` (the LM's next-token loss gradient at the
+    hooked activation, detached; ``ctx.grad``), so ``z_i * d_i . g`` is the first-order loss
+    change from ablating latent i. Values are ``z`` at the selected latents: the gradient
+    only changes *which* latents are selected [inference from summaries; no code found].
+    ``normalize_grad`` divides g by its per-token norm, since its scale varies by layer
+    [our choice, default on]. Inference: uses g when given (``SAE.encode(x, grad=g)``), else
+    plain TopK (beta ignored). Loss: NMSE + aux-k, as TopK.
+    """
+
+    name = "gtopk"
+    Options = GTopKOptions
+
+    def select(self, pre: Tensor, ctx: Context) -> Selection:
+        z = torch.relu(pre.detach())
+        g = ctx.grad
+        if g is None:
+            if ctx.training and self.opts.require_grad:
+                raise ValueError(
+                    "rule gtopk needs dLoss/dx in training: use a source that supplies"
+                    " gradients (DataConfig.with_grad=True) or set rule_options"
+                    ' {"require_grad": false} to train as plain TopK'
+                )
+            return Selection(indices=topk_indices(z, self.cfg.k))
+        g = g.detach().to(z.dtype)
+        if self.opts.normalize_grad:
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        effect = (g @ ctx.sae.W_dec.detach().t()).abs()
+        score = z + self.opts.beta * z * effect
+        return Selection(indices=topk_indices(score, self.cfg.k))

@@ -1,0 +1,32 @@
+"""Mutual Choice (Ayonrinde 2024): the top k*B token-feature affinities of the whole batch."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from saekit.rules.base import Context, Selection, register, topk_indices
+from saekit.rules.batchtopk import BatchTopK, BatchTopKOptions
+
+
+@register
+class MutualChoice(BatchTopK):
+    """Training: the ``S = k*B`` largest entries of ``Z' = ReLU(pre)`` over the B x d_sae batch.
+
+    This is the same operation as BatchTopK (developed concurrently), so the selection is
+    ``batch_topk_selection``: exactly ``k*B`` nonzeros per batch when at least that many
+    entries are positive. Options are BatchTopK's.
+
+    Inference [our choice; the paper gives none, so this is a flagged deviation]: a global
+    threshold ``theta``, the EMA (``threshold_decay``) of the smallest kept activation per
+    training batch, applied as ``z = pre * 1[pre > theta]`` (per token, batch-independent).
+    Before any threshold has been tracked (an untrained SAE), inference falls back to
+    per-token TopK_k.
+    """
+
+    name = "mutual_choice"
+    Options = BatchTopKOptions
+
+    def select(self, pre: Tensor, ctx: Context) -> Selection:
+        if not ctx.training and float(self.threshold) < 0:
+            return Selection(indices=topk_indices(pre, self.cfg.k))
+        return super().select(pre, ctx)

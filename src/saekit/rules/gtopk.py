@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 class GTopKOptions:
     beta: float = 1.0  # weight of the gradient term in the selection score (paper: unknown)
     normalize_grad: bool = True  # use g / ||g|| per token (our choice: scale-free beta)
-    require_grad: bool = True  # training without dLoss/dx is an error (else plain TopK)
+    require_grad: bool = False  # True: training without dLoss/dx is an error (else TopK + warning)
 
 
 @register
@@ -27,11 +28,13 @@ class GTopK(Rule):
     only changes *which* latents are selected [inference from summaries; no code found].
     ``normalize_grad`` divides g by its per-token norm, since its scale varies by layer
     [our choice, default on]. Inference: uses g when given (``SAE.encode(x, grad=g)``), else
-    plain TopK (beta ignored). Loss: NMSE + aux-k, as TopK.
+    plain TopK (beta ignored). Training batches without g also fall back to TopK, with a
+    one-time warning (``require_grad=True`` makes that an error). Loss: NMSE + aux-k, as TopK.
     """
 
     name = "gtopk"
     Options = GTopKOptions
+    _warned: bool = False
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         z = torch.relu(pre.detach())
@@ -42,6 +45,13 @@ class GTopK(Rule):
                     "rule gtopk needs dLoss/dx in training: use a source that supplies"
                     " gradients (DataConfig.with_grad=True) or set rule_options"
                     ' {"require_grad": false} to train as plain TopK'
+                )
+            if ctx.training and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "gtopk trained without dLoss/dx: selecting by plain TopK"
+                    " (use DataConfig.with_grad=True for a g-SAE)",
+                    stacklevel=2,
                 )
             return Selection(indices=topk_indices(z, self.cfg.k))
         g = g.detach().to(z.dtype)

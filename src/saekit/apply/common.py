@@ -85,71 +85,39 @@ def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
 
 
 def load_model(
-    name_or_path: str = "", causal: bool = False, device: str = "cpu", dtype: str = "float32"
+    name_or_path: str = "", causal: bool | None = None, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``. ``causal``: an LM with its head (needed for logits/generation).
+    """``(model, tokenizer)`` via :func:`saekit.sources.hf.load_model` ("" = the MiniLM).
 
-    Non-causal loads go through :func:`saekit.sources.hf.load_model` ("" = the MiniLM).
+    ``causal=True`` requires an LM with its head (logits, generation).
     """
-    if not causal:
-        from saekit.sources.hf import load_model as hf_load
+    from saekit.sources.hf import load_model as hf_load
 
-        return hf_load(name_or_path, device=device, dtype=dtype)
-    if not name_or_path:
+    if causal and not name_or_path:
         raise ValueError(
-            "a causal LM is needed here (the default MiniLM is an encoder); pass --model"
+            "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load causal LM {name_or_path!r}: {e}") from e
-    return model.to(device).eval(), tok
+    return hf_load(name_or_path, device=device, dtype=dtype, causal=causal)
 
 
-def read_texts(path: str = "", text_field: str = "text", limit: int = 0) -> list[str]:
-    """Texts from a ``.jsonl`` (field ``text_field``) or ``.txt`` file (one per non-empty line).
+def read_texts(
+    dataset: str = "", text_field: str = "text", limit: int = 0, part: str = "all"
+) -> list[str]:
+    """Documents of ``dataset`` via :func:`saekit.sources.text.iter_texts` (at most ``limit``).
 
-    ``""`` reads the built-in pydoc corpus (one text per topic, sorted by topic name).
+    ``""`` is the built-in pydoc corpus; ``.txt`` files hold documents separated by blank
+    lines; ``.jsonl`` files one object per line with the text in ``text_field``.
     """
+    from saekit.sources.text import iter_texts
+
     out: list[str] = []
-    for t in iter_texts(path, text_field):
+    for t in iter_texts(dataset, text_field=text_field, part=part):
         out.append(t)
         if limit and len(out) >= limit:
             break
+    if not out:
+        raise ValueError(f"no texts found in {dataset or 'the built-in corpus'!r}")
     return out
-
-
-def iter_texts(path: str = "", text_field: str = "text") -> Iterator[str]:
-    if not path:
-        from pydoc_data.topics import topics
-
-        for k in sorted(topics):
-            if topics[k].strip():
-                yield topics[k]
-        return
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"text file not found: {p}")
-    if p.suffix == ".jsonl":
-        for i, line in enumerate(p.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i + 1}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{p}:{i + 1}: no {text_field!r} field")
-            yield str(row[text_field])
-    elif p.suffix in (".txt", ".text", ""):
-        for line in p.read_text().splitlines():
-            if line.strip():
-                yield line
-    else:
-        raise ValueError(f"{p}: expected a .jsonl or .txt file")
 
 
 def read_labelled(

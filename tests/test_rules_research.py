@@ -372,3 +372,22 @@ def test_gtopk_without_grad() -> None:
     strict.train()
     with pytest.raises(ValueError, match="needs dLoss/dx"):
         strict(x)
+
+
+@pytest.mark.parametrize("rule", RESEARCH)
+def test_save_load_roundtrip(rule: str, tmp_path) -> None:
+    from saekit.io import load_sae, save_sae
+
+    opts = {"learn_variance": True} if rule == "vtopk" else {}
+    sae = make(rule, rule_options=opts, normalize_input=True)
+    x, g = torch.randn(64, 12) * 3, torch.randn(64, 12)
+    sae.init_from_data(x)
+    sae.train()
+    _, _, out = sae.loss(x, grad=g)
+    sae.observe(out.codes, 64)
+    save_sae(sae, tmp_path / rule)
+    back = load_sae(tmp_path / rule)
+    assert back.cfg.rule == rule
+    sae.eval()
+    back.eval()
+    assert torch.equal(dense_codes(sae, x, grad=g), dense_codes(back, x, grad=g))

@@ -1,0 +1,184 @@
+"""Text corpora for activation sources.
+
+:func:`iter_texts` yields documents from
+
+- ``""``: the built-in corpus, Python's ``pydoc_data.topics.topics`` (about 465k characters).
+  Topics are read in sorted-key order, cut into paragraphs at blank lines, and consecutive
+  paragraphs are merged into documents of at most ``max_chars`` characters (a longer
+  paragraph stays one document). No download is needed.
+- a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON
+  object per line, the text in ``text_field``);
+- otherwise a Hugging Face dataset id or local dataset directory, through
+  ``datasets.load_dataset(..., streaming=True)`` when the ``datasets`` package is installed.
+
+Held-out text: documents are assigned to a *part* deterministically by their index, every
+``eval_every``-th document (index % eval_every == eval_every - 1) goes to ``"eval"``, the
+rest to ``"train"``; ``"all"`` keeps everything. For the built-in corpus and local files the
+part defaults from ``split`` (``train`` -> train part, ``eval``/``validation``/``test`` ->
+eval part, ``all`` -> all), so training and evaluation never share a document. For HF
+datasets ``split`` is the dataset's own split and the part defaults to ``"all"``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+PARTS = ("train", "eval", "all")
+_EVAL_SPLITS = ("eval", "validation", "valid", "test")
+
+
+def builtin_documents(max_chars: int = 2000) -> list[str]:
+    """The built-in pydoc corpus as a deterministic list of documents."""
+    from pydoc_data.topics import topics
+
+    docs: list[str] = []
+    for key in sorted(topics):
+        cur = ""
+        for para in _paragraphs(topics[key]):
+            if cur and len(cur) + 2 + len(para) > max_chars:
+                docs.append(cur)
+                cur = para
+            else:
+                cur = f"{cur}\n\n{para}" if cur else para
+        if cur:
+            docs.append(cur)
+    return docs
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    para: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            para.append(line.rstrip())
+        elif para:
+            yield "\n".join(para).strip()
+            para = []
+    if para:
+        yield "\n".join(para).strip()
+
+
+def _part_from_split(split: str) -> str:
+    s = split.lower()
+    if s == "train":
+        return "train"
+    if s == "all":
+        return "all"
+    if s in _EVAL_SPLITS:
+        return "eval"
+    raise ValueError(
+        f"unknown split {split!r} for a local/built-in corpus: use train, all or one of "
+        f"{', '.join(_EVAL_SPLITS)} (held-out part)"
+    )
+
+
+def _keep(index: int, part: str, eval_every: int) -> bool:
+    if part == "all":
+        return True
+    is_eval = index % eval_every == eval_every - 1
+    return is_eval if part == "eval" else not is_eval
+
+
+def _looks_like_path(dataset: str) -> bool:
+    return (
+        dataset.endswith((".txt", ".jsonl", ".json"))
+        or dataset.startswith((".", "/", "~"))
+        or "\\" in dataset
+    )
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    para: list[str] = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                para.append(line.rstrip("\n"))
+            elif para:
+                yield "\n".join(para)
+                para = []
+    if para:
+        yield "\n".join(para)
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise ValueError(f"{path}:{lineno} has no text field {text_field!r}")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            yield text
+
+
+def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ValueError(
+            f"dataset {dataset!r} is not a local .txt/.jsonl file and the `datasets` package "
+            "is not installed (pip install datasets), so it cannot be loaded as an HF dataset"
+        ) from e
+    ds = datasets.load_dataset(dataset, split=split, streaming=True)
+    for row in ds:
+        if text_field not in row:
+            raise ValueError(
+                f"dataset {dataset!r} rows have no field {text_field!r} "
+                f"(fields: {', '.join(sorted(row))})"
+            )
+        yield row[text_field]
+
+
+def iter_texts(
+    dataset: str = "",
+    split: str = "train",
+    text_field: str = "text",
+    part: str | None = None,
+    eval_every: int = 10,
+    max_chars: int = 2000,
+) -> Iterator[str]:
+    """Documents of ``dataset`` (see the module doc); empty documents are skipped.
+
+    ``part`` is ``"train"``, ``"eval"`` or ``"all"`` (None: from ``split`` for local and
+    built-in corpora, ``"all"`` for HF datasets). Raises FileNotFoundError for a missing
+    local file and ValueError for a bad split/part.
+    """
+    if part is not None and part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: choose from {', '.join(PARTS)}")
+    if eval_every < 2:
+        raise ValueError(f"eval_every must be >= 2, got {eval_every}")
+    if dataset == "":
+        docs: Iterator[str] = iter(builtin_documents(max_chars))
+        part = part or _part_from_split(split)
+    else:
+        path = Path(dataset).expanduser()
+        if path.is_file():
+            part = part or _part_from_split(split)
+            if path.suffix == ".jsonl":
+                docs = _iter_jsonl(path, text_field)
+            elif path.suffix == ".txt":
+                docs = _iter_txt(path)
+            else:
+                raise ValueError(f"unsupported text file {path}: expected .txt or .jsonl")
+        elif path.is_dir():
+            docs = _iter_hf(str(path), split, text_field)
+            part = part or "all"
+        elif _looks_like_path(dataset):
+            raise FileNotFoundError(f"text file not found: {path}")
+        else:
+            docs = _iter_hf(dataset, split, text_field)
+            part = part or "all"
+    index = 0
+    for doc in docs:
+        if not doc or not doc.strip():
+            continue
+        if _keep(index, part, eval_every):
+            yield doc
+        index += 1

@@ -155,6 +155,10 @@ class SAE(nn.Module):
         assert sel.indices is not None
         if dense_grad:
             pre_sel = pre.gather(1, sel.indices)
+        elif self.cfg.apply_b_dec_to_input:  # b_dec's encoder gradient as one matvec
+            pre_sel = kernels.sparse_encode_centered(
+                xn, self.b_dec, self.W_enc, self.b_enc, sel.indices, pre
+            )
         else:
             pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, sel.indices, pre)
         values = self.rule.activate(pre_sel, sel, ctx)

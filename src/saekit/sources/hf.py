@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from saekit.config import DataConfig
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
-from saekit.sources.text import iter_texts
+from saekit.sources.text import check_dataset, iter_texts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -238,6 +238,7 @@ class HFSource(ActivationSource):
             raise ValueError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
         if grad_reduction not in ("sum", "mean"):
             raise ValueError(f"grad_reduction must be sum or mean, got {grad_reduction!r}")
+        check_dataset(cfg.dataset)
         self.cfg = dataclasses.replace(cfg, sites=list(cfg.sites))
         self.seed, self.part, self.chunk = seed, part, chunk
         self.grad_reduction = grad_reduction

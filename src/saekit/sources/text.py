@@ -5,7 +5,7 @@
 - ``""``: the built-in corpus, Python's ``pydoc_data.topics.topics`` (about 465k characters).
   Topics are read in sorted-key order, cut into paragraphs at blank lines, and consecutive
   paragraphs are merged into documents of at most ``max_chars`` characters (a longer
-  paragraph stays one document). No download is needed.
+  paragraph stays one document); repeated documents are dropped. No download is needed.
 - a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON
   object per line, the text in ``text_field``);
 - otherwise a Hugging Face dataset id or local dataset directory, through
@@ -30,7 +30,7 @@ _EVAL_SPLITS = ("eval", "validation", "valid", "test")
 
 
 def builtin_documents(max_chars: int = 2000) -> list[str]:
-    """The built-in pydoc corpus as a deterministic list of documents."""
+    """The built-in pydoc corpus as a deterministic list of distinct documents."""
     from pydoc_data.topics import topics
 
     docs: list[str] = []
@@ -44,7 +44,9 @@ def builtin_documents(max_chars: int = 2000) -> list[str]:
                 cur = f"{cur}\n\n{para}" if cur else para
         if cur:
             docs.append(cur)
-    return docs
+    seen: set[str] = set()
+    unique = [d for d in docs if not (d in seen or seen.add(d))]  # some topics repeat text
+    return unique
 
 
 def _paragraphs(text: str) -> Iterator[str]:
@@ -134,6 +136,12 @@ def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:
                 f"(fields: {', '.join(sorted(row))})"
             )
         yield row[text_field]
+
+
+def check_dataset(dataset: str) -> None:
+    """Raise FileNotFoundError now for a ``dataset`` that names a missing local file."""
+    if dataset and not Path(dataset).expanduser().exists() and _looks_like_path(dataset):
+        raise FileNotFoundError(f"text file not found: {Path(dataset).expanduser()}")
 
 
 def iter_texts(

@@ -22,6 +22,8 @@ Dense references for all of this live in ``tests/test_kernels.py``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -213,3 +215,112 @@ def sparse_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
 def dense_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
     """``codes @ W_dec`` for dense codes ``[B, d_sae]``."""
     return codes @ W_dec
+
+
+# ---------------------------------------------------------------------- selections
+#: per-row candidates of :func:`global_topk`, as a multiple of the mean budget per row
+GLOBAL_TOPK_CANDIDATES = 2.0
+
+
+def keep_to_padded(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``[B, F]`` boolean mask as padded per-row indices.
+
+    Returns ``idx [B, K]`` (kept columns of each row in ascending order, then padding),
+    ``mask [B, K]`` (False on padding) and ``counts [B]``, with ``K = max(counts.max(), 1)``.
+    Padding indices are the row's smallest *unkept* columns, so indices stay distinct
+    within a row (a scatter of padded codes never overwrites a kept latent). One
+    ``nonzero`` pass: no ``[B, F]`` float copy and no top-k over the full matrix.
+    """
+    B, F = keep.shape
+    counts = keep.sum(1)
+    K = min(max(int(counts.max()) if B else 0, 1), F)
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    start = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=keep.device) - start[rows]
+    idx = torch.full((B, K), F, dtype=torch.long, device=keep.device)
+    idx[rows, pos] = cols
+    mask = torch.zeros(B, K, dtype=torch.bool, device=keep.device)
+    mask[rows, pos] = True
+    return _pad_distinct(idx, mask, counts, F), mask, counts
+
+
+def _pad_distinct(idx: Tensor, mask: Tensor, counts: Tensor, F: int) -> Tensor:
+    """Replace padding slots of ``idx`` by the row's smallest unkept columns.
+
+    ``idx [B, K]`` holds each row's kept columns in ascending order in its first
+    ``counts[b]`` slots (``mask`` True there).
+    """
+    B, K = idx.shape
+    slot = torch.arange(K, device=idx.device).expand(B, K)
+    # kept column c_i at slot i has g_i = c_i - i unkept columns before it; the j-th unkept
+    # column of the row is j + #{i : g_i <= j}
+    g = torch.where(mask, idx - slot, torch.full_like(idx, F))
+    j = (slot - counts[:, None]).clamp_min(0).contiguous()
+    unkept = j + torch.searchsorted(g.contiguous(), j, right=True)
+    return torch.where(mask, idx, unkept)
+
+
+def global_topk_exact(pre: Tensor, budget: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference for :func:`global_topk`: one top-k over the flattened ``[B, F]`` matrix."""
+    B, F = pre.shape
+    flat = pre.reshape(-1)
+    budget = max(0, min(budget, flat.numel()))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if budget:
+        keep[flat.topk(budget, sorted=False).indices] = True
+    keep &= flat > 0
+    return keep_to_padded(keep.view(B, F))
+
+
+def global_topk(
+    pre: Tensor, budget: int, candidates: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``budget`` largest *positive* entries of ``pre [B, F]`` (BatchTopK / Mutual Choice).
+
+    Returns ``idx [B, K]``, ``mask [B, K]``, ``counts [B]`` (see :func:`keep_to_padded`;
+    padding indices are distinct within a row, mask False). Exactly ``min(budget, #positive)``
+    entries are kept; ties at the threshold are broken arbitrarily.
+
+    Without sorting B*F values: each row's top ``m = candidates * budget / B`` entries are
+    candidates, the global top-``budget`` is taken over the B*m candidates, and a row whose
+    smallest candidate is still above that threshold (it may hold more winners than
+    candidates) gets 4x more candidates, repeated until no row is in doubt (at worst its
+    whole row). The result equals the exact flattened top-k up to ties.
+    """
+    B, F = pre.shape
+    budget = max(0, min(budget, B * F))
+    c = GLOBAL_TOPK_CANDIDATES if candidates is None else candidates
+    if c < 1:
+        raise ValueError(f"candidates must be >= 1 (a multiple of budget / B), got {c}")
+    m = min(F, max(1, math.ceil(c * budget / max(B, 1))))
+    if budget == 0 or B == 0 or m >= F:
+        return global_topk_exact(pre, budget)
+    cv, ci = pre.topk(m, dim=1, sorted=False)
+    full = torch.zeros(B, dtype=torch.bool, device=pre.device)  # rows with every entry
+    while True:
+        flat = cv.reshape(-1)
+        top = flat.topk(min(budget, flat.numel()), sorted=False)
+        t = top.values.min()
+        doubt = (cv.min(1).values > t) & ~full
+        if not bool(doubt.any()):
+            break
+        rows = doubt.nonzero(as_tuple=True)[0]
+        m2 = min(F, 4 * cv.shape[1])
+        if m2 > cv.shape[1]:  # widen every row's candidate list (-inf padding)
+            pad = m2 - cv.shape[1]
+            cv = torch.cat([cv, cv.new_full((B, pad), float("-inf"))], 1)
+            ci = torch.cat([ci, ci.new_full((B, pad), 0)], 1)
+        v2, i2 = pre[rows].topk(m2, dim=1, sorted=False)
+        cv[rows], ci[rows] = v2, i2
+        full[rows] = m2 >= F
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[top.indices] = True
+    keep &= flat > 0
+    keep = keep.view(cv.shape)
+    counts = keep.sum(1)
+    K = min(max(int(counts.max()), 1), F)
+    # kept columns of each row, ascending, then distinct padding (never touches [B, F])
+    kc = torch.where(keep, ci, torch.full_like(ci, F))
+    idx = kc.topk(K, dim=1, largest=False, sorted=True).values
+    mask = torch.arange(K, device=pre.device)[None, :] < counts[:, None]
+    return _pad_distinct(idx, mask, counts, F), mask, counts

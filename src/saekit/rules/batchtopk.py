@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit import kernels
 from saekit.rules.base import Context, Rule, Selection, register
 
 
@@ -19,24 +20,12 @@ class BatchTopKOptions:
 def batch_topk_selection(pre: Tensor, budget: int) -> Selection:
     """The ``budget`` largest positive entries of ``pre [B, F]``, as padded per-row indices.
 
-    Finds the budget-th largest value with one ``topk`` over the flattened matrix, then takes
-    each row's entries at or above it (ties broken so that exactly ``budget`` survive, unless
-    fewer than ``budget`` entries are positive).
+    Exactly ``budget`` entries survive (ties broken arbitrarily) unless fewer than ``budget``
+    are positive. Computed by :func:`saekit.kernels.global_topk` (per-row candidates, then
+    a top-k over the candidates, with a correctness fallback: no sort of all B*F values).
+    Padding indices are distinct within a row and masked.
     """
-    B, F = pre.shape
-    flat = pre.reshape(-1)
-    budget = min(budget, flat.numel())
-    top = flat.topk(budget, sorted=False)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[top.indices] = True
-    keep &= flat > 0
-    keep = keep.view(B, F)
-    counts = keep.sum(1)
-    kmax = max(int(counts.max()), 1)
-    # rows: selected entries first (score = pre where kept, -inf elsewhere)
-    score = torch.where(keep, pre, torch.full_like(pre, float("-inf")))
-    idx = score.topk(kmax, dim=1, sorted=False).indices
-    mask = keep.gather(1, idx)
+    idx, mask, counts = kernels.global_topk(pre, budget)
     return Selection(indices=idx, mask=mask, extras={"counts": counts})
 
 
@@ -80,10 +69,10 @@ class BatchTopK(Rule):
 
 
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
-    """Entries with ``pre > threshold`` (scalar or per-latent), as padded per-row indices."""
-    keep = pre > threshold
-    counts = keep.sum(1)
-    kmax = max(int(counts.max()), 1)
-    score = torch.where(keep, pre, torch.full_like(pre, float("-inf")))
-    idx = score.topk(kmax, dim=1, sorted=False).indices
-    return Selection(indices=idx, mask=keep.gather(1, idx), extras={"counts": counts})
+    """Entries with ``pre > threshold`` (scalar or per-latent), as padded per-row indices.
+
+    Columns ascending within a row; padding indices distinct and masked
+    (:func:`saekit.kernels.keep_to_padded`).
+    """
+    idx, mask, counts = kernels.keep_to_padded(pre > threshold)
+    return Selection(indices=idx, mask=mask, extras={"counts": counts})

@@ -80,6 +80,16 @@ def test_float16_grads_and_token_ids(tmp_path: Path) -> None:
     assert sub.sites == ["b"] and sub.d_in("b") == 4
 
 
+def test_write_from_data_config(tmp_path: Path) -> None:
+    dc = DataConfig(source="synthetic", synthetic={"n_features": 64, "d": 16, "n_roots": 0})
+    out = write_cache(dc, tmp_path / "dc", 300, seed=4)
+    man = read_manifest(out)
+    assert man["provenance"]["data_config"]["source"] == "synthetic"
+    assert man["provenance"]["stream_seed"] == 4
+    want = build_source(dc, 4).next_batch(300).acts["synthetic"]
+    assert torch.equal(CacheSource(out, shuffle=False).next_batch(300).acts["synthetic"], want)
+
+
 def test_build_source_cache(cache: Path) -> None:
     src = build_source(DataConfig(source="cache", cache_dir=str(cache)), seed=0)
     assert src.sites == ["synthetic"]

@@ -166,8 +166,8 @@ def test_resume_yields_the_same_next_batches(bert, tok) -> None:
 
 def test_text_cycles_without_starving(bert, tok, docs_file) -> None:
     src = HFSource(cfg(docs_file), model=bert, tokenizer=tok, part="all")
-    n = src.next_batch(200).acts["layers.1.resid_post"].shape[0]
-    assert n == 200 and src.epoch >= 5
+    n = src.next_batch(60).acts["layers.1.resid_post"].shape[0]
+    assert n == 60 and src.epoch >= 2
 
 
 def test_clear_errors(bert, gpt2, tok, tmp_path, docs_file) -> None:

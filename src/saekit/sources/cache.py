@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit.config import DataConfig
 from saekit.sources.base import ActivationSource, Batch
 
 FORMAT = "saekit-activation-cache"
@@ -61,7 +62,7 @@ def _provenance(source: ActivationSource) -> dict[str, Any]:
 
 
 def write_cache(
-    source: ActivationSource,
+    source: ActivationSource | DataConfig,
     out_dir: str | Path,
     n_tokens: int,
     shard_tokens: int = 65536,
@@ -69,8 +70,25 @@ def write_cache(
     batch_size: int = 4096,
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
+    seed: int = 0,
 ) -> Path:
-    """Write ``n_tokens`` tokens of every site of ``source`` to ``out_dir``; returns it."""
+    """Write ``n_tokens`` tokens of every site of ``source`` to ``out_dir``; returns it.
+
+    ``source`` may be a :class:`DataConfig`: the source is then ``build_source(source,
+    seed)`` (closed at the end) and the config is recorded in the provenance.
+    """
+    if isinstance(source, DataConfig):
+        from saekit.sources import build_source
+
+        data_cfg = source
+        built = build_source(data_cfg, seed)
+        try:
+            extra = {"data_config": dataclasses.asdict(data_cfg), **(provenance or {})}
+            return write_cache(
+                built, out_dir, n_tokens, shard_tokens, dtype, batch_size, extra, overwrite
+            )
+        finally:
+            built.close()
     if dtype not in _NP_DTYPES:
         raise ValueError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
     if n_tokens < 1 or shard_tokens < 1 or batch_size < 1:

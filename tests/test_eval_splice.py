@@ -111,7 +111,10 @@ def test_encoder_model_is_refused():
 
     m = BertModel(
         BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
             intermediate_size=64,
         )
     ).eval()

@@ -29,8 +29,6 @@ from torch import Tensor, nn
 
 from saekit.sources.sites import resolve_site
 
-MODES = ("clean", "sae", "zero", "sae_err")
-
 
 def _logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     out = model(input_ids=ids, attention_mask=mask)
@@ -43,28 +41,32 @@ def _logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
 
 
 class SpliceAccumulator:
-    """Sums of CE (per mode) and KL (per patched mode) over real tokens."""
+    """Sums of CE (per run) and KL (per patched run) over real tokens.
+
+    Runs are named ``clean``, ``sae``, ``zero``, ``sae_err`` and, for baselines,
+    ``base:<name>``.
+    """
 
     def __init__(self) -> None:
-        self.ce = {m: 0.0 for m in MODES}
-        self.kl = {m: 0.0 for m in MODES if m != "clean"}
+        self.ce: dict[str, float] = {}
+        self.kl: dict[str, float] = {}
         self.n_ce = 0
         self.n_kl = 0
 
     def update(self, logits: dict[str, Tensor], ids: Tensor, mask: Tensor) -> None:
-        """Add one batch: ``logits[mode] [B, T, V]``, ``ids``/``mask [B, T]``."""
+        """Add one batch: ``logits[run] [B, T, V]``, ``ids``/``mask [B, T]``."""
         mask = mask.bool()
         ce_mask = mask[:, :-1] & mask[:, 1:]
         target = ids[:, 1:]
-        logp_clean = torch.log_softmax(logits["clean"].double(), -1)
+        logp_clean = torch.log_softmax(logits["clean"].float(), -1)
         p_clean = logp_clean.exp()
         for m, lg in logits.items():
-            logp = torch.log_softmax(lg.double(), -1)
+            logp = logp_clean if m == "clean" else torch.log_softmax(lg.float(), -1)
             nll = -logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            self.ce[m] += float(nll[ce_mask].sum())
+            self.ce[m] = self.ce.get(m, 0.0) + float(nll[ce_mask].double().sum())
             if m != "clean":
                 kl = (p_clean * (logp_clean - logp)).sum(-1)
-                self.kl[m] += float(kl[mask].sum())
+                self.kl[m] = self.kl.get(m, 0.0) + float(kl[mask].double().sum())
         self.n_ce += int(ce_mask.sum())
         self.n_kl += int(mask.sum())
 
@@ -72,51 +74,83 @@ class SpliceAccumulator:
         nan = float("nan")
         ce = {m: v / self.n_ce if self.n_ce else nan for m, v in self.ce.items()}
         kl = {m: v / self.n_kl if self.n_kl else nan for m, v in self.kl.items()}
+        if "clean" not in ce:
+            return {"n_tokens": 0, "n_tokens_ce": 0, "n_tokens_kl": 0}
         den = ce["zero"] - ce["clean"]
+
+        def rec(run: str) -> float:
+            return (ce["zero"] - ce[run]) / den if den != 0 else nan
+
+        def kls(run: str) -> float:
+            return (kl["zero"] - kl[run]) / kl["zero"] if kl["zero"] else nan
+
         out: dict[str, Any] = {
             "n_tokens_ce": self.n_ce,
             "n_tokens_kl": self.n_kl,
             "n_tokens": self.n_ce,
             "ce_clean": ce["clean"],
-            "ce_sae": ce["sae"],
             "ce_zero": ce["zero"],
-            "ce_sae_err": ce["sae_err"],
-            "delta_ce": ce["sae"] - ce["clean"],
-            "ce_recovered": (ce["zero"] - ce["sae"]) / den if den != 0 else nan,
-            "ce_recovered_err": (ce["zero"] - ce["sae_err"]) / den if den != 0 else nan,
-            "ce_recovered_zero": 0.0 if den != 0 else nan,
-            "kl_sae": kl["sae"],
             "kl_zero": kl["zero"],
-            "kl_sae_err": kl["sae_err"],
-            "kl_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] else nan,
         }
+        if "sae" in ce:
+            out.update(
+                ce_sae=ce["sae"],
+                delta_ce=ce["sae"] - ce["clean"],
+                ce_recovered=rec("sae"),
+                kl_sae=kl["sae"],
+                kl_score=kls("sae"),
+            )
+        if "sae_err" in ce:
+            out.update(
+                ce_sae_err=ce["sae_err"], ce_recovered_err=rec("sae_err"), kl_sae_err=kl["sae_err"]
+            )
+        base = {}
+        for run in ce:
+            if run.startswith("base:"):
+                base[run[5:]] = {
+                    "n_tokens": self.n_ce,
+                    "ce_sae": ce[run],
+                    "delta_ce": ce[run] - ce["clean"],
+                    "ce_recovered": rec(run),
+                    "kl_sae": kl[run],
+                    "kl_score": kls(run),
+                }
+        if base:
+            out["baselines"] = base
         return out
 
 
 @torch.no_grad()
 def splice_batch(
-    model: nn.Module, sae: Any, site_name: str, ids: Tensor, mask: Tensor
+    model: nn.Module,
+    sae: Any,
+    site_name: str,
+    ids: Tensor,
+    mask: Tensor,
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Logits of the four runs (``MODES``) on one batch."""
+    """Logits of the runs ``clean``, ``sae``, ``zero``, ``sae_err`` (and ``base:<name>``)."""
     from saekit.sources.sites import hook_site
 
     site = resolve_site(model, site_name)
     logits: dict[str, Tensor] = {"clean": _logits(model, ids, mask)}
 
-    def replace(mode: str):
+    def replace(ae: Any, mode: str):
         def fn(h: Tensor) -> Tensor:
             if mode == "zero":
                 return torch.zeros_like(h)
-            x_hat = sae(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
+            x_hat = ae(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
             if mode == "sae_err":
                 return x_hat + (h - x_hat)
             return x_hat
 
         return fn
 
-    for mode in MODES[1:]:
-        with hook_site(site, replace(mode)):
-            logits[mode] = _logits(model, ids, mask)
+    runs = [("sae", sae, "sae"), ("zero", None, "zero"), ("sae_err", sae, "sae_err")]
+    runs += [(f"base:{n}", b, "sae") for n, b in (baselines or {}).items()]
+    for name, ae, mode in runs:
+        with hook_site(site, replace(ae, mode)):
+            logits[name] = _logits(model, ids, mask)
     return logits
 
 
@@ -126,8 +160,13 @@ def splice_metrics(
     sae: Any,
     site_name: str,
     batches: Iterable[tuple[Tensor, Tensor]],
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """CE / KL metrics over ``batches`` of ``(input_ids, attention_mask)``."""
+    """CE / KL metrics over ``batches`` of ``(input_ids, attention_mask)``.
+
+    ``baselines``: other autoencoders (anything whose call returns ``.x_hat``) spliced the
+    same way; their CE recovered / KL score are under ``result["baselines"]``.
+    """
     was = sae.training
     sae.train(False)
     acc = SpliceAccumulator()
@@ -135,36 +174,54 @@ def splice_metrics(
     try:
         for ids, mask in batches:
             ids, mask = ids.to(dev), mask.to(dev)
-            acc.update(splice_batch(model, sae, site_name, ids, mask), ids, mask)
+            acc.update(splice_batch(model, sae, site_name, ids, mask, baselines), ids, mask)
     finally:
         sae.train(was)
     return acc.result()
 
 
+def _windows(tokenizer: Any, text: str, context_len: int) -> list[tuple[list[int], list[int]]]:
+    """``(ids, mask)`` windows of ``context_len`` tokens covering ``text`` (each window with
+    the tokenizer's special tokens; fast tokenizers only, else the first window)."""
+    kw: dict[str, Any] = {"truncation": True, "max_length": context_len}
+    if getattr(tokenizer, "is_fast", False):
+        kw["return_overflowing_tokens"] = True
+    enc = tokenizer(text, **kw)
+    ids = enc["input_ids"]
+    rows = ids if ids and isinstance(ids[0], list) else [ids]
+    return [(r, [1] * len(r)) for r in rows if len(r) > 1]
+
+
 def token_batches(
     tokenizer: Any, texts: Iterable[str], context_len: int, batch_size: int, max_tokens: int
 ) -> Iterable[tuple[Tensor, Tensor]]:
-    """Tokenise texts (truncated to ``context_len``, padded) into batches until at least
-    ``max_tokens`` real tokens have been yielded."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    buf: list[str] = []
+    """Cut texts into windows of ``context_len`` tokens and yield right-padded batches of
+    ``batch_size`` windows until at least ``max_tokens`` real tokens have been yielded."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    queue: list[tuple[list[int], list[int]]] = []
     seen = 0
+
+    def emit(rows: list[tuple[list[int], list[int]]]) -> tuple[Tensor, Tensor]:
+        T = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for j, (r, m) in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(m)] = torch.tensor(m)
+        return ids, mask
+
     for t in texts:
         if not t.strip():
             continue
-        buf.append(t)
-        if len(buf) == batch_size:
-            enc = tokenizer(
-                buf, truncation=True, max_length=context_len, padding=True, return_tensors="pt"
-            )
-            yield enc["input_ids"], enc["attention_mask"]
-            seen += int(enc["attention_mask"].sum())
-            buf = []
+        queue.extend(_windows(tokenizer, t, context_len))
+        while len(queue) >= batch_size:
+            rows, queue = queue[:batch_size], queue[batch_size:]
+            ids, mask = emit(rows)
+            yield ids, mask
+            seen += int(mask.sum())
             if seen >= max_tokens:
                 return
-    if buf:
-        enc = tokenizer(
-            buf, truncation=True, max_length=context_len, padding=True, return_tensors="pt"
-        )
-        yield enc["input_ids"], enc["attention_mask"]
+    if queue:
+        yield emit(queue)

@@ -1,0 +1,107 @@
+"""PNG plots of an evaluation (matplotlib, Agg backend; no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from saekit.evaluate.afa import ZF_BOUNDS
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def density_histogram(hist: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Bar plot of the log10 feature-density histogram (dead latents in the title)."""
+    plt = _plt()
+    edges, counts = hist["log10_edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", linewidth=0.3)
+    ax.set_xlabel("log10 feature density (fraction of tokens with a_f != 0)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title} feature density ({hist['dead']} dead latents)".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def l0_histogram(l0_hist: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
+    """Tokens per L0 value."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(l0_hist["l0"], l0_hist["count"], width=1.0, edgecolor="black", linewidth=0.3)
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"{title} L0 distribution".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def zf_plot(
+    norm_z: Sequence[float], norm_f: Sequence[float], path: str | Path, title: str = ""
+) -> Path:
+    """Scatter of ‖z‖ vs ‖f̃‖ with the AFA bound lines for ε(h−1) in ``ZF_BOUNDS``.
+
+    ‖f̃‖ = ‖z‖/sqrt(1 ± ε(h−1)): upper lines use 1 − ε(h−1) (skipped when it is ≤ 0).
+    """
+    plt = _plt()
+    z = [float(v) for v in norm_z]
+    f = [float(v) for v in norm_f]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(z, f, s=3, alpha=0.4, label="tokens")
+    top = max(z + f + [1e-6]) * 1.05
+    xs = [0.0, top]
+    ax.plot(xs, xs, color="black", linewidth=1, label="‖f̃‖ = ‖z‖")
+    styles = ["--", "-.", ":"]
+    for b, ls in zip(ZF_BOUNDS, styles):
+        lo = [x / (1 + b) ** 0.5 for x in xs]
+        ax.plot(xs, lo, color="tab:red", linestyle=ls, linewidth=1, label=f"ε(h−1)={b}")
+        if b < 1:
+            hi = [x / (1 - b) ** 0.5 for x in xs]
+            ax.plot(xs, hi, color="tab:red", linestyle=ls, linewidth=1)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("‖z‖ (dense input)")
+    ax.set_ylabel("‖f̃‖ (decoder-norm-scaled code + ‖b_dec‖)")
+    ax.set_title(f"{title} ZF plot".strip())
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def frontier(
+    points: Sequence[dict[str, Any]], x: str, y: str, path: str | Path, title: str = ""
+) -> Path:
+    """Scatter of ``y`` vs ``x`` over runs, each point labelled with its ``name``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in points:
+        xv, yv = p.get(x), p.get(y)
+        if xv is None or yv is None or xv != xv or yv != yv:  # missing or NaN
+            continue
+        marker = {"sae": "o", "random": "x", "pca": "s"}.get(p.get("kind", "sae"), "o")
+        ax.scatter([xv], [yv], marker=marker)
+        ax.annotate(
+            str(p.get("name", "")), (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title or f"{y} vs {x}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

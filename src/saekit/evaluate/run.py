@@ -1,0 +1,421 @@
+"""Evaluate a run directory: every applicable metric on fresh data, baselines, report, plots.
+
+:func:`evaluate_run` loads the SAE (:func:`saekit.io.load_sae`) and the ``DataConfig`` from
+``cfg.json``'s ``saekit`` section, and builds an evaluation source on data the SAE was not
+trained on:
+
+* ``synthetic``: the same generator (same dictionary) with a different sample stream,
+  ``stream_seed = 1_000_003 + config seed + EvalConfig.seed``;
+* ``hf`` on the built-in corpus or a local .txt/.jsonl: the held-out ``eval`` part of
+  :func:`saekit.sources.text.iter_texts`, in text order, one pass at most; for an HF
+  dataset id, ``EvalConfig.eval_split`` (e.g. ``test``) when given, else the training split
+  (reported as not fresh);
+* anything else (e.g. ``cache``): :func:`saekit.sources.build_source` with another seed
+  (reported as not fresh).
+
+The first ``pca_fit_tokens`` eval tokens are buffered: they give the L0 used by the
+baselines, and the PCA baseline is fitted on them (in-sample for those tokens, which can
+only favour PCA). Then every eval token updates the streaming accumulators of the SAE and
+of the baselines; nothing else is held in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.config import DataConfig, from_dict
+from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
+from saekit.evaluate.core import CoreAccumulator
+from saekit.sources.base import ActivationSource, Batch
+
+EVAL_STREAM_OFFSET = 1_000_003
+
+
+def _h(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    """What ``saekit eval`` measures and on how many tokens."""
+
+    tokens: int = _h(65_536, "eval tokens for the core / AFA / ground-truth / ablation metrics")
+    batch_size: int = _h(1024, "tokens per SAE batch")
+    splice_tokens: int = _h(8192, "real tokens for spliced CE / KL (decoder LMs only)")
+    splice_batch_size: int = _h(0, "sequences per spliced forward (0: the run's model batch)")
+    pca_fit_tokens: int = _h(16_384, "first eval tokens used to fit the PCA baseline")
+    baselines: bool = _h(True, "also evaluate the random-decoder SAE and PCA baselines")
+    plots: bool = _h(True, "write PNG plots")
+    probe_data: str = _h("", "labelled JSONL (text, label) for sparse probing ('' : skip)")
+    eval_split: str = _h("", "HF dataset split for evaluation ('' : the training split)")
+    afa_center: bool = _h(False, "AFA with z = x - b_dec and no bias atom (paper: False)")
+    dense_threshold: float = _h(0.1, "a latent is dense when its density exceeds this")
+    seed: int = _h(0, "seed of the evaluation stream and the random baseline")
+    device: str = _h("cpu", "device of the SAE during evaluation")
+
+
+@dataclass
+class _Src:
+    source: ActivationSource
+    description: str
+    fresh: bool
+    kind: str
+    notes: list[str] = field(default_factory=list)
+    text_part: str | None = None
+    text_split: str = "train"
+
+
+def _is_local_text(dataset: str) -> bool:
+    return dataset == "" or Path(dataset).expanduser().is_file()
+
+
+def eval_source(
+    data_cfg: DataConfig, cfg: EvalConfig, model: Any = None, tokenizer: Any = None
+) -> _Src:
+    """The evaluation source for ``data_cfg`` (see the module docstring)."""
+    if data_cfg.source == "synthetic":
+        from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
+
+        scfg = SyntheticConfig.from_dict(dict(data_cfg.synthetic))
+        stream = EVAL_STREAM_OFFSET + scfg.seed + cfg.seed
+        src = SyntheticSource(scfg, stream_seed=stream)
+        desc = f"synthetic ({scfg.n_features} features, d={scfg.d}), stream seed {stream}"
+        return _Src(src, desc, True, "synthetic")
+    if data_cfg.source == "hf":
+        from saekit.sources.hf import HFSource
+
+        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, with_grad=False, device=cfg.device)
+        notes: list[str] = []
+        if _is_local_text(dc.dataset):
+            part, fresh, split = "eval", True, dc.dataset_split
+        elif cfg.eval_split:
+            part, fresh, split = None, True, cfg.eval_split
+            dc = dataclasses.replace(dc, dataset_split=split)
+        else:
+            part, fresh, split = None, False, dc.dataset_split
+            notes.append(
+                f"evaluated on the training split {split!r} of {dc.dataset!r}: pass"
+                " --eval-split for held-out data"
+            )
+        src = HFSource(dc, seed=cfg.seed, model=model, tokenizer=tokenizer, part=part)
+        name = dc.dataset or "built-in pydoc corpus"
+        desc = f"{dc.model or 'MiniLM'} on {name} ({'held-out part' if part else split})"
+        return _Src(src, desc, fresh, "hf", notes, part, split)
+    from saekit.sources import build_source
+
+    src = build_source(data_cfg, cfg.seed + 1)
+    note = f"source {data_cfg.source!r} has no held-out part: evaluated on training data"
+    return _Src(src, f"{data_cfg.source} source", False, data_cfg.source, [note])
+
+
+def _take(src: _Src, batch_size: int, n_tokens: int):
+    """Batches until ``n_tokens`` (one pass at most for text sources)."""
+    n = 0
+    while n < n_tokens:
+        if src.kind == "hf" and getattr(src.source, "epoch", 0) > 0:
+            src.notes.append(f"held-out text exhausted after {n} tokens")
+            return
+        try:
+            b = src.source.next_batch(min(batch_size, n_tokens - n))
+        except StopIteration:
+            return
+        n += next(iter(b.acts.values())).shape[0]
+        yield b
+
+
+class _Evaluator:
+    """All streaming accumulators of one autoencoder (SAE or baseline)."""
+
+    def __init__(
+        self, ae: Any, cfg: EvalConfig, gt: tuple[Tensor, Tensor] | None, full: bool
+    ) -> None:
+        self.ae, self.full = ae, full
+        self.core = CoreAccumulator(ae.d_in, ae.d_sae, cfg.dense_threshold)
+        self.afa = afa.AFAAccumulator(ae, center=cfg.afa_center) if full else None
+        self.abl = independence.AblationAccumulator(ae) if full else None
+        self.det = self.absorb = None
+        self.W = ae.W_dec if hasattr(ae, "W_dec") else getattr(ae, "U", None)
+        if gt is not None and hasattr(ae, "W_dec"):  # PCA codes are dense: no detection
+            G, parent = gt
+            self.det = ground_truth.DetectionAccumulator(self.W, G)
+            self.absorb = ground_truth.AbsorptionAccumulator(self.W, G, parent)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, true_codes: Tensor | None) -> None:
+        out = self.ae(x)
+        self.core.update(x, out.x_hat, out.codes)
+        if self.afa is not None:
+            z = out.x_in if self.afa.center else out.x
+            self.afa.update_from(z, out.codes)
+        if self.abl is not None:
+            self.abl.update(x, out.x_hat, out.codes)
+        if true_codes is not None and self.det is not None and self.absorb is not None:
+            self.det.update(out.codes, true_codes)
+            self.absorb.update(out.codes, true_codes)
+
+    def result(self, G: Tensor | None) -> dict[str, Any]:
+        r: dict[str, Any] = {"core": self.core.result()}
+        if self.afa is not None:
+            r["afa"] = self.afa.result()
+        if self.abl is not None:
+            r["ablation"] = self.abl.result()
+        if self.W is not None and hasattr(self.ae, "W_dec"):
+            r["independence"] = independence.decoder_independence(self.W)
+        if G is not None and self.W is not None:
+            r["ground_truth"] = ground_truth.dictionary_metrics(self.W, G)
+        if self.det is not None and self.det.n:
+            r["detection"] = self.det.result()
+        if self.absorb is not None and self.absorb.n:
+            r["absorption"] = self.absorb.result()
+        return r
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    n_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    probe_data: str | Path | None = None,
+    cfg: EvalConfig | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
+
+    ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
+    model for HF runs (else loaded from the run's ``DataConfig.model``).
+    """
+    from saekit.io import load_sae
+    from saekit.io.native import run_info
+
+    cfg = dataclasses.replace(cfg or EvalConfig())
+    if n_tokens is not None:
+        cfg.tokens = n_tokens
+    if probe_data is not None:
+        cfg.probe_data = str(probe_data)
+    if cfg.tokens < 1:
+        raise ValueError(f"tokens must be positive, got {cfg.tokens}")
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sae = load_sae(run_dir, device=cfg.device)
+    sae.train(False)
+    info = run_info(run_dir)
+    if not isinstance(info.get("data"), dict):
+        raise ValueError(
+            f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
+        )
+    data_cfg = from_dict(DataConfig, info["data"])
+    src = eval_source(data_cfg, cfg, model, tokenizer)
+    site = str(info.get("site") or (data_cfg.sites[0] if data_cfg.sites else src.source.sites[0]))
+    if site not in src.source.sites:
+        site = src.source.sites[0]
+    if src.source.d_in(site) != sae.d_in:
+        raise ValueError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+    G = getattr(src.source, "dictionary", None)
+    parent = getattr(src.source, "parent", None)
+    gt = (
+        (G, parent if parent is not None else torch.full((G.shape[0],), -1))
+        if G is not None
+        else None
+    )
+
+    def xs(b: Batch) -> tuple[Tensor, Tensor | None]:
+        codes = b.meta.get("codes")
+        return b.acts[site].to(cfg.device).float(), codes
+
+    # ---- buffer the first tokens: L0 for the baselines, PCA fit
+    stream = _take(src, cfg.batch_size, cfg.tokens)
+    buffered: list[Batch] = []
+    n_buf = 0
+    fit_tokens = min(cfg.pca_fit_tokens, cfg.tokens)
+    for b in stream:
+        buffered.append(b)
+        n_buf += b.acts[site].shape[0]
+        if n_buf >= fit_tokens:
+            break
+    if not buffered:
+        raise ValueError(f"the evaluation source yielded no tokens for site {site!r}")
+    with torch.no_grad():
+        l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
+    evals = {"sae": _Evaluator(sae, cfg, gt, full=True)}
+    base_models: dict[str, Any] = {}
+    if cfg.baselines:
+        base_models["random"] = baselines.random_sae(sae, seed=cfg.seed, l0=l0_est).to(cfg.device)
+        base_models["pca"] = baselines.fit_pca([xs(b)[0] for b in buffered], sae.d_in, l0_est)
+        for name, m in base_models.items():
+            evals[name] = _Evaluator(m, cfg, gt, full=False)
+
+    def feed(b: Batch) -> None:
+        x, codes = xs(b)
+        for e in evals.values():
+            e.update(x, codes)
+
+    for b in buffered:
+        feed(b)
+    del buffered
+    for b in stream:
+        feed(b)
+
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "site": site,
+        "sae_info": {
+            "rule": sae.cfg.rule,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "k": sae.cfg.k,
+        },
+        "data": {"description": src.description, "fresh": src.fresh, "kind": src.kind},
+        "eval_config": dataclasses.asdict(cfg),
+        "sae": evals["sae"].result(G),
+        "baselines": {n: evals[n].result(G) for n in base_models},
+    }
+    if base_models:
+        result["baselines_info"] = baselines.describe(
+            base_models.get("pca"), base_models.get("random")
+        )
+
+    # ---- spliced CE / KL (decoder LMs)
+    causal = bool(getattr(src.source, "causal", False))
+    if src.kind == "hf" and causal and cfg.splice_tokens > 0:
+        from saekit.evaluate.splice import splice_metrics, token_batches
+        from saekit.sources.text import iter_texts
+
+        dc = data_cfg
+        texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
+        bs = cfg.splice_batch_size or dc.model_batch_size
+        batches = token_batches(
+            src.source.tokenizer,
+            texts,
+            dc.context_len,
+            bs,
+            cfg.splice_tokens,  # type: ignore[attr-defined]
+        )
+        sp = splice_metrics(src.source.model, sae, site, batches, base_models)  # type: ignore[attr-defined]
+        for name, r in sp.pop("baselines", {}).items():
+            result["baselines"][name]["splice"] = r
+        result["sae"]["splice"] = sp
+    elif src.kind == "hf":
+        src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
+
+    # ---- sparse probing
+    if cfg.probe_data:
+        if src.kind != "hf":
+            raise ValueError("sparse probing needs a run on an HF model (source 'hf')")
+        from saekit.evaluate.probing import probe_run
+
+        result["sae"]["probing"] = probe_run(
+            src.source.model,  # type: ignore[attr-defined]
+            src.source.tokenizer,  # type: ignore[attr-defined]
+            sae,
+            site,
+            cfg.probe_data,
+            context_len=data_cfg.context_len,
+            seed=cfg.seed,
+        )
+    result["notes"] = list(src.notes)
+
+    # ---- files
+    images: dict[str, str] = {}
+    if cfg.plots:
+        core = result["sae"]["core"]
+        images["feature density"] = plots.density_histogram(
+            core["density_hist"], out / "density_hist.png"
+        ).name
+        images["L0 distribution"] = plots.l0_histogram(
+            evals["sae"].core.l0_histogram(), out / "l0_hist.png"
+        ).name
+        a = evals["sae"].afa
+        if a is not None and a.n:
+            nz, nf = a.points(cfg.seed)
+            images["ZF plot"] = plots.zf_plot(nz.tolist(), nf.tolist(), out / "zf_plot.png").name
+    result["files"] = ["eval.json", "report.md", *images.values()]
+    result = _json_safe(result)
+    (out / "report.md").write_text(report.render(result, images))
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "eval.json")
+    src.source.close()
+    return result
+
+
+def load_eval(run_dir: str | Path) -> dict[str, Any]:
+    """The ``eval.json`` of a run (FileNotFoundError with a hint when missing)."""
+    p = Path(run_dir)
+    p = p if p.suffix == ".json" else p / "eval.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `saekit eval {p.parent}` first")
+    return json.loads(p.read_text())
+
+
+def compare_runs(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    evaluate_missing: bool = True,
+    cfg: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Table of several runs (evaluating those without ``eval.json``) + frontier PNGs."""
+    if not run_dirs:
+        raise ValueError("compare needs at least one run directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, names = [], []
+    for rd in run_dirs:
+        p = Path(rd)
+        if not (p / "eval.json").is_file():
+            if not evaluate_missing:
+                raise FileNotFoundError(f"{p / 'eval.json'} not found")
+            evaluate_run(p, cfg=cfg)
+        results.append(load_eval(p))
+        names.append(p.name or str(p))
+    table = report.compare_table(results, names)
+    points = []
+    for res, name in zip(results, names):
+        for kind, sec in [("sae", res.get("sae", {}))] + sorted(res.get("baselines", {}).items()):
+            points.append(
+                {
+                    "name": name if kind == "sae" else f"{name}:{kind}",
+                    "kind": kind,
+                    "L0": sec.get("core", {}).get("l0"),
+                    "FVE": sec.get("core", {}).get("fve"),
+                    "CE recovered": (sec.get("splice") or {}).get("ce_recovered"),
+                }
+            )
+    files = ["compare.md", "compare.json"]
+    plots.frontier(points, "L0", "FVE", out / "frontier_l0_fve.png", "L0 vs FVE")
+    files.append("frontier_l0_fve.png")
+    if any(p["CE recovered"] is not None for p in points):
+        plots.frontier(
+            points, "L0", "CE recovered", out / "frontier_l0_ce.png", "L0 vs CE recovered"
+        )
+        files.append("frontier_l0_ce.png")
+    md = (
+        "# saekit compare\n\n"
+        + table
+        + "\n\n"
+        + "\n".join(f"![{f}]({f})" for f in files if f.endswith(".png"))
+        + "\n"
+    )
+    (out / "compare.md").write_text(md)
+    summary = {"runs": [str(r) for r in run_dirs], "table": table, "points": points, "files": files}
+    (out / "compare.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    return summary

@@ -210,3 +210,21 @@ def test_minilm_smoke() -> None:
     )
     m = int(keep.sum())
     torch.testing.assert_close(x[:m], hs[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_resume_with_grads_and_prefetch(gpt2, tok) -> None:
+    from saekit.sources.prefetch import PrefetchSource
+
+    c = cfg("", sites=["layers.0.resid_post"], shuffle_buffer=40, with_grad=True)
+    a = PrefetchSource(HFSource(c, model=gpt2, tokenizer=tok, seed=2), batch_size=16)
+    a.next_batch(16)
+    state = a.state_dict()
+    want = [a.next_batch(16) for _ in range(2)]
+    a.close()
+    b = HFSource(c, model=gpt2, tokenizer=tok, seed=2)
+    b.load_state_dict(state)
+    for w in want:
+        g = b.next_batch(16)
+        assert torch.equal(g.acts["layers.0.resid_post"], w.acts["layers.0.resid_post"])
+        assert torch.equal(g.grads["layers.0.resid_post"], w.grads["layers.0.resid_post"])
+        assert g.grads["layers.0.resid_post"].abs().sum() > 0

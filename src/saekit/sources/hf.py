@@ -257,9 +257,11 @@ class HFSource(ActivationSource):
         )
         if max_pos and cfg.context_len > max_pos:
             raise ValueError(f"context_len={cfg.context_len} exceeds the model's {max_pos}")
-        self.causal = bool(config is not None and is_causal_config(config))
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        #: a decoder LM with its head (gives next-token logits)
+        self.causal = bool(config is not None and is_causal_config(config) and head is not None)
         self.with_grad = cfg.with_grad
-        if self.with_grad and not (self.causal and hasattr(model, "get_output_embeddings")):
+        if self.with_grad and not self.causal:
             raise ValueError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
         self.early_stop = early_stop and not self.with_grad
         self.sites = list(cfg.sites)

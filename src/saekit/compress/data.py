@@ -67,3 +67,22 @@ def chunk_batches(ids: Tensor, seq_len: int, batch_size: int, max_seqs: int = 0)
         raise ValueError(f"only {ids.numel()} tokens: not one sequence of length {seq_len}")
     seqs = ids[: n * seq_len].view(n, seq_len)
     return list(seqs.split(batch_size))
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 1024) -> object:
+    """A small byte-level BPE tokenizer trained on ``texts`` (a ``PreTrainedTokenizerFast``
+    with ``<eos>`` as EOS/pad), for tiny demo LMs; deterministic for the same input."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")

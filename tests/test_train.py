@@ -233,3 +233,17 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path) -> None:
     )
     assert res.sae.W_enc.dtype == torch.float32
     assert torch.isfinite(res.sae.W_enc).all() and res.metrics["x"]["fve"] > 0
+
+
+def test_dead_fraction_counts_silent_latents(tmp_path: Path) -> None:
+    from saekit import SAE
+
+    sae = SAE(SAEConfig(d_in=D, d_sae=32, k=3))
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e6  # these 8 latents can never be selected
+    cfg = {"a": SAEConfig(d_sae=32, k=3)}
+    res = train(
+        cfg, tcfg(tmp_path, total_tokens=32 * 4), MemorySource({"a": data()}), saes={"a": sae}
+    )
+    assert res.metrics["a"]["dead_frac"] >= 8 / 32
+    assert (res.sae.tokens_since_fired[:8] == 32 * 4).all()

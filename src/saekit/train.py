@@ -153,6 +153,8 @@ class Trainer:
         data_cfg: DataConfig | None = None,
         saes: dict[str, SAE] | None = None,
     ) -> None:
+        if data_cfg is not None and not isinstance(data_cfg, DataConfig):
+            raise ValueError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
         self.cfg, self.source, self.data_cfg = train_cfg, source, data_cfg
         if train_cfg.batch_size <= 0 or train_cfg.total_tokens < train_cfg.batch_size:
             raise ValueError(
@@ -361,7 +363,9 @@ class Trainer:
         for s in self.slots:
             out = outs[s.name]
             x = batch.acts[s.site].to(out.x_hat.device)
-            dead = s.sae.tokens_since_fired >= s.sae.cfg.dead_tokens
+            # dead: silent for dead_tokens, or for the whole run while it is shorter
+            window = min(s.sae.cfg.dead_tokens, int(s.sae.tokens_seen))
+            dead = s.sae.tokens_since_fired >= window
             row: dict[str, Any] = {
                 "step": self.step,
                 "tokens": self.tokens,

@@ -184,8 +184,22 @@ def pad_batch(ids: list[list[int]], device: torch.device) -> tuple[Tensor, Tenso
 
 
 def token_strings(tok: Any, ids: list[int]) -> list[str]:
-    """Human-readable string of each token (decoded one by one)."""
-    return [tok.decode([i]) for i in ids]
+    """The text each token contributes, spaces included (from incremental decoding).
+
+    Token i's string is ``decode(ids[:i+1])`` minus ``decode(ids[:i])`` when that is a
+    prefix (true for BPE / WordPiece / word-level tokenizers); otherwise (e.g. a partial
+    UTF-8 byte sequence) the token decoded on its own.
+    """
+    out: list[str] = []
+    prev = ""
+    for i in range(len(ids)):
+        cur = tok.decode(ids[: i + 1])
+        if cur.startswith(prev) and len(cur) > len(prev):
+            out.append(cur[len(prev) :])
+        else:
+            out.append(tok.decode([ids[i]]))
+        prev = cur
+    return out
 
 
 @dataclass

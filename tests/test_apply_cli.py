@@ -81,7 +81,21 @@ def test_steer_prints_both_continuations(run, capsys):
 
 
 def test_ablate_and_classify(run, capsys):
-    assert main(["ablate", str(run / "run"), "--data", str(run / "a.txt"), "--top-n", "3"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                str(run / "run"),
+                "--data",
+                str(run / "a.txt"),
+                "--top-n",
+                "3",
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "clean next-token loss" in out and out.count("\n") >= 5
     rc = main(

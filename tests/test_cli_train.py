@@ -102,3 +102,23 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
     bad.write_text(json.dumps({"sae": {"kk": 3}}))
     assert main(["train", "--config", str(bad)]) == 1
     assert "unknown SAEConfig field(s): kk" in capsys.readouterr().err
+
+
+def test_cli_cache_then_train_on_it(tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    syn = json.dumps(SYN)
+    args = ["cache", "--source", "synthetic", "--synthetic", syn, "--out", str(cache)]
+    assert main([*args, "--tokens", "1024", "--shard-tokens", "512"]) == 0
+    assert "cache written" in capsys.readouterr().out
+    out = tmp_path / "run"
+    train_args = ["train", "--source", "cache", "--cache-dir", str(cache), "--out-dir", str(out)]
+    opts = ["--total-tokens", "512", "--batch-size", "128", "--progress", "false", "--k", "2"]
+    assert main([*train_args, *opts, "--threads", "1"]) == 0
+    assert "finished: 4 steps" in capsys.readouterr().out
+    assert load_sae(out).d_in == 12
+
+
+def test_demo_defaults_are_shown_in_help() -> None:
+    helps = {a.dest: a.help for a in _train_parser()._actions}
+    assert "default here: 300000" in helps["total_tokens"]
+    assert "default here: 1024" in helps["batch_size"]

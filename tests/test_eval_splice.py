@@ -122,3 +122,19 @@ def test_encoder_model_is_refused():
     ids, mask = _batch()
     with pytest.raises(ValueError, match="causal LM"):
         splice.splice_metrics(m, sae, "layers.0.resid_post", [(ids, mask)])
+
+
+def test_baselines_spliced_alongside():
+    model = _gpt2()
+    ids, mask = _batch()
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, k=4, rule="topk"))
+    dead = SAE(SAEConfig(d_in=32, d_sae=64, k=4, rule="topk"))
+    with torch.no_grad():
+        dead.W_dec.zero_()
+        dead.b_dec.zero_()
+    r = splice.splice_metrics(
+        model, sae, "layers.0.resid_post", [(ids, mask)], {"same": sae, "zero": dead}
+    )
+    assert r["baselines"]["same"]["ce_recovered"] == pytest.approx(r["ce_recovered"])
+    assert r["baselines"]["same"]["kl_score"] == pytest.approx(r["kl_score"])
+    assert r["baselines"]["zero"]["ce_recovered"] == pytest.approx(0.0, abs=1e-6)

@@ -94,7 +94,10 @@ def eval_source(
         dc = dataclasses.replace(data_cfg, shuffle_buffer=0, with_grad=False, device=cfg.device)
         notes: list[str] = []
         if _is_local_text(dc.dataset):
-            part, fresh, split = "eval", True, dc.dataset_split
+            part, split = "eval", dc.dataset_split
+            fresh = split.lower() != "all"
+            if not fresh:
+                notes.append("trained on split 'all': the held-out part was seen in training")
         elif cfg.eval_split:
             part, fresh, split = None, True, cfg.eval_split
             dc = dataclasses.replace(dc, dataset_split=split)
@@ -116,15 +119,17 @@ def eval_source(
 
 
 def _take(src: _Src, batch_size: int, n_tokens: int):
-    """Batches until ``n_tokens`` (one pass at most for text sources)."""
+    """Batches until ``n_tokens``; for text, one pass at most: the batch during which the
+    text wraps around is dropped, so no token is seen twice."""
     n = 0
     while n < n_tokens:
-        if src.kind == "hf" and getattr(src.source, "epoch", 0) > 0:
-            src.notes.append(f"held-out text exhausted after {n} tokens")
-            return
         try:
             b = src.source.next_batch(min(batch_size, n_tokens - n))
         except StopIteration:
+            return
+        if src.kind == "hf" and getattr(src.source, "epoch", 0) > 0:
+            # the text wrapped around while this batch was made: drop it (no repeats)
+            src.notes.append(f"held-out text exhausted: evaluated on its first {n} tokens")
             return
         n += next(iter(b.acts.values())).shape[0]
         yield b
@@ -168,7 +173,7 @@ class _Evaluator:
             r["ablation"] = self.abl.result()
         if self.W is not None and hasattr(self.ae, "W_dec"):
             r["independence"] = independence.decoder_independence(self.W)
-        if G is not None and self.W is not None:
+        if G is not None and hasattr(self.ae, "W_dec"):  # not PCA: r atoms, not comparable
             r["ground_truth"] = ground_truth.dictionary_metrics(self.W, G)
         if self.det is not None and self.det.n:
             r["detection"] = self.det.result()

@@ -1,7 +1,7 @@
 """Demo: SVD vs ASVD vs SVD-LLM vs SAES-SVD on a tiny decoder LM trained on the built-in corpus.
 
-1. Train a byte-level BPE tokenizer (vocab 1024) on the training split of the built-in pydoc
-   corpus (``saekit.compress.data``: sorted topics, every 8th held out).
+1. Train a byte-level BPE tokenizer (vocab 1024) on the training part of the built-in pydoc
+   corpus (``saekit.sources.text.iter_texts``: every 10th document held out).
 2. Train a small Llama-style LM (4 layers, d=128, MLP 384, 4 heads / 2 KV heads) or GPT-2
    (``--arch gpt2``) for ``--steps`` AdamW steps on random 128-token windows of that split.
 3. Compress it with every method at ratios 0.2 / 0.4 / 0.6 (64 calibration sequences from the
@@ -97,6 +97,11 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--beta", default="aces", help="SAES-SVD β (number, aces, grid)")
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also SAES-SVD with β=0 (= sequential SVD-LLM) and with grid-searched β",
+    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -136,6 +141,12 @@ def main() -> None:
         ratios=tuple(args.ratios),
         base=CompressConfig(beta=args.beta),
         progress=lambda s: print(s, flush=True),
+        variants={
+            "SAES-SVD β=0 (sequential SVD-LLM)": {"method": "saes", "beta": "0"},
+            "SAES-SVD β=grid": {"method": "saes", "beta": "grid"},
+        }
+        if args.ablations
+        else None,
     )
     res["train"] = train_info
     table = markdown_table(res)

@@ -180,7 +180,7 @@ def test_cholesky_failure_names_ridge():
 
 def test_aces_closed_form_matches_grid_on_constructed_case():
     """Diagonal G0, G1 keep the top-1 subspace fixed, so the surrogate is exact; ρ(β) has an
-    interior maximum at the zero of the second singular value (β = 0.5)."""
+    interior maximum (near β ≈ 0.58)."""
     G0 = torch.diag(torch.tensor([1.0, 0.3, 0.2], dtype=torch.float64))
     G1 = torch.diag(torch.tensor([1.0, -0.6, 0.0], dtype=torch.float64))
     beta = aces_beta(G0, G1, r=1, beta_max=0.9)
@@ -194,6 +194,8 @@ def test_aces_closed_form_matches_grid_on_constructed_case():
     _, _, info = saes_factor(W, torch.eye(3, dtype=torch.float64), D, 1, ridge=0.0, grid=181)
     assert abs(info.beta - info.beta_grid) <= 0.005 + 1e-9
     assert abs(info.rho - info.rho_grid) < 1e-4
+    _, _, ginfo = saes_factor(W, torch.eye(3, dtype=torch.float64), D, 1, beta="grid", ridge=0.0)
+    assert ginfo.beta == ginfo.beta_grid and abs(ginfo.beta - beta) <= 0.9 / 20 / 2 + 1e-9
 
 
 def test_aces_solves_surrogate_exactly():

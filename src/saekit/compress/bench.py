@@ -56,8 +56,13 @@ def compare_methods(
     ratios: tuple[float, ...] = (0.2, 0.4, 0.6),
     base: CompressConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    variants: dict[str, dict] | None = None,
 ) -> dict:
-    """Every method at every ratio on the same calibration/held-out batches."""
+    """Every method at every ratio on the same calibration/held-out batches.
+
+    ``variants`` adds labelled extra rows, e.g. ``{"SAES-SVD β=0": {"method": "saes",
+    "beta": "0"}}`` (config overrides applied on top of ``base`` at each ratio).
+    """
     base = base or CompressConfig()
     model.eval()
     out = {
@@ -69,20 +74,24 @@ def compare_methods(
         "rows": [],
     }
     for ratio in ratios:
-        for m in methods:
-            cfg = dataclasses.replace(base, method=m, ratio=ratio)
+        runs = [(LABELS.get(m, m), {"method": m}) for m in methods]
+        runs += list((variants or {}).items())
+        for label, over in runs:
+            cfg = dataclasses.replace(base, ratio=ratio, **over)
             row = evaluate_one(model, cfg, calib, heldout)
+            row["label"] = label
             out["rows"].append(row)
             if progress:
-                progress(f"{LABELS.get(m, m)} ratio={ratio}: ppl={row['ppl']:.3f}")
+                progress(f"{label} ratio={ratio}: ppl={row['ppl']:.3f}")
     return out
 
 
 def markdown_table(result: dict) -> str:
     """Rows = methods, columns = ratios; cells = held-out perplexity (best per column bold)."""
     ratios = sorted({r["ratio"] for r in result["rows"]})
-    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    cell = {(r["method"], r["ratio"]): r for r in result["rows"]}
+    label = [r.get("label") or LABELS.get(r["method"], r["method"]) for r in result["rows"]]
+    methods = list(dict.fromkeys(label))
+    cell = {(lb, r["ratio"]): r for lb, r in zip(label, result["rows"])}
     lines = [
         f"Held-out perplexity (original model: {result['ppl_original']:.3f}); "
         "columns = fraction of block parameters removed",
@@ -99,5 +108,5 @@ def markdown_table(result: dict) -> str:
                 continue
             p = cell[(m, q)]["ppl"]
             cells.append(f"**{p:.3f}**" if p == best[q] else f"{p:.3f}")
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Calibration / evaluation text and token batches for compression.
 
-The built-in corpus is ``pydoc_data.topics`` (79 documents). Split, documented choice: sort
-the topic keys; documents with index ``i % 8 == 7`` are held out (≈ 8 % of the characters),
-the rest are for calibration / training. Documents are joined with a blank line.
+Text comes from :func:`saekit.sources.text.iter_texts` (``dataset=""`` = the built-in pydoc
+corpus cut into documents, every 10th held out: ``split="train"`` for calibration/training,
+``"test"`` for perplexity), so compression shares saekit's train/held-out split. Fallback when
+that module is unavailable: sorted pydoc topics, topic ``i`` held out when ``i % 8 == 7``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from torch import Tensor
 HELDOUT_EVERY = 8
 
 
-def builtin_texts(split: str = "train") -> list[str]:
-    """Built-in pydoc topics, ``split`` in ``{"train", "test", "all"}`` (test = held out)."""
+def _fallback_builtin(split: str) -> list[str]:
     from pydoc_data.topics import topics
 
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     keys = sorted(topics)
     out = []
     for i, k in enumerate(keys):
@@ -28,19 +26,22 @@ def builtin_texts(split: str = "train") -> list[str]:
     return out
 
 
-def load_texts(dataset: str = "", split: str = "train", text_field: str = "text") -> list[str]:
-    """Texts for calibration (``split="train"``) or perplexity (``"test"``).
+def builtin_texts(split: str = "train") -> list[str]:
+    """Built-in corpus documents, ``split`` in ``{"train", "test", "all"}`` (test = held out)."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    return load_texts("", split)
 
-    ``dataset=""`` is the built-in corpus with the split above; otherwise
-    ``saekit.sources.text.iter_texts(dataset, split, text_field)`` is used (a local file or
-    dataset that other saekit commands accept).
-    """
-    if not dataset:
-        return builtin_texts(split)
+
+def load_texts(dataset: str = "", split: str = "train", text_field: str = "text") -> list[str]:
+    """Texts for calibration (``split="train"``) or perplexity (``"test"``) via ``iter_texts``
+    (a local .txt/.jsonl file, a dataset directory, or ``""`` for the built-in corpus)."""
     try:
         from saekit.sources.text import iter_texts
-    except ImportError as e:  # pragma: no cover - depends on another module
-        raise ValueError(f"reading dataset {dataset!r} needs saekit.sources.text: {e}") from e
+    except ImportError:  # pragma: no cover - only without saekit.sources.text
+        if dataset:
+            raise ValueError(f"reading dataset {dataset!r} needs saekit.sources.text") from None
+        return _fallback_builtin(split)
     return list(iter_texts(dataset, split=split, text_field=text_field))
 
 

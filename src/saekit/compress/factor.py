@@ -124,7 +124,7 @@ def cholesky(
         f"H = XXᵀ{where} is not positive definite (ill-conditioned; too few calibration "
         f"tokens or dead input channels): Cholesky of H + λI failed with relative ridge "
         f"{ridge:g}. A relative ridge of {fix:g} (λ = {ridge_value(H, fix):.3g}) fixes it: "
-        f"pass ridge={fix:g} (CLI --ridge {fix:g}) or auto_ridge=True (CLI --auto-ridge).",
+        f"pass ridge={fix:g} (CLI --ridge {fix:g}) or auto_ridge=True (CLI --auto-ridge true).",
         ridge=fix,
     )
 
@@ -203,14 +203,13 @@ def saes_factor(
     if isinstance(beta, str):
         if beta not in ("aces", "grid"):
             raise ValueError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
-        if delta is None:
-            b = 0.0
-        elif beta == "aces":
-            b = min(max(shrink * aces_beta(G0, G1, r, beta_max), 0.0), beta_max)
-        else:
-            b, _ = grid_beta(G0, G1, r, beta_max, grid or 21)
+        b = 0.0
         if delta is not None and (grid or beta == "grid"):
             b_grid, rho_grid = grid_beta(G0, G1, r, beta_max, grid or 21)
+        if delta is not None and beta == "aces":
+            b = min(max(shrink * aces_beta(G0, G1, r, beta_max), 0.0), beta_max)
+        elif delta is not None:
+            b = b_grid  # type: ignore[assignment]
     else:
         b = float(beta)
         if not 0.0 <= b < 1.0 and delta is not None:

@@ -92,3 +92,35 @@ def test_keep_to_padded_empty_and_full_rows() -> None:
     assert idx[1].tolist() == list(range(6)) and mask[1].all()
     assert idx[2, :2].tolist() == [0, 4] and idx[2, 2:].tolist() == [1, 2, 3, 5]
     assert idx[0].tolist() == list(range(6)) and not mask[0].any()
+
+
+def _naive_capacity(z: torch.Tensor, m: torch.Tensor) -> tuple[set, torch.Tensor]:
+    B, F = z.shape
+    keep, low = set(), torch.full((F,), float("inf"))
+    for i in range(F):
+        col = z[:, i]
+        order = torch.argsort(col, descending=True)[: int(m[i])]
+        kept = [int(r) for r in order if col[r] > 0]
+        keep |= {(r, i) for r in kept}
+        if kept:
+            low[i] = col[kept].min()
+    return keep, low
+
+
+@pytest.mark.parametrize("B,F", [(16, 40), (33, 70), (64, 9)])
+def test_capacity_topk_equals_per_column_sort(B: int, F: int) -> None:
+    g = torch.Generator().manual_seed(B * F)
+    z = torch.relu(torch.randn(B, F, generator=g))
+    m = torch.randint(0, B + 1, (F,), generator=g)
+    m[0], m[-1] = B, 0  # a full column and an empty one
+    want_keep, want_low = _naive_capacity(z, m)
+    for fn in (kernels.capacity_topk, kernels.capacity_topk_reference):
+        keep, low = fn(z, m)
+        got = {(int(r), int(c)) for r, c in zip(*keep.nonzero(as_tuple=True))}
+        assert got == want_keep, fn.__name__
+        torch.testing.assert_close(low, want_low)
+
+
+def test_capacity_topk_rejects_bad_shape() -> None:
+    with pytest.raises(ValueError, match="capacities"):
+        kernels.capacity_topk(torch.rand(4, 5), torch.ones(4, dtype=torch.long))

@@ -166,3 +166,23 @@ def test_bad_specs():
         steering_fn(sae, {1: 1.0}, mode="multiply")
     with pytest.raises(ValueError, match="out of range"):
         steering_fn(sae, {64: 1.0})
+
+
+def test_signed_abstopk_features(lm):
+    model, tok = lm
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, rule="abstopk", k=6)).eval()
+    top = top_features(sae, model, tok, SITE, TEXTS[1], n=20)
+    assert any(r["max"] < 0 for r in top)  # negative codes are ranked by |value|
+    from saekit.apply.steer import steering_fn
+
+    h = torch.randn(5, 32)
+    with torch.no_grad():
+        codes = sae.encode(h).to_dense()
+    f = int(codes.abs().sum(0).argmax())
+    out = steering_fn(sae, {f: -3.0}, mode="clamp")(h)
+    want = h + (-3.0 - codes[:, f])[:, None] * sae.W_dec[f].detach()[None]
+    assert torch.allclose(out, want, atol=1e-5)
+    with torch.no_grad():
+        after = sae.encode(out).to_dense()[:, f]
+    assert (after < 0).float().mean() >= 0.6  # clamped negative: the feature now reads negative

@@ -124,3 +124,15 @@ def test_capacity_topk_equals_per_column_sort(B: int, F: int) -> None:
 def test_capacity_topk_rejects_bad_shape() -> None:
     with pytest.raises(ValueError, match="capacities"):
         kernels.capacity_topk(torch.rand(4, 5), torch.ones(4, dtype=torch.long))
+
+
+def test_capacity_selection_matches_capacity_topk() -> None:
+    g = torch.Generator().manual_seed(7)
+    z = torch.relu(torch.randn(24, 50, generator=g))
+    m = torch.randint(0, 25, (50,), generator=g)
+    keep, low = kernels.capacity_topk(z, m)
+    idx, mask, counts, low2 = kernels.capacity_selection(z, m)
+    assert _as_set(idx, mask) == {(int(r), int(c)) for r, c in zip(*keep.nonzero(as_tuple=True))}
+    _check_padding(idx, mask, counts, 50)
+    assert torch.equal(counts, keep.sum(1))
+    torch.testing.assert_close(low, low2)

@@ -232,14 +232,19 @@ def keep_to_padded(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``nonzero`` pass: no ``[B, F]`` float copy and no top-k over the full matrix.
     """
     B, F = keep.shape
-    counts = keep.sum(1)
-    K = min(max(int(counts.max()) if B else 0, 1), F)
     rows, cols = keep.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    return pairs_to_padded(rows, cols, B, F)
+
+
+def pairs_to_padded(rows: Tensor, cols: Tensor, B: int, F: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`keep_to_padded` from the kept ``(rows, cols)`` pairs, sorted row-major."""
+    counts = torch.bincount(rows, minlength=B) if rows.numel() else rows.new_zeros(B)
+    K = min(max(int(counts.max()) if B else 0, 1), F)
     start = counts.cumsum(0) - counts
-    pos = torch.arange(rows.numel(), device=keep.device) - start[rows]
-    idx = torch.full((B, K), F, dtype=torch.long, device=keep.device)
+    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+    idx = torch.full((B, K), F, dtype=torch.long, device=rows.device)
     idx[rows, pos] = cols
-    mask = torch.zeros(B, K, dtype=torch.bool, device=keep.device)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=rows.device)
     mask[rows, pos] = True
     return _pad_distinct(idx, mask, counts, F), mask, counts
 
@@ -326,6 +331,33 @@ def global_topk(
     return _pad_distinct(idx, mask, counts, F), mask, counts
 
 
+def _capacity_pairs(z: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, F = z.shape
+    if m.shape != (F,):
+        raise ValueError(f"capacities have shape {tuple(m.shape)}, expected ({F},)")
+    m = m.to(device=z.device, dtype=torch.long).clamp(0, B)
+    low = torch.full((F,), float("inf"), dtype=z.dtype, device=z.device)
+    rows_all, cols_all = [], []
+    if B and F and int(m.max()) > 0:
+        # bucket j holds columns with 2^(j-1) < m <= 2^j (j = 0: m = 1)
+        bucket = torch.ceil(torch.log2(m.clamp_min(1).double())).long()
+        bucket[m == 0] = -1
+        for j in torch.unique(bucket).tolist():
+            if j < 0:
+                continue
+            cols = (bucket == j).nonzero(as_tuple=True)[0]
+            width = min(1 << j, B)
+            v, r = z.index_select(1, cols).t().topk(width, dim=1, sorted=True)  # [n, width]
+            ok = (torch.arange(width, device=z.device)[None, :] < m[cols][:, None]) & (v > 0)
+            rows_all.append(r[ok])
+            cols_all.append(cols[:, None].expand_as(r)[ok])
+            low[cols] = torch.where(ok, v, torch.full_like(v, float("inf"))).min(1).values
+    empty = torch.zeros(0, dtype=torch.long, device=z.device)
+    rows = torch.cat(rows_all) if rows_all else empty
+    cols = torch.cat(cols_all) if cols_all else empty
+    return rows, cols, low
+
+
 def capacity_topk(z: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """Column ``i`` of ``z [B, F]`` keeps its ``m[i]`` largest *positive* entries (Feature Choice).
 
@@ -337,29 +369,27 @@ def capacity_topk(z: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     buckets and each bucket takes a top-``2^j`` over its own columns only: the work
     follows the capacities, not their maximum.
     """
-    B, F = z.shape
-    if m.shape != (F,):
-        raise ValueError(f"capacities have shape {tuple(m.shape)}, expected ({F},)")
-    m = m.to(device=z.device, dtype=torch.long).clamp(0, B)
-    keep = torch.zeros(B, F, dtype=torch.bool, device=z.device)
-    low = torch.full((F,), float("inf"), dtype=z.dtype, device=z.device)
-    if B == 0 or F == 0 or int(m.max()) == 0:
-        return keep, low
-    # bucket j holds columns with 2^(j-1) < m <= 2^j (j = 0: m = 1)
-    bucket = torch.ceil(torch.log2(m.clamp_min(1).double())).long()
-    bucket[m == 0] = -1
-    for j in torch.unique(bucket).tolist():
-        if j < 0:
-            continue
-        cols = (bucket == j).nonzero(as_tuple=True)[0]
-        width = min(1 << j, B)
-        v, r = z.index_select(1, cols).t().topk(width, dim=1, sorted=True)  # [n, width]
-        ok = (torch.arange(width, device=z.device)[None, :] < m[cols][:, None]) & (v > 0)
-        rows_k = r[ok]
-        cols_k = cols[:, None].expand_as(r)[ok]
-        keep[rows_k, cols_k] = True
-        low[cols] = torch.where(ok, v, torch.full_like(v, float("inf"))).min(1).values
+    rows, cols, low = _capacity_pairs(z, m)
+    keep = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    keep[rows, cols] = True
     return keep, low
+
+
+def capacity_selection(z: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`capacity_topk` as padded per-row ``idx, mask, counts`` plus ``low [F]``.
+
+    Never builds the ``[B, F]`` mask: the kept pairs are sorted row-major (one sort of
+    ``sum(m)`` keys) and padded like :func:`keep_to_padded` (distinct padding indices).
+    """
+    B, F = z.shape
+    rows, cols, low = _capacity_pairs(z, m)
+    key = rows * F + cols
+    if key.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(key.numpy()))
+    else:
+        order = torch.argsort(key)
+    idx, mask, counts = pairs_to_padded(rows[order], cols[order], B, F)
+    return idx, mask, counts, low
 
 
 def capacity_topk_reference(z: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:

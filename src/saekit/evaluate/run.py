@@ -16,7 +16,8 @@ trained on:
 The first ``pca_fit_tokens`` eval tokens are buffered: they give the L0 used by the
 baselines, and the PCA baseline is fitted on them (in-sample for those tokens, which can
 only favour PCA). Then every eval token updates the streaming accumulators of the SAE and
-of the baselines; nothing else is held in memory.
+of the baselines; nothing else is held in memory. Every section of the result has its
+``n_tokens``; weight-only sections (``ground_truth``, ``independence``) have 0.
 """
 
 from __future__ import annotations
@@ -172,9 +173,9 @@ class _Evaluator:
         if self.abl is not None:
             r["ablation"] = self.abl.result()
         if self.W is not None and hasattr(self.ae, "W_dec"):
-            r["independence"] = independence.decoder_independence(self.W)
+            r["independence"] = {**independence.decoder_independence(self.W), "n_tokens": 0}
         if G is not None and hasattr(self.ae, "W_dec"):  # not PCA: r atoms, not comparable
-            r["ground_truth"] = ground_truth.dictionary_metrics(self.W, G)
+            r["ground_truth"] = {**ground_truth.dictionary_metrics(self.W, G), "n_tokens": 0}
         if self.det is not None and self.det.n:
             r["detection"] = self.det.result()
         if self.absorb is not None and self.absorb.n:

@@ -65,7 +65,47 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-RULES = ["batchtopk", "mutual_choice", "feature_choice", "abstopk", "topafa"]
+RULES = [
+    "batchtopk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_capsel",
+    "abstopk",
+    "topafa",
+]
+
+
+def register_fc_capsel() -> None:
+    """Register ``feature_choice_capsel``: Feature Choice whose training selection is
+    :func:`saekit.kernels.capacity_selection` (bucketed column top-m_i, no ``[B, F]``
+    mask), to measure that path against the rule's own column top-``max(m)``."""
+    import torch
+
+    from saekit import kernels
+    from saekit.rules import base
+
+    if "feature_choice_capsel" in base.rule_names():
+        return
+    try:
+        from saekit.rules.feature_choice import FeatureChoice
+    except ImportError:
+        return
+
+    class FeatureChoiceCapSel(FeatureChoice):
+        name = "feature_choice_capsel"
+
+        def select(self, pre, ctx):  # type: ignore[no-untyped-def]
+            if not ctx.training:
+                return super().select(pre, ctx)
+            m = self.capacities(pre.shape[0], ctx.sae.fire_freq)
+            idx, mask, counts, low = kernels.capacity_selection(torch.relu(pre.detach()), m)
+            with torch.no_grad():
+                d = self.opts.threshold_decay
+                new = torch.where(self.threshold < 0, low, d * self.threshold + (1 - d) * low)
+                self.threshold.copy_(torch.where(torch.isfinite(low), new, self.threshold))
+            return base.Selection(indices=idx, mask=mask, extras={"counts": counts, "capacity": m})
+
+    base.register(FeatureChoiceCapSel)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -502,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if wanted:
         from saekit.rules import rule_names
 
+        register_fc_capsel()
         known = set(rule_names())
         rfns: dict[str, Callable[[], None]] = {"saekit:topk": make_saekit(a, x)[0]}
         for r in wanted:

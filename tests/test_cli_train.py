@@ -81,7 +81,7 @@ def test_cli_sweep_section(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
     saes = {"k2": {"k": 2}, "k4": {"k": 4, "rule": "batchtopk"}}
     cfg = write_config(tmp_path / "c.json", out, saes=saes)
-    assert main(["train", "--config", str(cfg)]) == 0
+    assert main(["train", "--config", str(cfg), "--prefetch", "2"]) == 0
     assert load_sae(out / "k2").cfg.k == 2
     k4 = load_sae(out / "k4")
     assert k4.cfg.rule == "batchtopk" and k4.cfg.k == 4 and k4.d_sae == 48

@@ -35,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="batches produced ahead in a background thread (0: off); resume stays exact",
+    )
     p.set_defaults(func=run)
     if importlib.util.find_spec("saekit.sources.cache") is not None:
         c = sub.add_parser("cache", help="write an activation cache to disk from a data config")
@@ -132,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     sae_cfgs, train_cfg, data_cfg = load_configs(args)
     t0 = time.perf_counter()
     source = build_source(data_cfg, train_cfg.seed)
+    if getattr(args, "prefetch", 0) > 0:
+        from saekit.sources.prefetch import PrefetchSource
+
+        source = PrefetchSource(source, train_cfg.batch_size, depth=args.prefetch)
     try:
         if isinstance(sae_cfgs, dict):
             sites = list(source.sites)

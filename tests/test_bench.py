@@ -18,7 +18,7 @@ SYN = {"n_features": 32, "d": 16, "n_roots": 1, "depth": 2, "ortho_steps": 10, "
 @pytest.fixture
 def mini(monkeypatch):
     monkeypatch.setitem(bench.SIZES, "tiny", MINI)
-    monkeypatch.setattr(bench, "GRIDS", {"relu": ("l1_coeff", [0.3, 30.0])})
+    monkeypatch.setattr(bench, "GRIDS", {"relu": ("l1_coeff", [0.3, 30.0], {})})
 
 
 def test_downstream_grad_is_the_loss_gradient() -> None:

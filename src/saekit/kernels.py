@@ -162,20 +162,27 @@ def sparse_encode_centered(
     return _SparseEncodeCentered.apply(x, b_dec, W_enc, b_enc, idx, pre.detach())
 
 
-def _value_grad(go: Tensor, W_dec: Tensor, idx: Tensor) -> Tensor:
+def _value_grad(
+    go: Tensor, W_dec: Tensor, idx: Tensor, seg: tuple[Tensor, Tensor, Tensor]
+) -> Tensor:
     """``gv[b, j] = <go[b], W_dec[idx[b, j]]>`` without materialising ``W_dec[idx]``.
 
-    Uses ATen's embedding-bag per-sample-weight backward (a fused gather-dot, ~5x faster on
-    CPU than a chunked gather + bmm, which is the fallback).
+    Walks the pairs grouped by latent (``seg`` from :func:`segments`): each decoder row is
+    read once, sequentially, and dotted with its tokens' rows of ``go`` (small, cache
+    resident). Uses ATen's embedding-bag per-sample-weight backward with the roles of
+    weight and gradient swapped (~2x faster on CPU than the token-ordered call, which
+    gathers a random 4*d_in-byte decoder row per pair); a chunked gather + bmm is the
+    fallback should that private op change.
     """
     B, K = idx.shape
-    flat = idx.reshape(-1)
+    order, tok, offsets = seg
     try:
-        offsets = torch.arange(0, B * K, K, device=idx.device)
-        offset2bag = torch.arange(B, device=idx.device).repeat_interleave(K)
-        gv = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            go.contiguous(), W_dec, flat, offsets, offset2bag, 0, -1
+        bag = idx.reshape(-1)[order]
+        r = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            W_dec, go.contiguous(), tok, offsets, bag, 0, -1
         )
+        gv = torch.empty_like(r)
+        gv[order] = r
         return gv.view(B, K)
     except (RuntimeError, AttributeError):  # pragma: no cover - private op changed
         gv = torch.empty(B, K, dtype=W_dec.dtype, device=idx.device)
@@ -196,10 +203,11 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, go: Tensor):
         idx, values, W_dec = ctx.saved_tensors
         gv = gW = None
+        seg = segments(idx, W_dec.shape[0])  # shared by both gradients
         if ctx.needs_input_grad[1]:
-            gv = _value_grad(go.to(W_dec.dtype), W_dec, idx).to(values.dtype)
+            gv = _value_grad(go.to(W_dec.dtype), W_dec, idx, seg).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            gW = segment_sum(go, values, segments(idx, W_dec.shape[0]), W_dec.dtype)
+            gW = segment_sum(go, values, seg, W_dec.dtype)
         return None, gv, gW
 
 

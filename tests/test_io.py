@@ -39,6 +39,7 @@ def assert_same_state(a: SAE, b: SAE) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.filterwarnings("ignore:rule .* has signed codes")
 @pytest.mark.parametrize("normalize_input", [False, True])
 @pytest.mark.parametrize("rule", rule_names())
 def test_round_trip_to_the_bit(tmp_path: Path, rule: str, normalize_input: bool) -> None:
@@ -205,3 +206,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> Non
     assert not (tmp_path / "new.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     save_file({"a": torch.ones(1)}, str(tmp_path / "x.safetensors"))  # sanity: real writer ok
+
+
+@pytest.mark.skipif("abstopk" not in rule_names(), reason="no signed rule registered")
+def test_signed_rule_export_warns(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="signed codes"):
+        save_sae(trained_sae("abstopk"), tmp_path)

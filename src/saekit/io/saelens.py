@@ -14,6 +14,7 @@ Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens direct
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -52,6 +53,12 @@ def saelens_cfg(sae: SAE, site: str = "", model: str = "", data: dict | None = N
     if arch == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
+    if sae.rule.signed:
+        warnings.warn(
+            f"rule {cfg.rule!r} has signed codes; SAELens's {arch!r} inference applies a ReLU,"
+            " so only saekit reproduces this SAE exactly",
+            stacklevel=3,
+        )
     data = data or {}
     out["metadata"] = {
         "model_name": model or data.get("model") or None,

@@ -24,6 +24,7 @@ import random
 import torch
 
 from saekit import SAE, SAEConfig
+from saekit.apply.ablate import mean_loss
 from saekit.apply.common import pad_batch, site_activations
 from saekit.apply.sasft import (
     SASFTRegularizer,
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "before": before,
         "after_sft": level(sft),
         "after_sasft": level(sasft),
+        "lm_loss_before": mean_loss(model, tok, held_out),
+        "lm_loss_sft": mean_loss(sft, tok, held_out),
+        "lm_loss_sasft": mean_loss(sasft, tok, held_out),
     }
     if not args.quiet:
         print(f"target feature {feature} (ν_xx = {res['monolinguality']:.3f}, μ̄ = {ref:.3f})")
@@ -165,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"  before fine-tuning : {before:8.4f}")
         print(f"  after plain SFT    : {res['after_sft']:8.4f}")
         print(f"  after SFT + SASFT  : {res['after_sasft']:8.4f}   (λ = {args.lam})")
+        print("held-out next-token loss (code-switched text):")
+        print(f"  before {res['lm_loss_before']:.3f}  plain SFT {res['lm_loss_sft']:.3f}", end="")
+        print(f"  SFT + SASFT {res['lm_loss_sasft']:.3f}")
     return res
 
 

@@ -131,3 +131,41 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(out_g.cpu(), out_c, rtol=1e-4, atol=1e-4)
     for name in g_c:
         torch.testing.assert_close(g_g[name].cpu(), g_c[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _sae_grads(sae, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    sae.zero_grad(set_to_none=True)
+    loss, _, out = sae.loss(x)
+    loss.backward()
+    return out.x_hat.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def test_sae_encoder_layout_and_buffer_reuse_keep_results() -> None:
+    import copy
+
+    from saekit import SAE, SAEConfig
+
+    x = torch.randn(40, 12)
+    sae = SAE(SAEConfig(d_in=12, d_sae=48, k=5, init_b_dec="mean")).train()
+    sae.init_from_data(x)
+    assert sae.W_enc.shape == (12, 48) and sae.W_enc.stride() == (1, 12)  # latent-major
+    plain = copy.deepcopy(sae)
+    plain.W_enc = torch.nn.Parameter(sae.W_enc.detach().contiguous())  # row-major copy
+    ref_out, ref_g = _sae_grads(plain, x)
+    assert not sae.reuse_buffers  # off by default
+    sae.reuse_buffers = True
+    for _ in range(2):  # second call reuses the first call's buffer
+        out, g = _sae_grads(sae, x)
+        torch.testing.assert_close(out, ref_out)
+        for name in ref_g:
+            torch.testing.assert_close(g[name], ref_g[name], msg=name)
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.stride() == (1, 12)  # no copy
+    buf = sae._pre_buf
+    assert buf is not None
+    _, _, o = sae.loss(x)
+    assert o.pre.data_ptr() == buf.data_ptr()
+    _, _, o = sae.loss(x[:7])  # another batch size: a new buffer of the right shape
+    assert o.pre.shape == (7, 48)
+    sae.reuse_buffers = False
+    _, _, o = sae.loss(x)
+    assert sae._pre_buf is None and o.pre.data_ptr() != buf.data_ptr()

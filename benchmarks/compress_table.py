@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument(
         "--ablations",
         action="store_true",
-        help="also SAES-SVD with β=0 (= sequential SVD-LLM) and with grid-searched β",
+        help="also SAES-SVD with β=0 (= sequential SVD-LLM), grid-searched β, fixed β 0.5/0.9",
     )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -170,6 +170,8 @@ def main() -> None:
         variants={
             "SAES-SVD β=0 (sequential SVD-LLM)": {"method": "saes", "beta": "0"},
             "SAES-SVD β=grid": {"method": "saes", "beta": "grid"},
+            "SAES-SVD β=0.5 (fixed)": {"method": "saes", "beta": "0.5"},
+            "SAES-SVD β=0.9 (fixed)": {"method": "saes", "beta": "0.9"},
         }
         if args.ablations
         else None,

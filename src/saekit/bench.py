@@ -12,7 +12,8 @@ JumpReLU (``l0_coeff``) are trained over a small coefficient grid in the same ru
 variant whose eval L0 is closest to ``k`` (in log ratio) is reported (all are in the JSON);
 top-AFA chooses its own L0, which is reported as is. Every variant uses the same Adam lr
 (``BenchSize.lr``, above Gao's width scaling because runs are short), ``normalize_input``,
-``aux_k = min(512, d_sae/2)`` and ``dead_tokens`` = 5% of the training tokens.
+``aux_k = min(512, d_sae/2)``, ``dead_tokens`` = 5% of the training tokens and the same
+initial weights (seeded per variant; rules' own parameters aside).
 
 gtopk needs dLoss/dx: the bench defines a synthetic downstream loss ``L(x) = 1/2 sum_i w_i
 (d_i . (x - bias))^2`` (``d_i`` the true features, ``w_i`` log-normal importances), whose
@@ -77,7 +78,7 @@ SIZES: dict[str, BenchSize] = {
 #: JumpReLU's paper init (theta = 1e-3, bandwidth 1e-3) barely moves its thresholds in a
 #: short run, so the bench starts them at 1 with bandwidth 0.1 (measured: L0 stays ~d_sae).
 GRIDS: dict[str, tuple[str, list[float], dict[str, Any]]] = {
-    "relu": ("l1_coeff", [3.0, 5.0, 7.0], {}),
+    "relu": ("l1_coeff", [3.0, 4.0, 5.0], {}),
     "jumprelu": ("l0_coeff", [0.3, 1.0, 3.0], {"init_threshold": 1.0, "bandwidth": 0.1}),
 }
 
@@ -91,7 +92,7 @@ class BenchConfig:
     seed: int = 0
     rules: list[str] = field(default_factory=list)  # empty: every registered rule
     signed: bool = True  # also run the bidirectional-features comparison
-    threads: int = 0
+    threads: int = 1  # the bench's matrices are small: one thread avoids sync overhead
     progress: bool = False
     keep_runs: bool = True  # keep the trained run directories under out/runs
 
@@ -270,7 +271,11 @@ def _train_and_eval(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     t0 = time.perf_counter()
-    result = train({n: (SITE, c) for n, c in cfgs.items()}, tc, source)
+    saes = {}
+    for n, c in cfgs.items():  # the same initial weights for every variant of the run
+        torch.manual_seed(cfg.seed)
+        saes[n] = SAE(c.resolved(source.d_in(SITE)))
+    result = train({n: (SITE, c) for n, c in cfgs.items()}, tc, source, saes=saes)
     train_s = time.perf_counter() - t0
     data = eval_batches(syn, size.eval_tokens)
     x0 = data[0][0][: size.batch_size]
@@ -320,6 +325,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     bad = [r for r in names if r not in known]
     if bad:
         raise ValueError(f"unknown rule(s) {bad}; known rules: {', '.join(known)}")
+    threads = torch.get_num_threads()
+    try:
+        return _run_bench(cfg, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     size = SIZES[cfg.size]
@@ -434,6 +447,7 @@ def report_text(report: dict[str, Any]) -> str:
 def plot_bench(report: dict[str, Any], path: Path) -> None:
     """Four panels: FVE vs L0, MCC, F1 and dead fraction per variant (+ signed MCC)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -447,6 +461,8 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         ax.annotate(n, (rows[n]["l0"], rows[n]["fve"]), fontsize=7)
     ax.axvline(report["k"], color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L0 (eval)")
     ax.set_ylabel("FVE")
     ax.set_title("reconstruction vs sparsity")

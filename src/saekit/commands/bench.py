@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--signed", type=_bool, default=True, metavar="BOOL", help="also run the signed test"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
+    )
     p.add_argument("--progress", action="store_true", help="show training progress bars")
     p.add_argument(
         "--keep-runs", type=_bool, default=True, metavar="BOOL", help="keep OUT/runs (default on)"

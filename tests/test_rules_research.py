@@ -103,7 +103,8 @@ def test_mutual_choice_inference() -> None:
     sae = make("mutual_choice", k=4)
     x = torch.randn(32, 12)
     sae.eval()
-    assert (sae.encode(x).l0() == 4).all()  # untrained: TopK fallback
+    pre = sae.encode_pre(x).detach()
+    assert torch.equal(dense_codes(sae, x) != 0, pre > 0)  # untrained: threshold 0, as batchtopk
     sae.train()
     sae(x)
     sae.eval()
@@ -112,6 +113,25 @@ def test_mutual_choice_inference() -> None:
     pre = sae.encode_pre(x).detach()
     assert torch.equal(dense_codes(sae, x) != 0, pre > th)
     assert torch.allclose(dense_codes(sae, x[:3]), dense_codes(sae, x)[:3])
+
+
+def test_mutual_choice_trains_exactly_like_batchtopk() -> None:
+    torch.manual_seed(1)
+    mc = make("mutual_choice", k=4)
+    torch.manual_seed(1)
+    bt = make("batchtopk", k=4)
+    x = torch.randn(64, 12)
+    for sae in (mc, bt):
+        sae.init_from_data(x)
+        sae.train()
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for step in range(3):
+            loss, _, out = sae.loss(x, step=step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sae.observe(out.codes, 64)
+    assert torch.equal(mc.W_enc, bt.W_enc) and torch.equal(mc.rule.threshold, bt.rule.threshold)
 
 
 # ---------------------------------------------------------------- Feature Choice
@@ -164,7 +184,8 @@ def test_feature_choice_inference_thresholds() -> None:
     sae = make("feature_choice", d_sae=48, k=3)
     x = torch.randn(64, 12)
     sae.eval()
-    assert (sae.encode(x).l0() == 3).all()  # untrained: TopK fallback
+    pre = sae.encode_pre(x).detach()
+    assert torch.equal(dense_codes(sae, x) != 0, pre > 0)  # untrained: thresholds 0
     sae.train()
     out = sae(x)
     dense = out.codes.to_dense().detach()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import threshold_selection
 
 
@@ -94,7 +94,8 @@ class FeatureChoice(Rule):
     Inference [our choice; the paper gives none, a flagged deviation]: JumpReLU with
     per-feature thresholds ``theta_i``, the EMA (``threshold_decay``) of the smallest
     activation feature i selected in each training batch. A feature never selected in
-    training has ``theta_i = inf``; before any training the rule falls back to TopK_k.
+    training has ``theta_i = inf``; before any training every ``theta_i`` is 0 (ReLU), as
+    BatchTopK's global threshold (``SAE.init_from_data`` then scales the encoder alike).
     ``extras["capacity"]`` holds ``m`` in training.
     """
 
@@ -116,8 +117,6 @@ class FeatureChoice(Rule):
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if not ctx.training:
-            if bool((self.threshold < 0).all()):
-                return Selection(indices=topk_indices(pre, self.cfg.k))
             return threshold_selection(pre, self.inference_threshold())
         B, F = pre.shape
         m = self.capacities(B, ctx.sae.fire_freq)
@@ -140,7 +139,10 @@ class FeatureChoice(Rule):
         self.threshold.copy_(torch.where(hit, new, self.threshold))
 
     def inference_threshold(self) -> Tensor:
-        """Per-feature thresholds; ``inf`` for features never selected in training."""
+        """Per-feature thresholds: ``inf`` for features never selected in training, all 0
+        before any training."""
+        if bool((self.threshold < 0).all()):
+            return torch.zeros_like(self.threshold)
         return torch.where(
             self.threshold < 0, torch.full_like(self.threshold, float("inf")), self.threshold
         )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from saekit.rules.base import Context, Selection, register, topk_indices
+from saekit.rules.base import register
 from saekit.rules.batchtopk import BatchTopK, BatchTopKOptions
 
 
@@ -19,14 +17,10 @@ class MutualChoice(BatchTopK):
     Inference [our choice; the paper gives none, so this is a flagged deviation]: a global
     threshold ``theta``, the EMA (``threshold_decay``) of the smallest kept activation per
     training batch, applied as ``z = pre * 1[pre > theta]`` (per token, batch-independent).
-    Before any threshold has been tracked (an untrained SAE), inference falls back to
-    per-token TopK_k.
+    Before any threshold has been tracked (an untrained SAE) the threshold is 0 (ReLU), as in
+    BatchTopK, so the two rules train identically (and ``SAE.init_from_data`` scales the
+    encoder the same way).
     """
 
     name = "mutual_choice"
     Options = BatchTopKOptions
-
-    def select(self, pre: Tensor, ctx: Context) -> Selection:
-        if not ctx.training and float(self.threshold) < 0:
-            return Selection(indices=topk_indices(pre, self.cfg.k))
-        return super().select(pre, ctx)

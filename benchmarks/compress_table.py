@@ -3,12 +3,12 @@
 1. Train a byte-level BPE tokenizer (vocab 1024) on the training part of the built-in pydoc
    corpus (``saekit.sources.text.iter_texts``: every 10th document held out).
 2. Train a small Llama-style LM (4 layers, d=128, MLP 384, 4 heads / 2 KV heads) or GPT-2
-   (``--arch gpt2``) for ``--steps`` AdamW steps on random 128-token windows of that split.
+   (``--arch gpt2``) for ``--steps`` (600) AdamW steps on random 64-token windows (batch 16).
 3. Compress it with every method at ratios 0.2 / 0.4 / 0.6 (64 calibration sequences from the
    training split) and report held-out perplexity; prints a markdown table, writes JSON.
 
-Run: ``.venv/bin/python benchmarks/compress_table.py --out runs/compress_demo``
-(the trained model is cached in ``OUT/model``; ``--retrain`` forces training again).
+Run: ``.venv/bin/python benchmarks/compress_table.py --out runs/compress_demo --ablations``
+(the trained model is cached in ``OUT/model_<arch>``; ``--retrain`` forces training again).
 """
 
 from __future__ import annotations
@@ -113,10 +113,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/compress_demo")
     ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--calib-seqs", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)

@@ -71,7 +71,7 @@ SIZES: dict[str, BenchSize] = {
     # for tests and smoke runs only: too short to rank rules
     "tiny": BenchSize(64, 24, 16_384, 512, 4096, 8192, block_size=2048),
     "small": BenchSize(256, 64, 1_500_000, 512, 32_768, 400_000),
-    "large": BenchSize(1024, 128, 8_000_000, 1024, 131_072, 2_000_000, lr=2e-3),
+    "large": BenchSize(1024, 128, 4_000_000, 1024, 131_072, 1_000_000, lr=2e-3),
 }
 
 #: rules whose L0 is set by a penalty: (option, grid, fixed options), on E||x||^2 = d inputs.

@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/saekit train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -132,7 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="clock for the headline numbers: wall, or cpu (process CPU time; use with "
         "--threads 1 on a machine shared with other jobs)",
     )
-    p.add_argument("--quick", action="store_true", help="small shape, few repeats (< 1 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small shape, 2 rounds, memory of saekit_fast only (< 1 min)",
+    )
     p.add_argument("--rules", default=",".join(RULES), help="comma list ('' : skip)")
     p.add_argument("--no-peers", action="store_true", help="skip SAELens and sparsify")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
@@ -144,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.B, a.d_in, a.d_sae, a.k = 512, 256, 4096, 16
-        a.repeats, a.lm_tokens = min(a.repeats, 3), min(a.lm_tokens, 512)
+        a.repeats, a.lm_tokens = min(a.repeats, 2), min(a.lm_tokens, 256)
     return a
 
 
@@ -583,7 +587,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del rfns
         gc.collect()
 
-    memory = {} if a.no_memory else measure_memory(a, impls)
+    mem_impls = ["saekit_fast"] if a.quick else impls  # --quick: one memory subprocess
+    memory = {} if a.no_memory else measure_memory(a, mem_impls)
     lm = {"skipped": "--no-lm"} if a.no_lm else measure_lm(a)
 
     targets = {

@@ -13,7 +13,13 @@ A TopK-style training step has one unavoidable dense product, the encoder ``x_in
   gradient of ``b_dec`` is ``-W_enc @ grad_b_enc`` (one matvec) instead of a per-token
   ``[B, d_in]`` gradient, unless ``x`` itself needs a gradient.
 * :func:`sparse_decode` is ``sum_j v_j W_dec[idx_j]`` (``embedding_bag``) whose backward is
-  the same segment sum for ``W_dec`` and a fused gather-dot for the values.
+  the same segment sum for ``W_dec`` and, for the values, dot products taken latent by
+  latent (each decoder row read once).
+
+Selections without sorting the whole ``[B, d_sae]`` matrix: :func:`global_topk` (BatchTopK /
+Mutual Choice), :func:`keep_to_padded` (threshold inference), :func:`capacity_selection`
+(Feature Choice). All return padded per-row indices whose padding is masked and distinct
+from the row's kept indices.
 
 Precision: every gradient is accumulated in the dtype of the weight it belongs to (fp32
 master weights under bf16 autocast) and returned in the dtype of its input.
@@ -71,8 +77,9 @@ def segment_sum(
 
 
 def _gather_grad_x(idx: Tensor, g: Tensor, W_enc: Tensor) -> Tensor:
-    # grad_x[b] = sum_j g[b, j] * W_enc[:, idx[b, j]]: embedding_bag over W_enc's rows of
-    # W_enc^T (a contiguous copy: embedding_bag on the strided view is ~50x slower on CPU)
+    # grad_x[b] = sum_j g[b, j] * W_enc[:, idx[b, j]]: embedding_bag over the rows of W_enc^T
+    # (free for the SAE's latent-major W_enc; otherwise a copy, since embedding_bag on the
+    # strided view is ~50x slower on CPU)
     return F.embedding_bag(
         idx, W_enc.t().contiguous(), per_sample_weights=g.to(W_enc.dtype), mode="sum"
     )

@@ -93,3 +93,14 @@ def test_build_source_dispatch() -> None:
     assert isinstance(src, SyntheticSource) and src.stream_seed == 3 and src.d_in("synthetic") == 32
     with pytest.raises(ValueError, match="hf, synthetic, cache"):
         build_source(DataConfig(source="parquet"), seed=0)
+
+
+def test_dictionary_is_not_an_sae_init_with_the_same_seed():
+    """An SAE initialised under torch.manual_seed(s) must not start on the seed-s dictionary."""
+    from saekit import SAE, SAEConfig
+    from saekit.evaluate.ground_truth import mcc
+
+    src = SyntheticSource(SyntheticConfig(n_features=128, d=32, n_roots=4, seed=0))
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=32, d_sae=128))
+    assert mcc(sae.W_dec.detach(), src.dictionary) < 0.7

@@ -123,7 +123,8 @@ class SyntheticSource(ActivationSource):
         self.sites = [SITE]
         self.stream_seed = cfg.seed if stream_seed is None else stream_seed
         n, d = cfg.n_features, cfg.d
-        g = torch.Generator().manual_seed(cfg.seed)
+        # mixed, so that the dictionary never equals an SAE initialised with torch.manual_seed(seed)
+        g = torch.Generator().manual_seed((cfg.seed * 0x9E3779B97F4A7C15 + 0x5AE5EED) % (2**63))
         self.dictionary = self._make_dictionary(g)
         rank = torch.arange(1, n + 1, dtype=torch.float64)
         raw = rank ** (-cfg.zipf_exponent)

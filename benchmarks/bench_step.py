@@ -141,14 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="skip SAELens and sparsify")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
     p.add_argument("--no-lm", action="store_true", help="skip the HF-source throughput")
-    p.add_argument("--lm-tokens", type=int, default=2048, help="tokens per LM measurement")
+    p.add_argument("--lm-tokens", type=int, default=16384, help="tokens per LM measurement")
     p.add_argument("--no-reexec", action="store_true", help="do not switch to the peers venv")
     p.add_argument("--out", default=str(HERE / "results"), help="results directory")
     p.add_argument("--memory-worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.B, a.d_in, a.d_sae, a.k = 512, 256, 4096, 16
-        a.repeats, a.lm_tokens = min(a.repeats, 2), min(a.lm_tokens, 256)
+        a.repeats, a.lm_tokens = min(a.repeats, 2), min(a.lm_tokens, 4096)
     return a
 
 
@@ -465,10 +465,10 @@ for early in (True, False):
     cfg = DataConfig(sites=["layers.3.resid_post"], context_len=128, model_batch_size=8,
                      shuffle_buffer=0)
     src = HFSource(cfg, seed=0, early_stop=early)
-    src.next_batch(256)
+    src.next_batch(1024)  # warm-up; later requests are served by fresh model forwards
     t0 = time.perf_counter(); n = 0
     while n < {tokens}:
-        n += src.next_batch(512).acts["layers.3.resid_post"].shape[0]
+        n += src.next_batch(1024).acts["layers.3.resid_post"].shape[0]
     res["early_stop" if early else "full_forward"] = n / (time.perf_counter() - t0)
 print(json.dumps(res))
 """

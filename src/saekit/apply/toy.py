@@ -114,3 +114,19 @@ def save_lm(model: nn.Module, tok: Any, path: str | Path) -> str:
     model.save_pretrained(p)  # type: ignore[operator]
     tok.save_pretrained(p)
     return str(p)
+
+
+def make_demo_lm(
+    path: str | Path, steps: int = 300, vocab_size: int = 8000, n_embd: int = 64, seed: int = 0
+) -> str:
+    """Build, briefly train on the built-in corpus, and save a word-level GPT-2 at ``path``.
+
+    Offline stand-in for a causal LM in examples (steering, ablation, compression).
+    """
+    from saekit.sources.text import iter_texts
+
+    texts = list(iter_texts("", split="train"))
+    tok = word_tokenizer(texts, vocab_size=vocab_size)
+    model = tiny_gpt2(len(tok), n_embd=n_embd, n_head=4, seed=seed)
+    train_tiny_lm(model, tok, texts, steps=steps, seed=seed)
+    return save_lm(model, tok, path)

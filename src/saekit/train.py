@@ -198,7 +198,13 @@ class Trainer:
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(c.beta1, c.beta2), eps=c.eps)
+        # fused Adam (one kernel over all tensors) is ~5x cheaper than the default on CPU
+        fused = sae.W_enc.device.type in ("cpu", "cuda")
+        opt = torch.optim.Adam(
+            sae.parameters(), lr=base_lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused
+        )
+        # the loop drops each step's output, so the [B, d_sae] pre-activation buffer is reused
+        sae.reuse_buffers = True
         run_dir = self.out_dir if len(self.plan) == 1 else self.out_dir / _dir_name(name)
         return _Slot(name, site, sae, opt, base_lr, run_dir)
 
@@ -258,6 +264,7 @@ class Trainer:
         for i, s in enumerate(self.slots):
             s.sae.load_state_dict(files[f"sae-{i}"])
             s.opt.load_state_dict(ckpt.decode(meta["optim"][s.name], files[f"optim-{i}"]))
+            _match_state_layout(s.opt)
         self.source.load_state_dict(ckpt.decode(meta["source"], files["misc"]))
         rng = ckpt.decode(meta["rng"], files["misc"])
         torch.set_rng_state(rng["torch"])
@@ -481,3 +488,16 @@ __all__ = [
     "plan_saes",
     "train",
 ]
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give restored optimizer moments their parameter's strides.
+
+    Checkpoints store tensors contiguous; a parameter kept in another layout (``W_enc`` is
+    latent-major) would then disagree with its moments, which fused Adam reads as flat memory.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=v.dtype).copy_(v)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit import kernels
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import threshold_selection
 
@@ -70,15 +71,6 @@ def zipf_capacities(p: Tensor, total: int, cap: int, floor: int = 1) -> Tensor:
     return m
 
 
-def keep_to_selection(keep: Tensor, pre: Tensor) -> Selection:
-    """A ``[B, F]`` boolean keep-mask as padded per-row indices + mask."""
-    counts = keep.sum(1)
-    kmax = max(int(counts.max()) if counts.numel() else 0, 1)
-    score = torch.where(keep, pre, torch.full_like(pre, float("-inf")))
-    idx = score.topk(min(kmax, pre.shape[1]), dim=1, sorted=False).indices
-    return Selection(indices=idx, mask=keep.gather(1, idx), extras={"counts": counts})
-
-
 @register
 class FeatureChoice(Rule):
     """Feature i takes its top ``m_i`` tokens of ``Z' = ReLU(pre)`` in each training batch.
@@ -88,8 +80,8 @@ class FeatureChoice(Rule):
     beta)^alpha`` and ``m_i ~ k*B*p_i`` rounded so that ``sum m_i = k*B`` exactly, ``m_i <=
     B`` and ``m_i >= min_capacity`` whenever ``k*B >= min_capacity * d_sae`` (then every
     feature with a positive pre-activation somewhere in the batch fires: no dead features).
-    See :func:`zipf_capacities`. Vectorised: one column top-``max(m)``, each column masked
-    to its ``m_i``; only positive entries count as matches.
+    See :func:`zipf_capacities`. Selection: :func:`saekit.kernels.capacity_selection`
+    (capacities bucketed by powers of two, no ``[B, F]`` mask); only positive entries count.
 
     Inference [our choice; the paper gives none, a flagged deviation]: JumpReLU with
     per-feature thresholds ``theta_i``, the EMA (``threshold_decay``) of the smallest
@@ -120,19 +112,17 @@ class FeatureChoice(Rule):
             return threshold_selection(pre, self.inference_threshold())
         B, F = pre.shape
         m = self.capacities(B, ctx.sae.fire_freq)
-        z = torch.relu(pre.detach())
-        col = z.topk(int(m.max()), dim=0, sorted=True)
-        rows = torch.arange(col.values.shape[0], device=pre.device)[:, None]
-        keep_col = (rows < m[None, :]) & (col.values > 0)
-        keep = torch.zeros_like(z, dtype=torch.bool).scatter_(0, col.indices, keep_col)
-        self._update_threshold(col.values, keep_col)
-        sel = keep_to_selection(keep, pre.detach())
+        # column top-m_i without a [B, F] mask (kernels.capacity_selection, tested against
+        # the plain column top-max(m) in tests/test_selection_speedpaths.py)
+        idx, mask, counts, low = kernels.capacity_selection(torch.relu(pre.detach()), m)
+        self._update_threshold(low)
+        sel = Selection(indices=idx, mask=mask, extras={"counts": counts})
         sel.extras["capacity"] = m
         return sel
 
     @torch.no_grad()
-    def _update_threshold(self, values: Tensor, keep_col: Tensor) -> None:
-        low = torch.where(keep_col, values, torch.full_like(values, float("inf"))).min(0).values
+    def _update_threshold(self, low: Tensor) -> None:
+        """EMA of each feature's smallest selected activation (``inf``: not selected)."""
         hit = torch.isfinite(low)
         d = self.opts.threshold_decay
         new = torch.where(self.threshold < 0, low, d * self.threshold + (1 - d) * low)

@@ -16,19 +16,33 @@ class TopAFAOptions:
     k_max: int = 0  # cap on k per token (0: no cap, the paper's setting)
 
 
-def afa_k(a: Tensor, dec_norm: Tensor, target: Tensor, k_max: int = 0) -> tuple[Tensor, Tensor]:
+def afa_k(
+    a: Tensor, dec_norm: Tensor, target: Tensor, k_max: int = 0, m_hint: int = 0
+) -> tuple[Tensor, Tensor]:
     """Per-token k* and the latents sorted by decoder-scaled activation.
 
     ``s_i = (a_i ||d_i||)^2`` sorted descending, ``c_j = sqrt(cumsum(s)_j)`` with the last
     entry set to 1e8 (as in the authors' code), ``k* = argmin_j |c_j - target| + 1``.
     With ``k_max`` only the top ``k_max`` entries are considered. Returns ``(k* [B], order
-    [B, K])``.
+    [B, M])`` with ``M >= max(k*)``.
+
+    ``c`` is non-decreasing, so the argmin lies at the first ``j`` with ``c_j >= target`` or
+    just before it: only a sorted prefix is needed. The prefix starts at ``m_hint`` entries
+    (0: all) and doubles until it holds every token's crossing; the result is the same for
+    any ``m_hint``, only the cost changes.
     """
     s = (a * dec_norm).pow(2)
     K = s.shape[1] if k_max <= 0 else min(k_max, s.shape[1])
-    top = s.topk(K, dim=1, sorted=True)
-    c = top.values.cumsum(1)
-    c[:, -1] = 1e8
+    m = K if m_hint <= 0 else min(m_hint, K)
+    while True:
+        top = s.topk(m, dim=1, sorted=True)
+        c = top.values.cumsum(1)
+        if m == K:
+            c[:, -1] = 1e8
+            break
+        if bool((c[:, -1].sqrt() >= target).all()):
+            break
+        m = min(K, 2 * m)
     k = (c.sqrt() - target[:, None]).abs().argmin(1) + 1
     return k, top.indices
 
@@ -51,11 +65,17 @@ class TopAFA(Rule):
     Options = TopAFAOptions
     default_recon = "nmse"
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._m_hint = 0  # sorted-prefix length tried first by afa_k (not state: speed only)
+
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         a = torch.relu(pre.detach())
         dec_norm = ctx.sae.W_dec.detach().norm(dim=1)
-        k, order = afa_k(a, dec_norm, ctx.x_in.detach().norm(dim=1), self.opts.k_max)
+        target = ctx.x_in.detach().norm(dim=1)
+        k, order = afa_k(a, dec_norm, target, self.opts.k_max, self._m_hint)
         kmax = int(k.max())
+        self._m_hint = kmax + kmax // 2 + 8  # prefix for the next batch (speed only)
         idx = order[:, :kmax]
         mask = torch.arange(kmax, device=pre.device)[None, :] < k[:, None]
         mask &= a.gather(1, idx) > 0

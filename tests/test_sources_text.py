@@ -45,7 +45,7 @@ def test_errors(tmp_path: Path) -> None:
         list(iter_texts(str(tmp_path / "nope.txt")))
     js = tmp_path / "b.jsonl"
     js.write_text(json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(ValueError, match="no text field 'body'"):
+    with pytest.raises(ValueError, match=r"b.jsonl:1 has no field\(s\) 'body'"):
         list(iter_texts(str(js), text_field="body"))
     with pytest.raises(ValueError, match="unknown split"):
         list(iter_texts("", split="dev2"))

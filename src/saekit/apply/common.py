@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.sae import SAE
+from saekit.sources import text as text_source
 from saekit.sources.sites import StopForward, hook_site, resolve_site
 
 
@@ -124,23 +125,7 @@ def read_labelled(
     path: str, text_field: str = "text", label_field: str = "label"
 ) -> tuple[list[str], list[str]]:
     """``(texts, labels)`` from a JSONL file; labels are returned as strings."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"labelled data file not found: {p}")
-    texts, labels = [], []
-    for i, line in enumerate(p.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i + 1}: not valid JSON: {e}") from e
-        if not isinstance(row, dict) or text_field not in row or label_field not in row:
-            raise ValueError(f"{p}:{i + 1}: needs fields {text_field!r} and {label_field!r}")
-        texts.append(str(row[text_field]))
-        labels.append(str(row[label_field]))
-    if not texts:
-        raise ValueError(f"{p}: no labelled rows")
+    texts, labels, _ = text_source.read_labelled(path, text_field, label_field)
     return texts, labels
 
 

@@ -16,7 +16,6 @@ scale-sensitive, and code and activation scales differ widely).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit.sources.text import read_labelled
+
 DEFAULT_KS = (1, 2, 5)
 
 
@@ -32,24 +33,9 @@ def read_labelled_jsonl(
     path: str | Path, text_field: str = "text", label_field: str = "label"
 ) -> tuple[list[str], list[str], list[str] | None]:
     """(texts, labels as strings, splits or None) from a JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"probe data file not found: {p}")
-    texts, labels, splits = [], [], []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i} is not valid JSON: {e}") from e
-        if text_field not in row or label_field not in row:
-            raise ValueError(f"{p}:{i} needs fields {text_field!r} and {label_field!r}")
-        texts.append(str(row[text_field]))
-        labels.append(str(row[label_field]))
-        splits.append(row.get("split"))
+    texts, labels, splits = read_labelled(path, text_field, label_field)
     if len(set(labels)) < 2:
-        raise ValueError(f"{p}: probing needs at least two distinct labels")
+        raise ValueError(f"{path}: probing needs at least two distinct labels")
     use_split = all(s in ("train", "test") for s in splits)
     return texts, labels, (splits if use_split else None)
 

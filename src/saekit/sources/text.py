@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PARTS = ("train", "eval", "all")
 _EVAL_SPLITS = ("eval", "validation", "valid", "test")
@@ -103,21 +104,49 @@ def _iter_txt(path: Path) -> Iterator[str]:
         yield "\n".join(para)
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped), each a dict with the ``required`` fields.
+
+    A missing file, a line that is not JSON or a row without a required field is a clear
+    error naming the file and line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {p}")
+    with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise ValueError(f"{path}:{lineno} has no text field {text_field!r}")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            yield text
+                raise ValueError(f"{p}:{lineno} is not valid JSON: {e}") from e
+            missing = [f for f in required if not isinstance(row, dict) or f not in row]
+            if missing:
+                raise ValueError(f"{p}:{lineno} has no field(s) {', '.join(map(repr, missing))}")
+            yield row
+
+
+def read_labelled(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> tuple[list[str], list[str], list[Any]]:
+    """``(texts, labels as strings, each row's "split" field or None)`` from a JSONL file."""
+    texts, labels, splits = [], [], []
+    for row in read_jsonl(path, (text_field, label_field)):
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]))
+        splits.append(row.get("split"))
+    if not texts:
+        raise ValueError(f"{path}: no labelled rows")
+    return texts, labels, splits
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for row in read_jsonl(path, (text_field,)):
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: field {text_field!r} is not a string: {text!r:.60}")
+        yield text
 
 
 def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:

@@ -88,6 +88,11 @@ def test_bench_end_to_end(mini, tmp_path) -> None:
     assert set(data["signed"]) == {"topk", "abstopk", "_meta"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "topk" / "cfg.json").is_file()
+    # a bench run carries its data config: `saekit eval` rebuilds the ground truth
+    from saekit.evaluate import EvalConfig, evaluate_run
+
+    ev = evaluate_run(out / "runs" / "topk", cfg=EvalConfig(tokens=2048))
+    assert ev["sae"]["ground_truth"]["mcc"] == pytest.approx(data["table"]["topk"]["mcc"], abs=0.02)
     text = bench.report_text(report)
     assert "abstopk" in text and "bidirectional" in text
 

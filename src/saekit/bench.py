@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.config import SAEConfig, TrainConfig, to_dict
+from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.evaluate.core import CoreAccumulator
 from saekit.evaluate.ground_truth import DetectionAccumulator, dictionary_metrics
 from saekit.io import load_sae
@@ -275,7 +275,10 @@ def _train_and_eval(
     for n, c in cfgs.items():  # the same initial weights for every variant of the run
         torch.manual_seed(cfg.seed)
         saes[n] = SAE(c.resolved(source.d_in(SITE)))
-    result = train({n: (SITE, c) for n, c in cfgs.items()}, tc, source, saes=saes)
+    # recorded in each run's cfg.json, so that `saekit eval RUN` rebuilds the ground truth
+    data_cfg = DataConfig(source="synthetic", sites=[SITE], synthetic=to_dict(syn.cfg))
+    plan = {n: (SITE, c) for n, c in cfgs.items()}
+    result = train(plan, tc, source, data_cfg=data_cfg, saes=saes)
     train_s = time.perf_counter() - t0
     data = eval_batches(syn, size.eval_tokens)
     x0 = data[0][0][: size.batch_size]

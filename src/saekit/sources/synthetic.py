@@ -100,9 +100,11 @@ class SyntheticConfig:
         if not 0 < self.p_min <= self.p_max <= 1:
             raise ValueError(f"need 0 < p_min <= p_max <= 1, got {self.p_min}, {self.p_max}")
         if self.n_hierarchy() > self.n_features:
+            per_root = self.n_hierarchy() // self.n_roots
             raise ValueError(
                 f"the hierarchy needs {self.n_hierarchy()} features but n_features="
-                f"{self.n_features}"
+                f"{self.n_features}: set n_roots <= {self.n_features // per_root} (each root"
+                f" brings {per_root} features), or n_roots=0 for no hierarchy"
             )
         if not 0 <= self.signed_frac <= 1:
             raise ValueError(f"signed_frac must be in [0, 1], got {self.signed_frac}")

@@ -133,3 +133,48 @@ def test_example_sasft_drops_the_targeted_feature():
     assert res["monolinguality"] > 0
     assert res["after_sasft"] < res["before"] - 1.0
     assert res["after_sasft"] < res["after_sft"] - 1.0
+
+
+def test_real_hf_trainer_with_the_mixin_lowers_the_feature(tmp_path):
+    """transformers.Trainer + SASFTTrainerMixin: training lowers the penalised pre-activation."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from saekit.sources.sites import get_hidden, hook_site, resolve_site
+
+    site = "layers.1.resid_post"
+    ids = torch.randint(3, 30, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r.clone()} for r in ids]
+
+    def feature_mean(model, sae) -> float:
+        seen = {}
+        with torch.no_grad(), hook_site(resolve_site(model, site), lambda t: seen.update(h=t)):
+            model(input_ids=ids)
+        return float(sae.encode_pre(get_hidden(seen["h"]).reshape(-1, 16))[:, 3].mean())
+
+    def run(lam: float) -> float:
+        model = tiny_gpt2(30, n_layer=2, n_embd=16, seed=0)
+        torch.manual_seed(1)
+        sae = SAE(SAEConfig(d_in=16, d_sae=32, k=2))
+        before = feature_mean(model, sae)
+
+        class T(SASFTTrainerMixin, transformers.Trainer):
+            pass
+
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"lam{lam}"),
+            per_device_train_batch_size=8,
+            max_steps=20,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            seed=0,
+        )
+        reg = SASFTRegularizer(model, sae, site, [3], ref=before - 5.0, lam=lam)
+        T(model=model, args=args, train_dataset=data, sasft=reg).train()
+        reg.detach()
+        return feature_mean(model, sae) - before
+
+    plain, penalised = run(0.0), run(10.0)
+    assert penalised < plain - 0.5

@@ -12,7 +12,8 @@ rotated every round, so that load changes on a shared machine hit all of them al
   backward + parallel-gradient removal + Adam + decoder renormalisation, as
   ``Trainer.fit``); every library with ``torch.optim.Adam`` as its trainer builds it, and
   saekit also as ``saekit_fast``: fused Adam (``torch.optim.Adam(fused=True)``) and
-  ``SAE.reuse_buffers`` (the configuration recommended to saekit's trainer);
+  ``SAE.reuse_buffers``, which is what ``saekit.train`` now uses (the ``saekit`` row keeps
+  torch's default Adam for comparison);
 * one dense encoder matmul of the same shape (``B x d_in @ d_in x d_sae``);
 * saekit's other selection rules (BatchTopK, Mutual Choice, Feature Choice, AbsTopK,
   top-AFA) as ratios to its TopK step;

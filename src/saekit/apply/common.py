@@ -9,7 +9,6 @@ statistics can skip them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saekit.io.atomic import read_json
 from saekit.sae import SAE
 from saekit.sources import text as text_source
 from saekit.sources.sites import StopForward, hook_site, resolve_site
@@ -53,10 +53,7 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     cfg_path = p / "cfg.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a saekit run directory (no cfg.json): {p}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    cfg = read_json(cfg_path)
     data = _find_data_cfg(cfg)
     sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
     sites = data.get("sites") or []

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint format clean bench
+.PHONY: demo test test-slow install lint format clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,10 @@ demo: $(STAMP)
 	$(BIN)/saekit train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,49 @@
+"""saekit's error types.
+
+:class:`SaekitError` and its subclasses are *user* errors: bad input, configuration, files
+or environment. The CLI prints them as one line (``saekit CMD: error: ...``) and exits 1;
+every other exception is a bug and keeps its traceback. Each subclass also derives from the
+builtin a caller would have caught before (``ValueError``, ``OSError``, ``RuntimeError``), so
+``except ValueError`` keeps working. A message names the file, field or flag and the fix.
+"""
+
+from __future__ import annotations
+
+
+class SaekitError(Exception):
+    """Base class of user errors (shown by the CLI as one line, no traceback)."""
+
+
+class ConfigError(SaekitError, ValueError):
+    """An invalid option, config field or combination of them."""
+
+
+class DataError(SaekitError, ValueError):
+    """Unusable input data: wrong shapes, non-finite values, an empty or tiny corpus."""
+
+
+class FormatError(SaekitError, ValueError):
+    """A file that is missing, unreadable, of an unknown layout or corrupt."""
+
+
+class IntegrityError(FormatError):
+    """A file whose checksum does not match the one recorded for it."""
+
+
+class EnvironmentProblem(SaekitError, RuntimeError):
+    """The environment cannot do what was asked (no CUDA in this torch, a missing extra)."""
+
+
+class LockedError(SaekitError, RuntimeError):
+    """Another live process holds the run or cache directory."""
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "EnvironmentProblem",
+    "FormatError",
+    "IntegrityError",
+    "LockedError",
+    "SaekitError",
+]

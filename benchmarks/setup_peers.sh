@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create benchmarks/.peers: a separate venv with the peer libraries (sae-lens, eai-sparsify)
+# Create benchmarks/.peers: a separate venv with the peer libraries (sae-lens, eai-sparsify, dictionary-learning)
 # for benchmarks/bench_step.py. torch stays pinned to the project's CPU build through
 # constraints.txt; torchvision (pulled by some peers) is removed because it breaks
 # `import transformers` against this torch.
@@ -13,14 +13,14 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -c "$root/constraints.txt" "torch==2.13.0"
-"$venv/bin/python" -m pip install -c "$root/constraints.txt" sae-lens eai-sparsify
+"$venv/bin/python" -m pip install -c "$root/constraints.txt" sae-lens eai-sparsify dictionary-learning
 if "$venv/bin/python" -m pip show torchvision >/dev/null 2>&1; then
   "$venv/bin/python" -m pip uninstall -y torchvision
 fi
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch
-for name in ("sae-lens", "eai-sparsify", "transformers"):
+for name in ("sae-lens", "eai-sparsify", "dictionary-learning", "transformers"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:

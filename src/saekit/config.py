@@ -107,6 +107,22 @@ class DataConfig:
     dtype: str = _f("float32", "model dtype")
 
 
+@dataclass
+class DistConfig:
+    """How a run launched by torchrun splits its work (ignored in one process)."""
+
+    strategy: str = _f(
+        "ddp",
+        "under torchrun: ddp (data parallel), layers (each rank trains some of the SAEs) or"
+        " latents (each SAE's latents split over the ranks)",
+    )
+    dist_backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo)")
+    dist_timeout: float = _f(600.0, "seconds a rank waits for the others before stopping")
+    latent_shards: int = _f(
+        0, "latents: ranks one SAE is split over (0: all; a divisor: data x latents)"
+    )
+
+
 C = TypeVar("C")
 
 

@@ -10,6 +10,10 @@ activation stream (sweeps, several layers), each starting from ``"sae"`` and the
 The command's defaults are the config defaults except ``total_tokens`` (300,000) and
 ``batch_size`` (1,024): a demo that trains in a few minutes on 2 CPU cores (MiniLM layer 3,
 built-in pydoc text, TopK k=32, 3072 latents; FVE about 0.8).
+
+Several processes: ``torchrun --standalone --nproc_per_node N -m saekit train ... --strategy
+ddp|layers|latents`` (DistConfig flags; ``--batch-size`` stays the global batch). Only rank 0
+prints, logs and writes the run directory.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import importlib.util
 import time
 
 from saekit.cli import add_dataclass_args, dataclass_from_args
-from saekit.config import DataConfig, SAEConfig, TrainConfig, from_dict, load_json
+from saekit.config import DataConfig, DistConfig, SAEConfig, TrainConfig, from_dict, load_json
 
 DATA_SKIP = ("device", "dtype")
 #: TrainConfig values of the command that differ from the library defaults (a quick demo)
@@ -71,6 +75,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, TrainConfig)
     add_dataclass_args(p, DataConfig, skip=DATA_SKIP)
     _add_model_device_args(p)
+    add_dataclass_args(p, DistConfig)
     for action in p._actions:
         if action.dest in CLI_TRAIN_DEFAULTS and action.help:
             head = action.help.rsplit(" (default:", 1)[0]
@@ -132,23 +137,33 @@ def _site(name: str, site: str | None, sites: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from saekit.distributed.launch import from_env, rank_device
     from saekit.sources import build_source
     from saekit.train import train
 
     sae_cfgs, train_cfg, data_cfg = load_configs(args)
+    dist_cfg = dataclass_from_args(DistConfig, args)
     t0 = time.perf_counter()
-    source = build_source(data_cfg, train_cfg.seed)
-    if getattr(args, "prefetch", 0) > 0:
-        from saekit.sources.prefetch import PrefetchSource
-
-        source = PrefetchSource(source, train_cfg.batch_size, depth=args.prefetch)
+    # under torchrun: join the process group; CUDA devices become cuda:LOCAL_RANK
+    strategy = from_env(dist_cfg, train_cfg.device)
+    train_cfg.device, data_cfg.device = rank_device(train_cfg.device), rank_device(data_cfg.device)
     try:
-        if isinstance(sae_cfgs, dict):
-            sites = list(source.sites)
-            sae_cfgs = {n: (_site(n, st, sites), c) for n, (st, c) in sae_cfgs.items()}
-        res = train(sae_cfgs, train_cfg, source, data_cfg)
+        source = build_source(data_cfg, train_cfg.seed)
+        if getattr(args, "prefetch", 0) > 0:
+            from saekit.sources.prefetch import PrefetchSource
+
+            source = PrefetchSource(source, train_cfg.batch_size, depth=args.prefetch)
+        try:
+            if isinstance(sae_cfgs, dict):
+                sites = list(source.sites)
+                sae_cfgs = {n: (_site(n, st, sites), c) for n, (st, c) in sae_cfgs.items()}
+            res = train(sae_cfgs, train_cfg, source, data_cfg, strategy=strategy)
+        finally:
+            source.close()
     finally:
-        source.close()
+        strategy.close()
+    if not strategy.is_writer:
+        return 0
     wall = time.perf_counter() - t0
     state = "finished" if res.completed else "stopped early (resume by re-running)"
     print(f"{state}: {res.steps} steps, {res.tokens:,} tokens in {wall:.0f} s")

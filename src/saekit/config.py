@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from saekit.errors import ConfigError, FormatError, MissingFileError
+
 T = TypeVar("T")
 
 
@@ -51,10 +53,10 @@ class SAEConfig:
         cfg = dataclasses.replace(self, rule_options=dict(self.rule_options))
         if d_in is not None:
             if cfg.d_in and cfg.d_in != d_in:
-                raise ValueError(f"SAEConfig.d_in={cfg.d_in} but the data has width {d_in}")
+                raise ConfigError(f"SAEConfig.d_in={cfg.d_in} but the data has width {d_in}")
             cfg.d_in = d_in
         if cfg.d_in <= 0:
-            raise ValueError("SAEConfig.d_in must be positive (or given by the data)")
+            raise ConfigError("SAEConfig.d_in must be positive (or given by the data)")
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
         return cfg
@@ -120,15 +122,15 @@ def from_dict(cls: type[C], data: dict) -> C:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**data)
 
 
 def load_json(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+        raise MissingFileError(f"config file not found: {p}")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from e
+        raise FormatError(f"{p} is not valid JSON: {e}") from e

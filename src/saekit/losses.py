@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
+from saekit.errors import ConfigError
 
 
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -25,7 +26,7 @@ def recon_loss(kind: str, x_hat: Tensor, x: Tensor) -> Tensor:
         return mse(x_hat, x)
     if kind == "nmse":
         return nmse(x_hat, x)
-    raise ValueError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
+    raise ConfigError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
 
 
 def aux_k_loss(

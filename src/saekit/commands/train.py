@@ -21,6 +21,7 @@ import time
 
 from saekit.cli import add_dataclass_args, dataclass_from_args
 from saekit.config import DataConfig, SAEConfig, TrainConfig, from_dict, load_json
+from saekit.errors import ConfigError
 
 DATA_SKIP = ("device", "dtype")
 #: TrainConfig values of the command that differ from the library defaults (a quick demo)
@@ -80,7 +81,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _section(cfg: dict, key: str) -> dict:
     v = cfg.get(key, {})
     if not isinstance(v, dict):
-        raise ValueError(f"config section {key!r} must be a JSON object")
+        raise ConfigError(f"config section {key!r} must be a JSON object")
     return v
 
 
@@ -90,10 +91,12 @@ def load_configs(
     """The SAE config(s), TrainConfig and DataConfig from ``--config`` and the flags."""
     base = load_json(args.config) if getattr(args, "config", None) else {}
     if not isinstance(base, dict):
-        raise ValueError(f"{args.config}: expected a JSON object")
+        raise ConfigError(f"{args.config}: expected a JSON object")
     unknown = sorted(set(base) - {"sae", "saes", "train", "data"})
     if unknown:
-        raise ValueError(f"{args.config}: unknown section(s) {unknown}; use sae, saes, train, data")
+        raise ConfigError(
+            f"{args.config}: unknown section(s) {unknown}; use sae, saes, train, data"
+        )
     data_cfg = _data_config(args, _section(base, "data"))
     train_base = {**CLI_TRAIN_DEFAULTS, **_section(base, "train")}
     train_cfg = dataclass_from_args(TrainConfig, args, base=train_base)
@@ -105,7 +108,7 @@ def load_configs(
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAEConfig)}
     for name, spec in saes.items():
         if not isinstance(spec, dict):
-            raise ValueError(f"saes.{name} must be a JSON object")
+            raise ConfigError(f"saes.{name} must be a JSON object")
         spec = dict(spec)
         site = spec.pop("site", None)  # None: the source's only site
         merged = {**dataclasses.asdict(sae_cfg), **spec}
@@ -127,7 +130,7 @@ def _site(name: str, site: str | None, sites: list[str]) -> str:
     if site is not None:
         return site
     if len(sites) != 1:
-        raise ValueError(f"saes.{name} needs a 'site': the source has several {sites}")
+        raise ConfigError(f"saes.{name} needs a 'site': the source has several {sites}")
     return sites[0]
 
 
@@ -166,7 +169,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
     base = load_json(args.config) if args.config else {}
     if not isinstance(base, dict):
-        raise ValueError(f"{args.config}: expected a JSON object")
+        raise ConfigError(f"{args.config}: expected a JSON object")
     data_cfg = _data_config(args, _section(base, "data"))
     out = write_cache(
         data_cfg,

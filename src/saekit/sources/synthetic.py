@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
 from saekit.sources.base import ActivationSource, Batch
 
 SITE = "synthetic"
@@ -82,7 +83,7 @@ class SyntheticConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown synthetic option(s): {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(names))}"
             )
@@ -96,20 +97,20 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         if self.n_features < 1 or self.d < 1:
-            raise ValueError("n_features and d must be positive")
+            raise ConfigError("n_features and d must be positive")
         if not 0 < self.p_min <= self.p_max <= 1:
-            raise ValueError(f"need 0 < p_min <= p_max <= 1, got {self.p_min}, {self.p_max}")
+            raise ConfigError(f"need 0 < p_min <= p_max <= 1, got {self.p_min}, {self.p_max}")
         if self.n_hierarchy() > self.n_features:
             per_root = self.n_hierarchy() // self.n_roots
-            raise ValueError(
+            raise ConfigError(
                 f"the hierarchy needs {self.n_hierarchy()} features but n_features="
                 f"{self.n_features}: set n_roots <= {self.n_features // per_root} (each root"
                 f" brings {per_root} features), or n_roots=0 for no hierarchy"
             )
         if not 0 <= self.signed_frac <= 1:
-            raise ValueError(f"signed_frac must be in [0, 1], got {self.signed_frac}")
+            raise ConfigError(f"signed_frac must be in [0, 1], got {self.signed_frac}")
         if self.corr_rank < 0 or self.block_size < 1:
-            raise ValueError("corr_rank must be >= 0 and block_size >= 1")
+            raise ConfigError("corr_rank must be >= 0 and block_size >= 1")
 
 
 def _normal_icdf(p: Tensor) -> Tensor:
@@ -198,7 +199,7 @@ class SyntheticSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         if site != SITE:
-            raise ValueError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
+            raise ConfigError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
         return self.cfg.d
 
     # ------------------------------------------------------------- sampling
@@ -247,7 +248,7 @@ class SyntheticSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         bs = self.cfg.block_size
         xs, cs = [], []
         end = self.pos + batch_size
@@ -269,9 +270,9 @@ class SyntheticSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "synthetic":
-            raise ValueError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
         if int(state["stream_seed"]) != self.stream_seed:
-            raise ValueError(
+            raise ConfigError(
                 f"state has stream_seed {state['stream_seed']}, this source {self.stream_seed}"
             )
         self.pos = int(state["pos"])

@@ -105,6 +105,7 @@ class DataConfig:
     cache_dir: str = _f("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = _f({}, "synthetic source options (see saekit.sources.synthetic)")
     with_grad: bool = _f(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    verify: bool = _f(True, "check the SHA-256 of each cache file on opening (false: sizes only)")
     device: str = _f("cpu", "device of the model")
     dtype: str = _f("float32", "model dtype")
 
@@ -131,6 +132,6 @@ def load_json(path: str | Path) -> dict:
     if not p.is_file():
         raise MissingFileError(f"config file not found: {p}")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{p} is not valid JSON: {e}") from e

@@ -101,7 +101,7 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
     section = cfg["saekit"]
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
         raise ValueError(f"{run_dir / CFG_FILE}: the 'saekit' section has no 'sae' config")
-    sae_cfg = from_dict(SAEConfig, section["sae"])
+    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{run_dir / CFG_FILE} saekit.sae")
     if k is not None:
         sae_cfg.k = k
     with torch.random.fork_rng(devices=[]):

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors (:class:`~saekit.errors.SaekitError`, and OSErrors that
+    mean a full disk, a read-only filesystem or a missing permission) print one line
+    ``saekit CMD: error: ...`` and return 1; every other exception keeps its traceback."""
+    from saekit.errors import SaekitError
+    from saekit.io.paths import path_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -187,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except SaekitError as e:
         print(f"saekit {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        err = path_error(e, only_env=True)
+        if err is None:
+            raise
+        print(f"saekit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"saekit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

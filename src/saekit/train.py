@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
 from saekit.io.atomic import write_bytes
 from saekit.io.native import save_sae
+from saekit.io.paths import check_writable_dir, user_path
 from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
@@ -44,10 +45,6 @@ from saekit.sources.base import ActivationSource, Batch
 #: fields as ``resumable=True``)
 RESUMABLE_TRAIN_FIELDS = fields_where(TrainConfig, "resumable")
 RESUMABLE_DATA_FIELDS = fields_where(DataConfig, "resumable")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite activations, loss or gradients)."""
 
 
 @dataclass
@@ -66,7 +63,7 @@ class TrainResult:
     def sae(self) -> SAE:
         """The SAE, when only one was trained."""
         if len(self.saes) != 1:
-            raise ValueError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
+            raise ConfigError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
         return next(iter(self.saes.values()))
 
 
@@ -117,7 +114,7 @@ def plan_saes(
     if isinstance(sae_cfgs, SAEConfig):
         return {s: (s, sae_cfgs) for s in sites}
     if not isinstance(sae_cfgs, dict) or not sae_cfgs:
-        raise ValueError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
+        raise ConfigError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
     plan: dict[str, tuple[str, SAEConfig]] = {}
     for name, v in sae_cfgs.items():
         if isinstance(v, SAEConfig):
@@ -125,9 +122,9 @@ def plan_saes(
         elif isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[1], SAEConfig):
             site, cfg = v
         else:
-            raise ValueError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
+            raise ConfigError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
         if site not in sites:
-            raise ValueError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
+            raise ConfigError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
         plan[name] = (site, cfg)
     return plan
 
@@ -185,7 +182,7 @@ class Trainer:
         if sae is None:
             sae = SAE(cfg.resolved(d_in))
         elif sae.d_in != d_in:
-            raise ValueError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
+            raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
@@ -382,8 +379,8 @@ class Trainer:
         return rows
 
     def _write_metrics(self, rows: list[dict]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        path = self.out_dir / "metrics.jsonl"
+        with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
@@ -392,6 +389,7 @@ class Trainer:
         """Train to the end (or ``stop_after_steps``) and save the final SAE(s)."""
         from tqdm.auto import tqdm
 
+        check_writable_dir(self.out_dir, "out_dir")
         self.maybe_resume()
         c = self.cfg
         completed = True

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, device_problem
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
 from saekit.options import Options, from_dict, option
@@ -229,7 +230,7 @@ def evaluate_run(
     sae.train(False)
     info = run_info(run_dir)
     if not isinstance(info.get("data"), dict):
-        raise ValueError(
+        raise FormatError(
             f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
         )
     data_cfg = from_dict(DataConfig, info["data"])
@@ -238,7 +239,7 @@ def evaluate_run(
     if site not in src.source.sites:
         site = src.source.sites[0]
     if src.source.d_in(site) != sae.d_in:
-        raise ValueError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+        raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
     G = getattr(src.source, "dictionary", None)
     parent = getattr(src.source, "parent", None)
     gt = (
@@ -262,7 +263,7 @@ def evaluate_run(
         if n_buf >= fit_tokens:
             break
     if not buffered:
-        raise ValueError(f"the evaluation source yielded no tokens for site {site!r}")
+        raise DataError(f"the evaluation source yielded no tokens for site {site!r}")
     with torch.no_grad():
         l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
     evals = {"sae": _Evaluator(sae, cfg, gt, full=True)}
@@ -329,7 +330,7 @@ def evaluate_run(
     # ---- sparse probing
     if cfg.probe_data:
         if src.kind != "hf":
-            raise ValueError("sparse probing needs a run on an HF model (source 'hf')")
+            raise ConfigError("sparse probing needs a run on an HF model (source 'hf')")
         from saekit.evaluate.probing import probe_run
 
         result["sae"]["probing"] = probe_run(
@@ -372,7 +373,7 @@ def load_eval(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     p = p if p.suffix == ".json" else p / "eval.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: run `saekit eval {p.parent}` first")
+        raise MissingFileError(f"{p} not found: run `saekit eval {p.parent}` first")
     return json.loads(p.read_text())
 
 
@@ -384,7 +385,7 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Table of several runs (evaluating those without ``eval.json``) + frontier PNGs."""
     if not run_dirs:
-        raise ValueError("compare needs at least one run directory")
+        raise ConfigError("compare needs at least one run directory")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, names = [], []
@@ -392,7 +393,7 @@ def compare_runs(
         p = Path(rd)
         if not (p / "eval.json").is_file():
             if not evaluate_missing:
-                raise FileNotFoundError(f"{p / 'eval.json'} not found")
+                raise MissingFileError(f"{p / 'eval.json'} not found")
             evaluate_run(p, cfg=cfg)
         results.append(load_eval(p))
         names.append(p.name or str(p))

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
 from saekit.options import Options, fail, from_dict, option, validate
 from saekit.sources.base import ActivationSource, Batch
 
@@ -197,7 +198,7 @@ class SyntheticSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         if site != SITE:
-            raise ValueError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
+            raise ConfigError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
         return self.cfg.d
 
     # ------------------------------------------------------------- sampling
@@ -246,7 +247,7 @@ class SyntheticSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         bs = self.cfg.block_size
         xs, cs = [], []
         end = self.pos + batch_size
@@ -268,9 +269,9 @@ class SyntheticSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "synthetic":
-            raise ValueError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
         if int(state["stream_seed"]) != self.stream_seed:
-            raise ValueError(
+            raise ConfigError(
                 f"state has stream_seed {state['stream_seed']}, this source {self.stream_seed}"
             )
         self.pos = int(state["pos"])

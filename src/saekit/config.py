@@ -79,7 +79,9 @@ class TrainConfig:
     checkpoint_every: int = _f(200, "steps between checkpoints (0: only at the end)")
     device: str = _f("cpu", "torch device")
     dtype: str = _f("float32", "parameter dtype")
-    autocast: str = _f("none", "autocast dtype for the forward: none or bfloat16")
+    autocast: str = _f(
+        "auto", "SAE forward autocast: auto (bfloat16 on CUDA, none on CPU), none, bfloat16"
+    )
     threads: int = _f(0, "torch CPU threads (0: torch default)")
     progress: bool = _f(True, "show a tqdm progress bar")
     resume: bool = _f(True, "resume from out_dir/checkpoint when it exists")

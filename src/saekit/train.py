@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.io import checkpoint as ckpt
 from saekit.io.atomic import write_bytes
 from saekit.io.native import save_sae
@@ -161,8 +162,6 @@ class Trainer:
                 f"need 0 < batch_size <= total_tokens, got batch_size={train_cfg.batch_size},"
                 f" total_tokens={train_cfg.total_tokens}"
             )
-        if train_cfg.autocast not in ("none", "bfloat16"):
-            raise ValueError(f"autocast must be none or bfloat16, got {train_cfg.autocast!r}")
         self.out_dir = Path(train_cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoint"
         self.total_steps = train_cfg.total_tokens // train_cfg.batch_size
@@ -174,7 +173,8 @@ class Trainer:
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
-        self.device = torch.device(train_cfg.device)
+        self.device = resolve_device(train_cfg.device)
+        self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
         self.dtype = getattr(torch, train_cfg.dtype, None)
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"unknown dtype {train_cfg.dtype!r}")
@@ -310,9 +310,7 @@ class Trainer:
         return f"last good checkpoint: {self.ckpt_dir} (step {self.last_ckpt_step})"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.autocast == "bfloat16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.autocast_dtype, self.device)
 
     def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
         with self._autocast():

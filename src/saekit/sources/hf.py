@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DataConfig
+from saekit.device import resolve_device
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
 from saekit.sources.text import check_dataset, iter_texts
@@ -95,6 +96,7 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
+    device = str(resolve_device(device, "--model-device"))
     if isinstance(name_or_path, nn.Module):
         model = name_or_path.to(device=device, dtype=torch_dtype)
         if tokenizer is None:

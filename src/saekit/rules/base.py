@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit.distributed.comm import LOCAL, Comm
+
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
     from saekit.sae import SAE, SAEOutput
@@ -54,6 +56,8 @@ class Context:
     x_in: Tensor  # encoder input: x - b_dec or x
     grad: Tensor | None = None  # dLoss/dx in the same space [B, d_in] (gtopk)
     step: int = 0
+    #: batch-global reductions and cross-shard selections (saekit.distributed.comm)
+    comm: Comm = LOCAL
 
 
 #: rule_options keys read by shared components rather than by the rule (e.g. the aux-zipf
@@ -76,6 +80,9 @@ class Rule(nn.Module):
     uses_aux: ClassVar[bool] = True
     #: SAELens architecture name for export, and whether a threshold tensor goes with it
     saelens_architecture: ClassVar[str] = "topk"
+    #: selection, activation and loss terms are exact when latents are sharded across ranks
+    #: (they reach other latents only through ``ctx.comm``)
+    latent_shardable: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit import kernels
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import threshold_selection
 
@@ -110,11 +109,11 @@ class FeatureChoice(Rule):
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if not ctx.training:
             return threshold_selection(pre, self.inference_threshold())
-        B, F = pre.shape
-        m = self.capacities(B, ctx.sae.fire_freq)
-        # column top-m_i without a [B, F] mask (kernels.capacity_selection, tested against
-        # the plain column top-max(m) in tests/test_selection_speedpaths.py)
-        idx, mask, counts, low = kernels.capacity_selection(torch.relu(pre.detach()), m)
+        # capacities and column top-m_i over the global batch (ctx.comm); one rank: column
+        # top-m_i without a [B, F] mask (kernels.capacity_selection, tested against the
+        # plain column top-max(m) in tests/test_selection_speedpaths.py)
+        m = self.capacities(ctx.comm.n_tokens(pre.shape[0]), ctx.sae.fire_freq)
+        idx, mask, counts, low = ctx.comm.capacity_selection(torch.relu(pre.detach()), m)
         self._update_threshold(low)
         sel = Selection(indices=idx, mask=mask, extras={"counts": counts})
         sel.extras["capacity"] = m

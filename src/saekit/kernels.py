@@ -263,6 +263,37 @@ def dense_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- selections
+#: elements of the temporary of :func:`masked_row_topk` (rows per chunk = this / columns)
+MASKED_TOPK_ELEMENTS = 1 << 22
+
+
+def masked_row_topk(pre: Tensor, allowed: Tensor, k: int, absolute: bool = False) -> Tensor:
+    """Indices ``[B, k]`` of each row's ``k`` largest entries of ``pre [B, F]`` (of ``|pre|``
+    when ``absolute``) among the columns where ``allowed [F]`` is True (``k`` <= their number).
+
+    Equals ``where(allowed, score, -inf).topk(k)`` up to ties without that ``[B, F]`` score:
+    the allowed columns are gathered in row chunks of at most :data:`MASKED_TOPK_ELEMENTS`
+    elements (no copy at all when every column is allowed and ``absolute`` is False).
+    """
+    B, F = pre.shape
+    cols = allowed.nonzero(as_tuple=True)[0]
+    n = cols.numel()
+    if k > n:
+        raise ValueError(f"k={k} but only {n} columns are allowed")
+    every = n == F
+    if every and not absolute:
+        return pre.topk(k, dim=1, sorted=False).indices
+    out = torch.empty(B, k, dtype=torch.long, device=pre.device)
+    step = max(1, MASKED_TOPK_ELEMENTS // max(n, 1))
+    for s in range(0, B, step):
+        sub = pre[s : s + step].abs() if every else pre[s : s + step].index_select(1, cols)
+        if absolute and not every:
+            sub.abs_()
+        i = sub.topk(k, dim=1, sorted=False).indices
+        out[s : s + step] = i if every else cols[i]
+    return out
+
+
 #: per-row candidates of :func:`global_topk`, as a multiple of the mean budget per row
 GLOBAL_TOPK_CANDIDATES = 2.0
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
 
 
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -38,7 +39,7 @@ def recon_loss(kind: str, x_hat: Tensor, x: Tensor, comm: Comm = LOCAL) -> Tenso
         return mse(x_hat, x)
     if kind == "nmse":
         return nmse(x_hat, x, comm)
-    raise ValueError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
+    raise ConfigError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
 
 
 def aux_k_loss(

@@ -142,7 +142,9 @@ def fit_rule(
 
 
 def _l1_kwargs() -> dict[str, Any]:
-    import sklearn
+    from saekit.extras import require
+
+    sklearn = require("sklearn", "saekit classify")
 
     major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
@@ -181,6 +183,9 @@ def fit_classifiers(
     pool: str = "max",
 ) -> ClassifyResult:
     """Split, rank features on the train part, fit the rule and the probe, score held-out."""
+    from saekit.extras import require
+
+    require("sklearn", "saekit classify")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler

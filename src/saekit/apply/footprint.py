@@ -82,8 +82,9 @@ def redundancy_matrix(footprints: list[np.ndarray]) -> np.ndarray:
 
 def plot_redundancy(R: np.ndarray, names: list[str], path: str | Path) -> Path:
     """Heatmap PNG of the redundancy matrix (rows: A, columns: B)."""
-    import matplotlib
+    from saekit.extras import require
 
+    matplotlib = require("matplotlib", "the footprint heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -33,27 +33,21 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
+from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
 
-#: TrainConfig fields that may change between a checkpoint and its resumption
-RESUMABLE_TRAIN_FIELDS = (
-    "out_dir",
-    "progress",
-    "threads",
-    "resume",
-    "stop_after_steps",
-    "checkpoint_every",
-    "log_every",
-    "device",
-)
-RESUMABLE_DATA_FIELDS = ("device", "model_batch_size", "verify")
+#: config fields that may change between a checkpoint and its resumption (declared on the
+#: fields as ``resumable=True``)
+RESUMABLE_TRAIN_FIELDS = fields_where(TrainConfig, "resumable")
+RESUMABLE_DATA_FIELDS = fields_where(DataConfig, "resumable")
 
 
 @dataclass
@@ -154,16 +148,15 @@ class Trainer:
         data_cfg: DataConfig | None = None,
         saes: dict[str, SAE] | None = None,
     ) -> None:
+        if not isinstance(train_cfg, TrainConfig):
+            raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
         if data_cfg is not None and not isinstance(data_cfg, DataConfig):
             raise ConfigError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+        # fields are checked on assignment; this also sees in-place edits of lists / dicts
+        validate(train_cfg)
+        if data_cfg is not None:
+            validate(data_cfg)
         self.cfg, self.source, self.data_cfg = train_cfg, source, data_cfg
-        if train_cfg.batch_size <= 0 or train_cfg.total_tokens < train_cfg.batch_size:
-            raise ConfigError(
-                f"need 0 < batch_size <= total_tokens, got batch_size={train_cfg.batch_size},"
-                f" total_tokens={train_cfg.total_tokens}"
-            )
-        if train_cfg.autocast not in ("none", "bfloat16"):
-            raise ConfigError(f"autocast must be none or bfloat16, got {train_cfg.autocast!r}")
         self.out_dir = Path(train_cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoint"
         self.total_steps = train_cfg.total_tokens // train_cfg.batch_size
@@ -176,10 +169,9 @@ class Trainer:
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
-        self.device = torch.device(train_cfg.device)
-        self.dtype = getattr(torch, train_cfg.dtype, None)
-        if not isinstance(self.dtype, torch.dtype):
-            raise ConfigError(f"unknown dtype {train_cfg.dtype!r}")
+        self.device = resolve_device(train_cfg.device)
+        self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
+        self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         given = saes or {}
         self.slots = [self._make_slot(n, s, c, given.get(n)) for n, (s, c) in self.plan.items()]
@@ -316,9 +308,7 @@ class Trainer:
         return f"last good checkpoint: {self.ckpt_dir} (step {self.last_ckpt_step})"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.autocast == "bfloat16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.autocast_dtype, self.device)
 
     def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
         with self._autocast():

@@ -31,37 +31,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.config import DataConfig, from_dict
+from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
 from saekit.io.paths import check_writable_dir
+from saekit.options import Options, from_dict, option
 from saekit.sources.base import ActivationSource, Batch
 
 EVAL_STREAM_OFFSET = 1_000_003
 
 
-def _h(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """What ``saekit eval`` measures and on how many tokens."""
 
-    tokens: int = _h(65_536, "eval tokens for the core / AFA / ground-truth / ablation metrics")
-    batch_size: int = _h(1024, "tokens per SAE batch")
-    splice_tokens: int = _h(8192, "real tokens for spliced CE / KL (decoder LMs only)")
-    splice_batch_size: int = _h(0, "sequences per spliced forward (0: the run's model batch)")
-    pca_fit_tokens: int = _h(16_384, "first eval tokens used to fit the PCA baseline")
-    baselines: bool = _h(True, "also evaluate the random-decoder SAE and PCA baselines")
-    plots: bool = _h(True, "write PNG plots")
-    probe_data: str = _h("", "labelled JSONL (text, label) for sparse probing ('' : skip)")
-    eval_split: str = _h("", "HF dataset split for evaluation ('' : the training split)")
-    afa_center: bool = _h(False, "AFA with z = x - b_dec and no bias atom (paper: False)")
-    dense_threshold: float = _h(0.1, "a latent is dense when its density exceeds this")
-    seed: int = _h(0, "seed of the evaluation stream and the random baseline")
-    device: str = _h("cpu", "device of the SAE during evaluation")
+    tokens: int = option(
+        65_536, "eval tokens for the core / AFA / ground-truth / ablation metrics", ge=1
+    )
+    batch_size: int = option(1024, "tokens per SAE batch", ge=1)
+    splice_tokens: int = option(
+        8192, "real tokens for spliced CE / KL (decoder LMs only; 0: skip)", ge=0
+    )
+    splice_batch_size: int = option(
+        0, "sequences per spliced forward (0: the run's model batch)", ge=0
+    )
+    pca_fit_tokens: int = option(16_384, "first eval tokens used to fit the PCA baseline", ge=1)
+    baselines: bool = option(True, "also evaluate the random-decoder SAE and PCA baselines")
+    plots: bool = option(True, "write PNG plots")
+    probe_data: str = option("", "labelled JSONL (text, label) for sparse probing ('' : skip)")
+    eval_split: str = option("", "HF dataset split for evaluation ('' : the training split)")
+    afa_center: bool = option(False, "AFA with z = x - b_dec and no bias atom (paper: False)")
+    dense_threshold: float = option(
+        0.1, "a latent is dense when its density exceeds this", ge=0, le=1
+    )
+    seed: int = option(0, "seed of the evaluation stream and the random baseline", ge=0)
+    device: str = option("cpu", "device of the SAE during evaluation", check=device_problem)
 
 
 @dataclass
@@ -223,8 +228,6 @@ def evaluate_run(
         cfg.tokens = n_tokens
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
-    if cfg.tokens < 1:
-        raise ConfigError(f"tokens must be positive, got {cfg.tokens}")
     run_dir = Path(run_dir)
     default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
     out = Path(out_dir) if out_dir is not None else default_out

@@ -124,10 +124,7 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
     where = run_dir / CFG_FILE
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
         raise FormatError(f"{where}: the 'saekit' section has no 'sae' config")
-    try:
-        sae_cfg = from_dict(SAEConfig, section["sae"])
-    except (ConfigError, TypeError) as e:
-        raise FormatError(f"{where}: bad 'saekit.sae' config: {e}") from e
+    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{where} saekit.sae")
     if k is not None:
         sae_cfg.k = k
     try:

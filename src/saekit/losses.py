@@ -11,6 +11,7 @@ from torch import Tensor
 
 from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
 
 
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -38,7 +39,7 @@ def recon_loss(kind: str, x_hat: Tensor, x: Tensor, comm: Comm = LOCAL) -> Tenso
         return mse(x_hat, x)
     if kind == "nmse":
         return nmse(x_hat, x, comm)
-    raise ValueError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
+    raise ConfigError(f"unknown recon_loss {kind!r}; use mse, nmse or auto")
 
 
 def aux_k_loss(
@@ -66,9 +67,12 @@ def aux_k_loss(
     if n == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n)
-    score = pre.abs() if signed else pre
-    score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
-    idx, mask = comm.topk(score, k)
+    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+    else:
+        score = pre.abs() if signed else pre
+        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        idx, mask = comm.topk(score, k)
     vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
     if not signed:
         vals = torch.relu(vals)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from saekit import kernels, losses
 from saekit.config import SAEConfig
 from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError, DataError
 from saekit.rules import Context, Selection, build_rule
 
 
@@ -110,7 +111,7 @@ class SAE(nn.Module):
         self.rule = build_rule(cfg)
         recon = cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
         if recon not in ("mse", "nmse"):
-            raise ValueError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
+            raise ConfigError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
         self.recon_kind = recon
         #: keep the dense pre-activations of the sparse training path in one buffer reused
         #: by the next forward pass (no fresh [N, d_sae] allocation and page faults per step,
@@ -133,7 +134,7 @@ class SAE(nn.Module):
 
     def _flat(self, x: Tensor, name: str = "x") -> Tensor:
         if x.shape[-1] != self.d_in:
-            raise ValueError(
+            raise DataError(
                 f"{name} has width {x.shape[-1]} but this SAE expects d_in={self.d_in}"
                 f" (shape {tuple(x.shape)})"
             )
@@ -275,7 +276,7 @@ class SAE(nn.Module):
         try:
             fn = aux_registry[self.cfg.aux]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown aux loss {self.cfg.aux!r}; known: auxk, none, {', '.join(aux_registry)}"
             ) from None
         return fn(self)
@@ -349,7 +350,7 @@ class SAE(nn.Module):
         elif how == "mean":
             self.b_dec.copy_(xn.mean(0))
         elif how != "zeros":
-            raise ValueError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
+            raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
         # rescale the encoder so that reconstructions start with roughly the input's norm
         was = self.training
         self.train(False)

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,31 +33,23 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
-from saekit.errors import DistributedError
+from saekit.errors import ConfigError, DistributedError, TrainingError
 from saekit.io import checkpoint as ckpt
-from saekit.io.atomic import write_bytes
+from saekit.io import metrics_log, rundir
+from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
+from saekit.io.paths import check_writable_dir, user_path
+from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
 
-#: TrainConfig fields that may change between a checkpoint and its resumption
-RESUMABLE_TRAIN_FIELDS = (
-    "out_dir",
-    "progress",
-    "threads",
-    "resume",
-    "stop_after_steps",
-    "checkpoint_every",
-    "log_every",
-    "device",
-)
-RESUMABLE_DATA_FIELDS = ("device", "model_batch_size")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite activations, loss or gradients)."""
+#: config fields that may change between a checkpoint and its resumption (declared on the
+#: fields as ``resumable=True``)
+RESUMABLE_TRAIN_FIELDS = fields_where(TrainConfig, "resumable")
+RESUMABLE_DATA_FIELDS = fields_where(DataConfig, "resumable")
 
 
 @dataclass
@@ -70,12 +63,13 @@ class TrainResult:
     tokens: int
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     completed: bool = True  # False when stopped by stop_after_steps or an exhausted source
+    already_finished: bool = False  # True when out_dir held this finished run: nothing redone
 
     @property
     def sae(self) -> SAE:
         """The SAE, when only one was trained."""
         if len(self.saes) != 1:
-            raise ValueError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
+            raise ConfigError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
         return next(iter(self.saes.values()))
 
 
@@ -128,7 +122,7 @@ def plan_saes(
     if isinstance(sae_cfgs, SAEConfig):
         return {s: (s, sae_cfgs) for s in sites}
     if not isinstance(sae_cfgs, dict) or not sae_cfgs:
-        raise ValueError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
+        raise ConfigError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
     plan: dict[str, tuple[str, SAEConfig]] = {}
     for name, v in sae_cfgs.items():
         if isinstance(v, SAEConfig):
@@ -136,9 +130,9 @@ def plan_saes(
         elif isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[1], SAEConfig):
             site, cfg = v
         else:
-            raise ValueError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
+            raise ConfigError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
         if site not in sites:
-            raise ValueError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
+            raise ConfigError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
         plan[name] = (site, cfg)
     return plan
 
@@ -159,16 +153,15 @@ class Trainer:
         saes: dict[str, SAE] | None = None,
         strategy: Strategy | None = None,
     ) -> None:
+        if not isinstance(train_cfg, TrainConfig):
+            raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
         if data_cfg is not None and not isinstance(data_cfg, DataConfig):
-            raise ValueError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+            raise ConfigError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+        # fields are checked on assignment; this also sees in-place edits of lists / dicts
+        validate(train_cfg)
+        if data_cfg is not None:
+            validate(data_cfg)
         self.cfg, self.source, self.data_cfg = train_cfg, source, data_cfg
-        if train_cfg.batch_size <= 0 or train_cfg.total_tokens < train_cfg.batch_size:
-            raise ValueError(
-                f"need 0 < batch_size <= total_tokens, got batch_size={train_cfg.batch_size},"
-                f" total_tokens={train_cfg.total_tokens}"
-            )
-        if train_cfg.autocast not in ("none", "bfloat16"):
-            raise ValueError(f"autocast must be none or bfloat16, got {train_cfg.autocast!r}")
         self.out_dir = Path(train_cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoint"
         self.total_steps = train_cfg.total_tokens // train_cfg.batch_size
@@ -177,13 +170,13 @@ class Trainer:
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.cur_factor = 1.0
+        self.finished = False  # out_dir held this run, finished: nothing to do
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
-        self.device = torch.device(train_cfg.device)
-        self.dtype = getattr(torch, train_cfg.dtype, None)
-        if not isinstance(self.dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {train_cfg.dtype!r}")
+        self.device = resolve_device(train_cfg.device)
+        self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
+        self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         self.strategy = st = strategy or Strategy()
         st.validate(train_cfg.batch_size, len(self.plan))
@@ -278,6 +271,7 @@ class Trainer:
             "rng": ckpt.encode(ranks[0]["rng"], misc, "rng"),
             "source": ckpt.encode(ranks[0]["source"], misc, "src"),
             "dist": self.strategy.describe(),
+            "last_metrics": self.last_metrics,
         }
         if len(ranks) > 1:  # the other ranks' RNG and data positions
             meta["ranks"] = [ckpt.encode(r, misc, f"rank{q}") for q, r in enumerate(ranks[1:], 1)]
@@ -287,10 +281,10 @@ class Trainer:
     def maybe_resume(self) -> bool:
         """Load ``out_dir/checkpoint`` when resuming and it exists; True if loaded.
 
-        The writer reads it and sends every rank its part (strategy.split_slots).
+        A checkpoint at the last step loads only the SAEs (there is nothing left to train);
+        when the final files are there too the run is ``finished``. The writer reads the
+        checkpoint and sends every rank its part (``strategy.split_slots``).
         """
-        if not self.cfg.resume:
-            return False
         st = self.strategy
         loaded = st.root(self._read_checkpoint)
         packages = None
@@ -300,19 +294,30 @@ class Trainer:
         pkg = st.scatter(packages)
         if pkg is None:
             return False
+        self.step, self.tokens = pkg["step"], pkg["tokens"]
+        self.last_metrics = pkg["last_metrics"]
+        self.last_ckpt_step = self.step
+        self.finished = pkg["finished"]
+        more = self.step < self.total_steps
         for s in self.slots:
             sd, osd = pkg["slots"][s.index]
             s.sae.load_state_dict(sd)
-            s.opt.load_state_dict(osd)
-            _match_state_layout(s.opt)
-        self.source.load_state_dict(pkg["source"])
-        _set_rng_state(pkg["rng"], self.device)
-        self.step, self.tokens = pkg["step"], pkg["tokens"]
-        self.last_ckpt_step = self.step
+            if more:
+                s.opt.load_state_dict(osd)
+                _match_state_layout(s.opt)
+        if more:
+            self.source.load_state_dict(pkg["source"])
+            _set_rng_state(pkg["rng"], self.device)
         return True
 
-    def _read_checkpoint(self) -> tuple[dict, dict[int, SlotState], list[dict]] | None:
-        if not ckpt.checkpoint_exists(self.ckpt_dir):
+    def _read_checkpoint(self) -> tuple | None:
+        """On the writer: ``(meta, slots, ranks, finished)`` of the checkpoint, or None."""
+        for note in rundir.prepare(self.ckpt_dir, self.cfg.resume):
+            _note(note)
+        if not (self.cfg.resume and ckpt.checkpoint_exists(self.ckpt_dir)):
+            moved = metrics_log.set_aside(self.out_dir)
+            if moved is not None:
+                _note(f"starting afresh: the earlier metrics log is kept as {moved}")
             return None
         meta, files = ckpt.read_checkpoint(self.ckpt_dir)
         diff = ckpt.describe_diff(meta.get("configs"), json.loads(json.dumps(self.configs())))
@@ -321,44 +326,38 @@ class Trainer:
                 f"checkpoint {self.ckpt_dir} is from a run with other configs; use another"
                 f" out_dir or resume=false. Differences: {'; '.join(diff)}"
             )
-        saved = list(meta["names"])
-        slots = {}
-        for i, name in enumerate(self.plan):
-            j = saved.index(name)
-            slots[i] = (files[f"sae-{j}"], ckpt.decode(meta["optim"][name], files[f"optim-{j}"]))
-        misc = files["misc"]
-        first = {"rng": meta["rng"], "source": meta["source"]}
-        ranks = [ckpt.decode(first, misc)]
-        ranks += [ckpt.decode(r, misc) for r in meta.get("ranks", [])]
+        with rundir.checkpoint_fields(self.ckpt_dir):
+            saved = list(meta["names"])
+            slots: dict[int, SlotState] = {}
+            for i, name in enumerate(self.plan):
+                j = saved.index(name)
+                optim = ckpt.decode(meta["optim"][name], files[f"optim-{j}"])
+                slots[i] = (files[f"sae-{j}"], optim)
+            misc = files["misc"]
+            ranks = [ckpt.decode({"rng": meta["rng"], "source": meta["source"]}, misc)]
+            ranks += [ckpt.decode(r, misc) for r in meta.get("ranks", [])]
+            step = int(meta["step"])
+        if step >= self.total_steps:
+            run_dirs = [self._run_dir(n) for n in self.plan]
+            return meta, slots, ranks[:1] * self.strategy.world, rundir.is_finished(run_dirs, step)
         order = resume_ranks(meta.get("dist"), self.strategy.describe(), ranks, self.ckpt_dir)
-        self.step = int(meta["step"])
-        self._truncate_metrics()
-        return meta, slots, [ranks[q] for q in order]
+        bad = metrics_log.truncate(self.out_dir / metrics_log.FILE, step)
+        if bad:
+            _note(f"{self.out_dir / metrics_log.FILE}: skipped unreadable line(s) {bad[:5]}")
+        return meta, slots, [ranks[q] for q in order], False
 
-    def _package(self, loaded: tuple[dict, dict[int, SlotState], list[dict]], q: int) -> dict:
+    def _package(self, loaded: tuple, q: int) -> dict:
         """What rank ``q`` loads of a read checkpoint."""
-        meta, slots, ranks = loaded
+        meta, slots, ranks, finished = loaded
         return {
             "slots": self.strategy.split_slots(slots, q),
             "rng": ranks[q]["rng"],
             "source": ranks[q]["source"],
             "step": int(meta["step"]),
             "tokens": int(meta["tokens"]),
+            "last_metrics": dict(meta.get("last_metrics") or {}),
+            "finished": finished,
         }
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics lines written after the checkpoint we resume from."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    keep.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by the kill
-        write_bytes(path, "".join(keep).encode())
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, batch: Batch) -> None:
@@ -379,9 +378,7 @@ class Trainer:
         return f"last good checkpoint: {self.ckpt_dir} (step {self.last_ckpt_step})"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.autocast == "bfloat16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.autocast_dtype, self.device)
 
     def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
         with self._autocast():
@@ -474,21 +471,33 @@ class Trainer:
     def _write_metrics(self, rows: list[dict]) -> None:
         if not self.strategy.is_writer:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        path = self.out_dir / metrics_log.FILE
+        with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        """Train to the end (or ``stop_after_steps``) and save the final SAE(s)."""
-        with self.strategy.guard(self._last_good):
+        """Train to the end (or ``stop_after_steps``) and save the final SAE(s).
+
+        Holds ``out_dir``'s lock throughout (a second writer gets a LockedError). A run
+        found finished in ``out_dir`` returns its final metrics at once, rewriting nothing.
+        """
+        with self.strategy.guard(self._last_good), contextlib.ExitStack() as held:
+
+            def lock() -> None:  # on the writer, which alone touches out_dir
+                check_writable_dir(self.out_dir, "out_dir")
+                held.enter_context(run_lock(self.out_dir))
+
+            self.strategy.root(lock)
             return self._run()
 
     def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         self.maybe_resume()
+        if self.finished:
+            return rundir.finished_result(self._result(self.whole_saes(), completed=True))
         c = self.cfg
         completed = True
         t0, tok0 = time.perf_counter(), self.tokens
@@ -630,6 +639,10 @@ __all__ = [
     "plan_saes",
     "train",
 ]
+
+
+def _note(msg: str) -> None:
+    print(f"saekit: note: {msg}", file=sys.stderr)
 
 
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:

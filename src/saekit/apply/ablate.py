@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +25,21 @@ from saekit.apply.common import (
     pad_batch,
 )
 from saekit.apply.steer import top_features
+from saekit.errors import DataError
+from saekit.options import Options, option
 from saekit.sae import SAE, Codes
 from saekit.sources.sites import hook_site, resolve_site
+
+
+@dataclass
+class AblateConfig(Options):
+    """Which features :func:`ablation_effects` ablates and how (its keyword options)."""
+
+    features: list[int] | None = option(
+        None, "features to ablate (default: the top-n by firing)", metavar="F"
+    )
+    top_n: int = option(10, "without features: this many top features by firing", ge=1)
+    keep_error: bool = option(True, "keep the SAE error term (see the module doc)")
 
 
 def ablation_fn(
@@ -68,7 +82,7 @@ def mean_loss(model: nn.Module, tok: Any, texts: list[str], max_len: int = 128) 
     dev = model_device(model)
     ids = [x for x in encode_texts(tok, texts, max_len) if len(x) > 1]
     if not ids:
-        raise ValueError("every text is shorter than 2 tokens: no next-token loss")
+        raise DataError("every text is shorter than 2 tokens: no next-token loss")
     total, count = 0.0, 0
     for b in range(0, len(ids), 8):
         chunk = ids[b : b + 8]
@@ -98,14 +112,14 @@ def ablation_effects(
     per-feature list is sorted by ``delta`` (largest loss increase first).
     """
     if not texts:
-        raise ValueError("no texts given")
+        raise DataError("no texts given")
     if features is None:
         ranked = top_features(sae, model, tok, site, texts, n=top_n, by="mean", max_len=max_len)
         feats = [r["feature"] for r in ranked]
     else:
         feats = check_features(sae, features)
     if not feats:
-        raise ValueError("no features to ablate (none fired on the texts)")
+        raise DataError("no features to ablate (none fired on the texts)")
     clean = mean_loss(model, tok, texts, max_len)
     rows = []
     for f in feats:

@@ -13,15 +13,19 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.atomic import read_json
 from saekit.sae import SAE
 from saekit.sources import text as text_source
 from saekit.sources.sites import StopForward, hook_site, resolve_site
+
+if TYPE_CHECKING:
+    from saekit.apply.options import RunOptions
 
 
 @dataclass
@@ -52,7 +56,7 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     p = Path(run_dir)
     cfg_path = p / "cfg.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"not a saekit run directory (no cfg.json): {p}")
+        raise MissingFileError(f"not a saekit run directory (no cfg.json): {p}")
     cfg = read_json(cfg_path)
     data = _find_data_cfg(cfg)
     sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
@@ -82,6 +86,32 @@ def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
     return sae, info
 
 
+@dataclass
+class AppRun:
+    """Everything an application needs from a run: its SAE, the model, site and text length."""
+
+    sae: SAE
+    info: RunInfo
+    model: nn.Module
+    tokenizer: Any
+    site: str
+    max_len: int
+    model_name: str
+
+
+def open_run(opts: RunOptions, causal: bool | None = None) -> AppRun:
+    """Load the run of ``opts`` with its model (``opts.model`` / ``site`` / ``max_len``
+    override what the run records). ``causal=True`` requires an LM with its head."""
+    sae, info = load_run(opts.run_dir)
+    sae = sae.to(opts.device)
+    model_name = info.model if opts.model is None else opts.model
+    site = opts.site or info.site
+    if not site:
+        raise ConfigError(f"{opts.run_dir} does not record a single hook site: pass --site")
+    model, tok = load_model(model_name, causal=causal, device=opts.device, dtype=opts.dtype)
+    return AppRun(sae, info, model, tok, site, opts.max_len or info.context_len, model_name)
+
+
 def load_model(
     name_or_path: str = "", causal: bool | None = None, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[nn.Module, Any]:
@@ -92,7 +122,7 @@ def load_model(
     from saekit.sources.hf import load_model as hf_load
 
     if causal and not name_or_path:
-        raise ValueError(
+        raise ConfigError(
             "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
         )
     return hf_load(name_or_path, device=device, dtype=dtype, causal=causal)
@@ -114,7 +144,7 @@ def read_texts(
         if limit and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"no texts found in {dataset or 'the built-in corpus'!r}")
+        raise DataError(f"no texts found in {dataset or 'the built-in corpus'!r}")
     return out
 
 
@@ -136,7 +166,7 @@ def model_device(model: nn.Module) -> torch.device:
 def encode_texts(tok: Any, texts: list[str], max_len: int) -> list[list[int]]:
     """Token ids of each text (with the tokenizer's special tokens), truncated to ``max_len``."""
     if max_len <= 0:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        raise ConfigError(f"max_len must be positive, got {max_len}")
     out = []
     for t in texts:
         ids = tok(t, truncation=True, max_length=max_len)["input_ids"]
@@ -209,7 +239,7 @@ def site_activations(
     The forward stops at the site (``StopForward``), so later layers are not computed.
     """
     if not texts:
-        raise ValueError("no texts given")
+        raise DataError("no texts given")
     s = resolve_site(model, site)
     dev = model_device(model)
     special = set(getattr(tok, "all_special_ids", []) or [])
@@ -271,7 +301,7 @@ def check_features(sae: SAE, features: Iterable[int]) -> list[int]:
     idx = [int(f) for f in features]
     bad = [f for f in idx if not 0 <= f < sae.d_sae]
     if bad:
-        raise ValueError(f"feature index out of range 0..{sae.d_sae - 1}: {bad}")
+        raise ConfigError(f"feature index out of range 0..{sae.d_sae - 1}: {bad}")
     return idx
 
 

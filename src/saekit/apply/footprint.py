@@ -12,6 +12,7 @@ reached, then fills up to ``size`` with a seeded random choice of the rest.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,20 @@ import torch
 from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
+from saekit.errors import ConfigError, DataError
+from saekit.options import Options, option
 from saekit.sae import SAE
+
+
+@dataclass
+class FootprintConfig(Options):
+    """When a feature is in a footprint, and the subsample (:func:`footprint_report`'s
+    keyword options)."""
+
+    threshold: float = option(0.0, "|activation| above which a sample activates a feature", ge=0)
+    min_samples: int = option(1, "samples a feature needs to be in the footprint", ge=1)
+    subsample: int = option(0, "coverage-preserving subsample size (0: none)", ge=0)
+    seed: int = option(0, "seed of the subsample's random fill", ge=0)
 
 
 @torch.no_grad()
@@ -36,7 +50,7 @@ def sample_features(
 ) -> np.ndarray:
     """``[n_samples, d_sae]`` bool: which features each sample activates."""
     if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+        raise ConfigError(f"threshold must be >= 0, got {threshold}")
     recs = site_activations(model, tok, site, texts, max_len=max_len, batch_size=batch_size)
     out = np.zeros((len(recs), sae.d_sae), dtype=bool)
     for i, r in enumerate(recs):
@@ -48,7 +62,7 @@ def sample_features(
 def footprint(active: np.ndarray, min_samples: int = 1) -> np.ndarray:
     """``[d_sae]`` bool: features activated by at least ``min_samples`` samples."""
     if min_samples < 1:
-        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        raise ConfigError(f"min_samples must be >= 1, got {min_samples}")
     return active.sum(0) >= min_samples
 
 
@@ -68,8 +82,9 @@ def redundancy_matrix(footprints: list[np.ndarray]) -> np.ndarray:
 
 def plot_redundancy(R: np.ndarray, names: list[str], path: str | Path) -> Path:
     """Heatmap PNG of the redundancy matrix (rows: A, columns: B)."""
-    import matplotlib
+    from saekit.extras import require
 
+    matplotlib = require("matplotlib", "the footprint heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -108,7 +123,7 @@ def coverage_subsample(
     """Indices of ``size`` samples that cover the footprint greedily, then random fill."""
     n = active.shape[0]
     if not 0 < size <= n:
-        raise ValueError(f"size must be in 1..{n}, got {size}")
+        raise ConfigError(f"size must be in 1..{n}, got {size}")
     target = footprint(active, min_samples)
     uncovered = target.copy()
     chosen: list[int] = []
@@ -147,7 +162,7 @@ def footprint_report(
     ``subsample > 0`` picks that many samples of each dataset (fewer when it is smaller).
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise DataError("no datasets given")
     names = list(datasets)
     active = {
         n: sample_features(sae, model, tok, site, t, threshold, max_len)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -92,7 +93,7 @@ class Rule(nn.Module):
             self.opts = self.Options(**own)
         except TypeError as e:
             known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ValueError(
+            raise ConfigError(
                 f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
             ) from e
 
@@ -133,7 +134,9 @@ def get_rule_class(name: str) -> type[Rule]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(rule_names())}") from None
+        raise ConfigError(
+            f"unknown rule {name!r}; known rules: {', '.join(rule_names())}"
+        ) from None
 
 
 def build_rule(cfg: SAEConfig) -> Rule:

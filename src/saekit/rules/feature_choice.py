@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import threshold_selection
 
@@ -22,9 +23,9 @@ class FeatureChoiceOptions:
 def zipf_profile(n: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
     """``p_r ~ 1/(r + beta)^alpha`` for ranks ``r = 1..n``, normalised to sum to 1 (float64)."""
     if beta <= -1:
-        raise ValueError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
+        raise ConfigError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
     if alpha < 0:
-        raise ValueError(f"Zipf alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"Zipf alpha must be >= 0, got {alpha}")
     r = torch.arange(1, n + 1, dtype=torch.float64)
     p = (r + beta).pow(-alpha)
     return p / p.sum()
@@ -49,7 +50,7 @@ def zipf_capacities(p: Tensor, total: int, cap: int, floor: int = 1) -> Tensor:
     """
     n = p.numel()
     if total > n * cap:
-        raise ValueError(f"budget {total} exceeds {n} features x {cap} tokens")
+        raise ConfigError(f"budget {total} exceeds {n} features x {cap} tokens")
     lo = floor if floor * n <= total else 0
     p = p.to(torch.float64)
     a, b = 0.0, float(cap / p.min().clamp_min(1e-300))

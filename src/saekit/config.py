@@ -31,7 +31,10 @@ class SAEConfig:
     rule: str = _f("topk", "selection rule name (see `saekit rules`)")
     k: int = _f(32, "active latents per token (TopK family; budget k*B for batch rules)")
     aux_k: int = _f(512, "latents in the aux-k dead-latent loss (0 disables it)")
-    aux: str = _f("auxk", "auxiliary loss: auxk (dead latents), zipf (dead + under-used), none")
+    aux: str = _f(
+        "auxk",
+        "auxiliary loss (see saekit.losses): auxk (dead latents), zipf (dead + under-used), none",
+    )
     aux_coeff: float = _f(1 / 32, "weight of the aux-k / aux-zipf loss")
     recon_loss: str = _f("auto", "nmse, mse (sum over dims) or auto (the rule's paper default)")
     dead_tokens: int = _f(
@@ -45,6 +48,7 @@ class SAEConfig:
     unit_norm_decoder: bool = _f(True, "keep decoder rows unit-norm (parallel gradient removed)")
     tied_init: bool = _f(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = _f({}, "rule-specific options (see each rule's Options)")
+    aux_options: dict = _f({}, "options of the aux loss named by aux (see saekit.losses)")
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -102,7 +106,11 @@ class DataConfig:
     shuffle_buffer: int = _f(65536, "tokens held in the shuffle buffer (0: no shuffling)")
     cache_dir: str = _f("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = _f({}, "synthetic source options (see saekit.sources.synthetic)")
-    with_grad: bool = _f(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    inputs: list = _f(
+        [],
+        "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
+        " training adds the ones its rules require",
+    )
     device: str = _f("cpu", "device of the model")
     dtype: str = _f("float32", "model dtype")
 

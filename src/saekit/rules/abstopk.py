@@ -20,6 +20,7 @@ class AbsTopK(Rule):
 
     name = "abstopk"
     signed = True
+    saelens_architecture = "topk"  # SAELens applies a ReLU: exact only for saekit (warned)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         return Selection(indices=topk_indices(pre.abs(), self.cfg.k))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, register, saelens_int_k
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BatchTopK(Rule):
     name = "batchtopk"
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
+    saelens_imports = ("batchtopk",)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -66,6 +67,17 @@ class BatchTopK(Rule):
 
     def export_threshold(self) -> Tensor:
         return self.threshold.clamp_min(0.0).expand(self.cfg.d_sae).clone()
+
+    @classmethod
+    def from_saelens(cls, cfg, weights):
+        """SAELens ``batchtopk``: ``k``, and the global threshold from ``topk_threshold`` or
+        ``threshold`` (first entry) when present."""
+        state = {}
+        for key in ("topk_threshold", "threshold"):
+            if key in weights:
+                state["threshold"] = weights[key].reshape(-1)[0].reshape(())
+                break
+        return {"k": saelens_int_k(cfg)}, state
 
 
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:

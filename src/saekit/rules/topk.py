@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+from saekit.rules.base import Context, Rule, Selection, register, saelens_int_k, topk_indices
 
 
 @register
@@ -15,6 +15,12 @@ class TopK(Rule):
     """
 
     name = "topk"
+    saelens_architecture = "topk"
+    saelens_imports = ("topk",)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         return Selection(indices=topk_indices(pre, self.cfg.k))
+
+    @classmethod
+    def from_saelens(cls, cfg, weights):
+        return {"k": saelens_int_k(cfg)}, {}

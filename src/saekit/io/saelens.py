@@ -131,15 +131,15 @@ def saekit_config_from_saelens(
         )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", False, None):
-        raise ValueError(
+        raise FormatError(
             f"SAELens cfg has normalize_activations={norm!r}; only 'none' can be loaded"
             " (fold the scaling factor into the weights first)"
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError("SAELens topk cfg with rescale_acts_by_decoder_norm=true is unsupported")
+        raise FormatError("SAELens topk cfg with rescale_acts_by_decoder_norm=true is unsupported")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ValueError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
+            raise FormatError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
     fields, rule_state = cls.from_saelens(cfg if k is None else {**cfg, "k": k}, weights or {})
     sae_cfg = SAEConfig(
         d_in=cfg["d_in"],
@@ -174,17 +174,17 @@ def load_state(sae: SAE, state: dict[str, Tensor], strict: bool, where: str) -> 
     own = sae.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"{where}: unexpected tensors {unknown}")
+        raise FormatError(f"{where}: unexpected tensors {unknown}")
     if strict:
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ValueError(f"{where}: missing tensors {missing}")
+            raise FormatError(f"{where}: missing tensors {missing}")
     for name, t in state.items():
         if tuple(t.shape) != tuple(own[name].shape):
             hint = ""
             if name in ("W_enc", "W_dec", "b_dec"):
                 hint = f" (cfg says d_in={sae.d_in}, d_sae={sae.d_sae})"
-            raise ValueError(
+            raise FormatError(
                 f"{where}: {name} has shape {tuple(t.shape)}, expected"
                 f" {tuple(own[name].shape)}{hint}"
             )

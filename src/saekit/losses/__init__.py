@@ -14,7 +14,7 @@ from saekit.losses.aux import (
     get_aux_class,
     register_aux,
 )
-from saekit.losses.recon import RECON_LOSSES, mse, nmse, recon_denominator, recon_loss
+from saekit.losses.recon import RECON_LOSSES, mse, nmse, recon_loss, scaled_like_recon
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_"):
@@ -30,7 +30,7 @@ __all__ = [
     "get_aux_class",
     "mse",
     "nmse",
-    "recon_denominator",
     "recon_loss",
     "register_aux",
+    "scaled_like_recon",
 ]

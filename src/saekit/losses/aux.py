@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
-from saekit.losses.recon import nmse, recon_denominator
+from saekit.losses.recon import nmse, scaled_like_recon
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -86,9 +87,9 @@ class AuxLoss:
         """The weighted term (``aux_coeff`` included)."""
         cand, weights = self.candidates(sae)
         if self.form == "openai":
-            residual, denom = out.x - out.x_hat_n.detach(), None
+            residual, scale_like = out.x - out.x_hat_n.detach(), None
         else:
-            residual, denom = out.x - out.x_hat_n, recon_denominator(sae.recon_kind, out.x)
+            residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
         pre = out.pre if out.pre.requires_grad else out.pre.detach()
         loss = aux_k_loss(
             out.x_in,
@@ -101,7 +102,8 @@ class AuxLoss:
             sae.cfg.aux_k,
             weights,
             signed=self.signed,
-            denom=denom,
+            scale_like=scale_like,
+            comm=sae.comm,
         )
         return sae.cfg.aux_coeff * loss
 
@@ -117,30 +119,40 @@ def aux_k_loss(
     k_aux: int,
     weights: Tensor | None = None,
     signed: bool = False,
-    denom: Tensor | None = None,
+    scale_like: tuple[str, Tensor] | None = None,
+    comm: Comm = LOCAL,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
 
     ``candidates [d_sae]`` (bool) are the latents allowed; ``weights [d_sae]`` optionally
-    scale each latent's value. Returns ``sum((e_aux - residual)^2) / denom``, with the
-    residual's own variance sum (NMSE) when ``denom`` is None; 0 without candidates.
+    scale each latent's value. Returns the NMSE of the residual (``scale_like`` None: its own
+    variance as denominator), or ``sum((e_aux - residual)^2)`` scaled as ``recon_loss(kind,
+    ., x)`` scales (``scale_like = (kind, x)``); 0 without candidates. With ``comm`` the
+    candidates, the top-k and the reconstruction span every latent shard and the sums the
+    global batch.
     """
-    n = int(candidates.sum())
+    n = int(comm.latent_sum(candidates.sum()))
     if n == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n)
-    score = pre.abs() if signed else pre
-    score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
-    idx = score.topk(k, dim=1, sorted=False).indices
+    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+    else:
+        score = pre.abs() if signed else pre
+        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        idx, mask = comm.topk(score, k)
     vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:
         vals = vals * weights[idx]
-    aux_hat = kernels.sparse_decode(idx, vals, W_dec)
-    if denom is None:
-        return nmse(aux_hat, residual).nan_to_num(0.0)
-    return ((aux_hat - residual).pow(2).sum() / denom).nan_to_num(0.0)
+    if mask is not None:
+        vals = vals * mask.to(vals.dtype)
+    aux_hat = comm.latent_sum(kernels.sparse_decode(idx, vals, W_dec))
+    if scale_like is None:
+        return nmse(aux_hat, residual, comm).nan_to_num(0.0)
+    kind, x = scale_like
+    return scaled_like_recon(kind, (aux_hat - residual).pow(2).sum(), x, comm).nan_to_num(0.0)
 
 
 _AUX: dict[str, type[AuxLoss]] = {}

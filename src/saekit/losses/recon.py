@@ -1,12 +1,15 @@
 """Reconstruction losses, registered by name (``SAEConfig.recon_loss``; "auto": the rule's
-``default_recon``)."""
+``default_recon``).
+
+Batch statistics go through a :class:`~saekit.distributed.comm.Comm` (default: one process),
+so that a data-parallel loss is the loss of the global batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor
 
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 
 
@@ -15,28 +18,24 @@ def mse(x_hat: Tensor, x: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum(-1).mean()
 
 
-def nmse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Squared error over the batch's variance about its mean (= batch FVU), as in Gao et al."""
-    num = (x_hat - x).pow(2).sum()
-    den = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return num / den
+def nmse(x_hat: Tensor, x: Tensor, comm: Comm = LOCAL) -> Tensor:
+    """Squared error over the batch's variance about its mean (= batch FVU), as in Gao et al.
+
+    With ``comm``: sums and mean over the global batch.
+    """
+    return comm.batch_sum((x_hat - x).pow(2).sum()) / nmse_denominator(x, comm)
 
 
-def mse_denominator(x: Tensor) -> Tensor:
-    """What :func:`mse` divides the summed squared error by: the number of tokens."""
-    return x.new_tensor(float(x.shape[0]))
-
-
-def nmse_denominator(x: Tensor) -> Tensor:
+def nmse_denominator(x: Tensor, comm: Comm = LOCAL) -> Tensor:
     """What :func:`nmse` divides the summed squared error by: the batch's variance sum."""
-    return (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    if comm.batch_world == 1:
+        return (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    mean = comm.batch_sum(x.detach().sum(0)) / comm.n_tokens(x.shape[0])
+    return comm.batch_sum((x - mean).pow(2).sum()).clamp_min(1e-12)
 
 
-#: name -> (loss(x_hat, x), denominator(x)); loss == sum((x_hat - x)^2) / denominator(x)
-RECON_LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "mse": (mse, mse_denominator),
-    "nmse": (nmse, nmse_denominator),
-}
+#: the reconstruction losses ``SAEConfig.recon_loss`` names
+RECON_LOSSES = ("mse", "nmse")
 
 
 def check_recon(kind: str) -> str:
@@ -45,10 +44,14 @@ def check_recon(kind: str) -> str:
     return kind
 
 
-def recon_loss(kind: str, x_hat: Tensor, x: Tensor) -> Tensor:
-    return RECON_LOSSES[check_recon(kind)][0](x_hat, x)
+def recon_loss(kind: str, x_hat: Tensor, x: Tensor, comm: Comm = LOCAL) -> Tensor:
+    """``recon_loss(kind)`` of ``x_hat`` against ``x``."""
+    return scaled_like_recon(kind, (x_hat - x).pow(2).sum(), x, comm)
 
 
-def recon_denominator(kind: str, x: Tensor) -> Tensor:
-    """The denominator of ``recon_loss(kind, ., x)`` (aux losses scaled like the recon)."""
-    return RECON_LOSSES[check_recon(kind)][1](x)
+def scaled_like_recon(kind: str, sq_err: Tensor, x: Tensor, comm: Comm = LOCAL) -> Tensor:
+    """A summed squared error (this rank's tokens) scaled the way ``recon_loss(kind, ., x)``
+    scales its own: per token for ``mse``, by the global batch's variance sum for ``nmse``."""
+    if check_recon(kind) == "mse":
+        return sq_err / x.shape[0]
+    return comm.batch_sum(sq_err) / nmse_denominator(x, comm)

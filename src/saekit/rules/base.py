@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, FormatError
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class Context:
     #: named extra inputs in SAE units, ``[B, ...]`` (see ``Rule.requires``, saekit.inputs)
     inputs: dict[str, Tensor] = field(default_factory=dict)
     step: int = 0
+    #: batch-global reductions and cross-shard selections (saekit.distributed.comm)
+    comm: Comm = LOCAL
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,9 @@ class Rule(nn.Module):
     saelens_imports: ClassVar[tuple[str, ...]] = ()
     #: how the rule's L0 is set, for matched-sparsity comparisons
     sparsity: ClassVar[SparsityKnob] = SparsityKnob("k")
+    #: selection, activation and loss terms are exact when latents are sharded across ranks
+    #: (they reach other latents only through ``ctx.comm``)
+    latent_shardable: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

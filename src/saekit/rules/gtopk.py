@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 
 
@@ -44,7 +45,7 @@ class GTopK(Rule):
         g = ctx.inputs.get("grad")
         if g is None:
             if ctx.training and self.opts.require_grad:
-                raise ValueError(
+                raise ConfigError(
                     "rule gtopk needs dLoss/dx in training: use a source that supplies"
                     " gradients (the HF source on a decoder LM, a cache written with"
                     " --inputs grad) or set rule_options"

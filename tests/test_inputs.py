@@ -97,6 +97,6 @@ def test_cache_round_trips_named_inputs_and_reads_old_grad_caches(plugin, tmp_pa
     man = json.loads(man_path.read_text())
     del man["inputs"]
     man["has_grads"] = True
-    man_path.write_text(json.dumps(man))
-    old = CacheSource(tmp_path / "c", shuffle=False)
+    man_path.write_text(json.dumps(man))  # edited: its seal no longer matches
+    old = CacheSource(tmp_path / "c", shuffle=False, verify=False)
     assert set(old.next_batch(10).inputs) == {"grad"}

@@ -198,6 +198,9 @@ class DataConfig(Options):
         " training adds the ones its rules require",
         choices=_input_names,
     )
+    verify: bool = option(
+        True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

@@ -15,6 +15,7 @@ the *global* batch size and returns this rank's ``B / world`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from torch import Tensor
@@ -38,7 +39,7 @@ def slice_batch(batch: Batch, lo: int, hi: int, n: int) -> Batch:
 
     return Batch(
         acts={k: cut(v) for k, v in batch.acts.items()},
-        grads={k: cut(v) for k, v in batch.grads.items()},
+        inputs={n: {k: cut(v) for k, v in d.items()} for n, d in batch.inputs.items()},
         meta={k: cut(v) for k, v in batch.meta.items()},
     )
 
@@ -55,6 +56,9 @@ class RowShard(ActivationSource):
 
     def d_in(self, site: str) -> int:
         return self.source.d_in(site)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        return self.source.request_inputs(names)
 
     def next_batch(self, batch_size: int) -> Batch:
         lo, hi = part_range(batch_size, self.rank, self.world)
@@ -82,6 +86,9 @@ class LocalPart(ActivationSource):
 
     def d_in(self, site: str) -> int:
         return self.source.d_in(site)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        return self.source.request_inputs(names)
 
     def next_batch(self, batch_size: int) -> Batch:
         lo, hi = part_range(batch_size, self.rank, self.world)

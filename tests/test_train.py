@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from saekit import SAEConfig, TrainConfig
+from saekit.evaluate.core import fve
 from saekit.io import checkpoint as ckpt
 from saekit.io import load_sae
 from saekit.sources.base import ActivationSource, Batch, MemorySource
-from saekit.train import TrainingError, default_lr, fve, lr_factor, train
+from saekit.train import TrainingError, default_lr, lr_factor, train
 
 D = 8
 

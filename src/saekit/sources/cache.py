@@ -34,6 +34,7 @@ from torch import Tensor
 
 from saekit.config import DataConfig
 from saekit.errors import ConfigError, FormatError, MissingFileError, OutputExistsError
+from saekit.io.atomic import json_safe, write_json
 from saekit.io.paths import check_writable_dir, path_error, user_path
 from saekit.sources.base import ActivationSource, Batch
 
@@ -151,7 +152,7 @@ def write_cache(
             "has_token_ids": bool(has_tokens),
             "provenance": {**_provenance(source), **(provenance or {})},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        write_json(tmp / "manifest.json", json_safe(manifest))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

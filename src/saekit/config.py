@@ -187,6 +187,12 @@ class DataConfig(Options):
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
     with_grad: bool = option(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,26 @@ from saekit.config import DataConfig
 from saekit.errors import ConfigError, FormatError, MissingFileError, OutputExistsError
 from saekit.io.atomic import json_safe, write_json
 from saekit.io.paths import check_writable_dir, path_error, user_path
+from saekit.options import Options, option
 from saekit.sources.base import ActivationSource, Batch
 
 FORMAT = "saekit-activation-cache"
 VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class CacheConfig(Options):
+    """What ``saekit cache`` writes: where, how many tokens, in which shards and dtype
+    (:func:`write_cache`'s keyword options)."""
+
+    out_dir: str = option(help="cache directory to write", flag="out", nonempty=True)
+    n_tokens: int = option(1_000_000, "tokens to cache", ge=1, flag="tokens")
+    shard_tokens: int = option(65536, "tokens per shard file", ge=1)
+    dtype: str = option("float32", "stored dtype", choices=tuple(_NP_DTYPES), flag="cache-dtype")
+    batch_size: int = option(4096, "tokens per source batch while writing", ge=1)
+    overwrite: bool = option(False, "replace an existing cache", switch=True)
+    seed: int = option(0, "data order seed", ge=0)
 
 
 def _site_dirs(sites: list[str]) -> dict[str, str]:
@@ -93,10 +109,15 @@ def write_cache(
             )
         finally:
             built.close()
-    if dtype not in _NP_DTYPES:
-        raise ConfigError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
-    if n_tokens < 1 or shard_tokens < 1 or batch_size < 1:
-        raise ConfigError("n_tokens, shard_tokens and batch_size must be positive")
+    CacheConfig(  # the options are validated by their declarations
+        out_dir=str(out_dir),
+        n_tokens=n_tokens,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        seed=seed,
+    )
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")

@@ -193,6 +193,9 @@ class DataConfig(Options):
         ge=0,
         resumable=True,
     )
+    verify: bool = option(
+        True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

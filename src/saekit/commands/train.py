@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     from saekit.options import to_dict
-    from saekit.sources.cache import CacheConfig, write_cache
+    from saekit.sources.cache import CacheConfig, read_manifest, write_cache
 
     data_cfg = load_run_config(args.config, {"data": given_args(DataConfig, args)}).data
     cfg = dataclass_from_args(CacheConfig, args)
     out = write_cache(data_cfg, **to_dict(cfg))
-    print(f"cache written: {out} ({cfg.n_tokens:,} tokens of {', '.join(data_cfg.sites)})")
+    sites = ", ".join(read_manifest(out)["sites"])
+    print(f"cache written: {out} ({cfg.n_tokens:,} tokens of {sites})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")
     return 0

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, device_problem
-from saekit.errors import ConfigError, DataError, MissingFileError
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
 from saekit.io.atomic import json_safe, read_json, write_json, write_text
+from saekit.io.paths import check_writable_dir
 from saekit.options import Options, option
 from saekit.sources.base import ActivationSource, Batch
 
@@ -204,16 +205,32 @@ class _Setup:
     gt: tuple[Tensor, Tensor] | None  # (dictionary, parent index) for detection/absorption
 
 
-def _setup(run_dir: Path, out: Path, cfg: EvalConfig, model: Any, tokenizer: Any) -> _Setup:
+def _setup(
+    run_dir: Path,
+    out: Path,
+    cfg: EvalConfig,
+    model: Any,
+    tokenizer: Any,
+    data_cfg: DataConfig | None,
+    k: int | None,
+) -> _Setup:
     """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site."""
     from saekit.io import load_sae, read_run_info
 
-    sae = load_sae(run_dir, device=cfg.device)
+    sae = load_sae(run_dir, device=cfg.device, k=k)
     sae.train(False)
-    info = read_run_info(run_dir)
-    data_cfg = info.data_config()
+    info = read_run_info(run_dir) if run_dir.is_dir() else None
+    if data_cfg is None:
+        if info is None or not info.saekit.get("data"):
+            where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
+            raise FormatError(
+                f"{where} records no saekit 'data' section: cannot rebuild its data; pass"
+                " the model and hook site (saekit eval --model NAME --site layers.N.KIND)"
+            )
+        data_cfg = info.data_config()
+    check_writable_dir(out, "eval output directory")
     src = eval_source(data_cfg, cfg, model, tokenizer)
-    site = info.site or data_cfg.sites[0]
+    site = (info.site if info else "") or data_cfg.sites[0]
     if site not in src.source.sites:
         site = src.source.sites[0]
     if src.source.d_in(site) != sae.d_in:
@@ -360,13 +377,17 @@ def evaluate_run(
     cfg: EvalConfig | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    data_cfg: DataConfig | None = None,
+    k: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
 
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
-    model for HF runs (else loaded from the run's ``DataConfig.model``). Phases: set-up,
-    one streaming pass (core, AFA, ablation, ground truth, baselines), spliced CE/KL,
-    probing, files.
+    model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
+    be an SAE file (a Qwen-Scope ``.pt``); its outputs then go to ``<file>.eval/`` and
+    ``data_cfg`` (the model, site and text it reads) is required. ``k``: for such files.
+    Phases: set-up, one streaming pass (core, AFA, ablation, ground truth, baselines),
+    spliced CE/KL, probing, files.
     """
     cfg = dataclasses.replace(cfg or EvalConfig())
     if n_tokens is not None:
@@ -374,9 +395,9 @@ def evaluate_run(
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    st = _setup(run_dir, out, cfg, model, tokenizer)
+    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
+    out = Path(out_dir) if out_dir is not None else default_out
+    st = _setup(run_dir, out, cfg, model, tokenizer, data_cfg, k)
     try:
         evals, base_models = _stream(st, cfg)
         result = _results(st, cfg, evals, base_models)

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
-from saekit.distributed.comm import LOCAL, Comm
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
 from saekit.errors import ConfigError, DistributedError, TrainingError
+from saekit.evaluate.core import fve
 from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
@@ -65,6 +65,9 @@ class TrainResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     completed: bool = True  # False when stopped by stop_after_steps or an exhausted source
     already_finished: bool = False  # True when out_dir held this finished run: nothing redone
+    #: this process wrote the run directory (False on the other ranks of a torchrun launch,
+    #: whose ``saes`` hold only what they trained whole)
+    writer: bool = True
 
     @property
     def sae(self) -> SAE:
@@ -101,15 +104,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_start_frac: float
     if decay_start_frac < 1.0 and step >= start:
         return max(0.0, (total - step) / max(total - start, 1))
     return 1.0
-
-
-def fve(x: Tensor, x_hat: Tensor, comm: Comm = LOCAL) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the (global) batch."""
-    x, x_hat = x.float(), x_hat.float()
-    mean = comm.batch_sum(x.sum(0, keepdim=True)) / comm.n_tokens(x.shape[0])
-    num = comm.batch_sum((x - x_hat).pow(2).sum())
-    den = comm.batch_sum((x - mean).pow(2).sum()).clamp_min(1e-12)
-    return float(1 - num / den)
 
 
 def plan_saes(
@@ -598,6 +592,7 @@ class Trainer:
             tokens=self.tokens,
             metrics=dict(self.last_metrics),
             completed=completed,
+            writer=self.strategy.is_writer,
         )
 
 
@@ -638,7 +633,6 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "default_lr",
-    "fve",
     "lr_factor",
     "plan_saes",
     "train",

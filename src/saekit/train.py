@@ -36,6 +36,7 @@ from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
 from saekit.inputs import site_inputs
+from saekit.losses import auto_dead_tokens
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
@@ -195,6 +196,8 @@ class Trainer:
             raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
+        if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
+            sae.cfg.dead_tokens = auto_dead_tokens(c.total_tokens, c.batch_size)
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
         # fused Adam (one kernel over all tensors) is ~5x cheaper than the default on CPU
         fused = sae.W_enc.device.type in ("cpu", "cuda")
@@ -370,9 +373,7 @@ class Trainer:
         for s in self.slots:
             out = outs[s.name]
             x = batch.acts[s.site].to(out.x_hat.device)
-            # dead: silent for dead_tokens, or for the whole run while it is shorter
-            window = min(s.sae.cfg.dead_tokens, int(s.sae.tokens_seen))
-            dead = s.sae.tokens_since_fired >= window
+            dead = s.sae.dead_latents()  # what the aux loss uses
             row: dict[str, Any] = {
                 "step": self.step,
                 "tokens": self.tokens,

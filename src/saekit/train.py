@@ -36,12 +36,12 @@ from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
 from saekit.inputs import site_inputs
-from saekit.losses import auto_dead_tokens
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
+from saekit.losses import auto_dead_tokens
 from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch

@@ -73,7 +73,10 @@ class SAEConfig(Options):
         choices=("auto", "nmse", "mse"),
     )
     dead_tokens: int = option(
-        10_000_000, "a latent is dead after this many training tokens without firing", ge=1
+        0,
+        "a latent is dead after this many training tokens without firing (aux loss, logs,"
+        " eval); 0: auto, 5% of the run's tokens (at least one batch, at most 10M)",
+        ge=0,
     )
     apply_b_dec_to_input: bool = option(True, "encode x - b_dec (Gao et al.); False: encode x")
     init_b_dec: str = option(

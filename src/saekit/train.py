@@ -43,6 +43,7 @@ from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
+from saekit.losses import auto_dead_tokens
 from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
@@ -203,9 +204,11 @@ class Trainer:
         if sae is None:
             sae = SAE(cfg.resolved(d_in))
         elif sae.d_in != d_in:
-            raise ValueError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
+            raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
+        if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
+            sae.cfg.dead_tokens = auto_dead_tokens(c.total_tokens, c.batch_size)
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
         return _Slot(index, name, site, sae.cfg, sae, None, base_lr)  # type: ignore[arg-type]
 
@@ -436,9 +439,7 @@ class Trainer:
         for s in self.slots:
             out, comm = outs[s.name], s.sae.comm
             x = batch.acts[s.site].to(out.x_hat.device)
-            # dead: silent for dead_tokens, or for the whole run while it is shorter
-            window = min(s.sae.cfg.dead_tokens, int(s.sae.tokens_seen))
-            dead = comm.latent_sum((s.sae.tokens_since_fired >= window).sum())
+            dead = comm.latent_sum(s.sae.dead_latents().sum())  # what the aux loss uses
             l0 = comm.batch_sum(comm.latent_sum(out.codes.l0().sum()))
             terms = out.extras["terms"]
             # mean over the batch axis of each rank's values (global when already reduced)

@@ -38,12 +38,17 @@ class BatchTopK(Rule):
     Inference: a global threshold ``theta``: ``z = pre * 1[pre > theta]``. ``theta`` is an
     EMA (decay ``threshold_decay``) of the smallest kept activation per training batch
     (dictionary_learning's variant; the original paper averages).
+
+    Aux loss: the paper code's scaling (``aux_form = "bussmann"``, bartbussmann/BatchTopK:
+    ``aux_penalty * MSE`` of the live residual, scaled like the reconstruction loss; see
+    :mod:`saekit.losses.aux`); ``aux_options={"form": "openai"}`` gives Gao et al.'s.
     """
 
     name = "batchtopk"
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
     saelens_imports = ("batchtopk",)
+    aux_form = "bussmann"
     latent_shardable = True
 
     def __init__(self, cfg) -> None:

@@ -171,8 +171,8 @@ def test_wrong_d_in_and_unknown_rule(tmp_path: Path) -> None:
     _edit_cfg(tmp_path, lambda c: c["saekit"]["sae"].update(d_in=8, rule="nosuchrule"))
     with pytest.raises(ValueError, match="unknown rule 'nosuchrule'"):
         load_sae(tmp_path)
-    _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="gated")))
-    with pytest.raises(ValueError, match="unsupported SAELens architecture 'gated'"):
+    _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="temporal")))
+    with pytest.raises(ValueError, match="unsupported SAELens architecture 'temporal'"):
         load_sae(tmp_path)
 
 

@@ -121,30 +121,67 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
 def load_sae(
     path: str | Path, device: str = "cpu", k: int | None = None, train: bool = False
 ) -> SAE:
-    """Load an SAE from a saekit or SAELens run directory, or a Qwen-Scope ``.pt`` file.
+    """Load an SAE from a saekit or SAELens run directory, a peer format or the hub.
 
-    ``k``: for Qwen-Scope files (not stored there), or overrides the saved ``k``. The SAE
-    is returned in eval mode unless ``train``.
+    ``path``: a local directory or file (saekit, SAELens, sparsify, dictionary_learning,
+    Gemma Scope, Llama Scope, Goodfire, Qwen-Scope; detected from the files, see
+    :mod:`saekit.io.formats`), ``hf://ORG/REPO/SUBPATH`` or ``saelens:RELEASE/SAE_ID``
+    (:mod:`saekit.io.hub`). ``k``: for Qwen-Scope files (not stored there), or overrides the
+    saved ``k``. The SAE is returned in eval mode unless ``train``.
     """
-    p = Path(path)
+    return open_sae(path, device, k, train)[0]
+
+
+def open_sae(
+    path: str | Path, device: str = "cpu", k: int | None = None, train: bool = False
+) -> tuple[SAE, dict[str, Any]]:
+    """:func:`load_sae` and the SAE's metadata (SAELens keys: ``model_name``,
+    ``hook_name``, ..., plus ``format`` and, for hub specs, ``source``)."""
+    from saekit.io.hub import resolve
+
+    res = resolve(path)
+    p = res.path
     if not p.exists():
         raise FileNotFoundError(f"SAE not found: {p}")
-    if p.is_file():
-        if p.name == CFG_FILE or p.suffix == ".safetensors":
-            return load_sae(p.parent, device, k, train)
-        from saekit.io.qwenscope import load_qwenscope
-
-        sae = load_qwenscope(p, k).to(device)
-    else:
+    if p.is_file() and (p.name == CFG_FILE or p.name == WEIGHTS_FILE):
+        p = p.parent
+    meta: dict[str, Any]
+    if p.is_dir() and (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
         cfg = read_run_config(p)
-        if not (p / WEIGHTS_FILE).is_file():
-            _refuse_pickles(p)
         if "saekit" in cfg:
             sae = _sae_from_saekit(p, cfg, device, k)
+            meta = {"format": "saekit"}
         else:
             sae = sae_from_saelens(cfg, load_tensors(p / WEIGHTS_FILE), k).to(device)
+            meta = {"format": "saelens"}
+        meta.update(_saelens_meta(cfg))
+    else:
+        from saekit.io.formats import detect_format, read_foreign
+
+        if "format" not in res.hints and detect_format(p) is None and p.is_dir():
+            if (p / WEIGHTS_FILE).is_file():
+                read_run_config(p)  # names the missing cfg.json
+            if (p / CFG_FILE).is_file():
+                read_run_config(p)  # a clear error for a broken cfg.json first
+                _refuse_pickles(p)
+        sae, meta = read_foreign(p, k, res.hints)
+        sae = sae.to(device)
+    if res.spec != str(path) or res.hints:
+        meta["source"] = res.spec
+    meta.setdefault("path", str(p))
     sae.train(train)
-    return sae
+    return sae, meta
+
+
+def _saelens_meta(cfg: dict) -> dict[str, Any]:
+    """``model_name`` / ``hook_name`` / ... from a SAELens cfg (top level or metadata)."""
+    out: dict[str, Any] = {}
+    for key in ("model_name", "hook_name", "context_size", "dataset_path", "neuronpedia_id"):
+        for sec in (cfg, cfg.get("metadata") or {}, cfg.get("meta") or {}):
+            if isinstance(sec, dict) and sec.get(key) is not None:
+                out[key] = sec[key]
+                break
+    return out
 
 
 def load_density(run_dir: str | Path) -> Tensor:

@@ -8,7 +8,10 @@ threshold at inference (JumpReLU, BatchTopK) export as ``"jumprelu"`` with a per
 
 Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens directory (no
 ``saekit`` section): ``standard`` -> relu, ``topk`` -> topk (``k`` from the cfg),
-``jumprelu`` -> jumprelu (``log_threshold = log(threshold)``), ``batchtopk`` -> batchtopk.
+``abstopk`` -> abstopk, ``jumprelu`` -> jumprelu (``log_threshold = log(threshold)``),
+``batchtopk`` -> batchtopk. ``rescale_acts_by_decoder_norm`` is folded and ``gated`` /
+``matryoshka_batchtopk`` are converted exactly first
+(:func:`saekit.io.portable.portable_from_saelens`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from saekit.sae import SAE
 #: written as ``metadata.sae_lens_version``: the cfg follows the SAELens 6 layout
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
+SUPPORTED_ARCHITECTURES = (
+    "standard",
+    "topk",
+    "abstopk",
+    "jumprelu",
+    "batchtopk",
+    "gated",
+    "matryoshka_batchtopk",
+)
 
 
 def _layer_of(site: str) -> int | None:
@@ -95,18 +106,23 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
             f"unsupported SAELens architecture {arch!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    arch = {"gated": "jumprelu", "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", False, None):
         raise ValueError(
             f"SAELens cfg has normalize_activations={norm!r}; only 'none' can be loaded"
             " (fold the scaling factor into the weights first)"
         )
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError("SAELens topk cfg with rescale_acts_by_decoder_norm=true is unsupported")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise ValueError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
-    rule = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+    rule = {
+        "standard": "relu",
+        "topk": "topk",
+        "abstopk": "abstopk",
+        "jumprelu": "jumprelu",
+        "batchtopk": "batchtopk",
+    }
     sae_cfg = SAEConfig(
         d_in=cfg["d_in"],
         d_sae=cfg["d_sae"],
@@ -114,7 +130,7 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         unit_norm_decoder=False,  # the loaded decoder is used as is
     )
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "abstopk", "batchtopk"):
         kk = k if k is not None else cfg.get("k")
         if kk is None:
             raise ValueError(f"SAELens {arch} cfg has no 'k'; pass k=")
@@ -126,6 +142,12 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
 
 def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None) -> SAE:
     """Build an SAE from a plain SAELens cfg dict and its ``sae_weights`` tensors."""
+    from saekit.io.portable import portable_from_saelens
+
+    saekit_config_from_saelens(cfg, k)  # check the cfg before touching the weights
+    p = portable_from_saelens(cfg, weights)
+    cfg = {**cfg, "architecture": p.architecture, "rescale_acts_by_decoder_norm": False}
+    weights = p.saelens_weights()
     sae_cfg = saekit_config_from_saelens(cfg, k)
     with torch.random.fork_rng(devices=[]):
         sae = SAE(sae_cfg)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saekit import SAE, SAEConfig
+from io_helpers import close, codes, trained
 from saekit.errors import FormatError
 from saekit.io import load_sae
 from saekit.io.formats import detect_format, write_format
@@ -33,20 +33,9 @@ from saekit.io.portable import (
 D, F, K = 12, 40, 5
 
 
-def codes(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return sae.encode(x).to_dense()
-
-
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     top = pre.topk(k, dim=-1)
     return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal to 1e-5 of the largest magnitude (float32 rounding of equal formulas)."""
-    scale = max(1.0, float(b.abs().max()))
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.fixture
@@ -361,22 +350,6 @@ def test_fold_decoder_norm_and_gated(x: torch.Tensor) -> None:
 # ---------------------------------------------------------------------- writing
 
 
-def _trained(rule: str, **kw) -> SAE:
-    sae = SAE(SAEConfig(d_in=D, d_sae=F, rule=rule, k=K, **kw))
-    xs = torch.randn(256, D) * 2 + 0.5
-    sae.train()
-    sae.init_from_data(xs)
-    opt = torch.optim.Adam(sae.parameters(), 1e-2)
-    for step in range(5):
-        loss, _, out = sae.loss(xs, step=step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sae.normalize_decoder()
-        sae.observe(out.codes, xs.shape[0])
-    return sae.eval()
-
-
 ROUND_TRIPS = [
     ("saelens", "topk", {}),
     ("saelens", "jumprelu", {"normalize_input": True}),
@@ -398,7 +371,7 @@ ROUND_TRIPS = [
 def test_round_trip_through_every_writer(
     tmp_path: Path, x: torch.Tensor, fmt: str, rule: str, kw: dict
 ) -> None:
-    sae = _trained(rule, **kw)
+    sae = trained(rule, D, F, K, **kw)
     meta = {"hook_name": "layers.2.resid_post", "model_name": "org/model"}
     out = write_format(sae, tmp_path / "out", fmt, meta)
     back, got = open_sae(out)
@@ -411,15 +384,15 @@ def test_round_trip_through_every_writer(
 
 def test_writers_refuse_what_they_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="sparsify format holds topk"):
-        write_format(_trained("relu"), tmp_path / "a", "sparsify")
+        write_format(trained("relu", D, F, K), tmp_path / "a", "sparsify")
     with pytest.raises(FormatError, match="one jump_relu_threshold"):
-        write_format(_trained("jumprelu"), tmp_path / "b", "llamascope")
+        write_format(trained("jumprelu", D, F, K), tmp_path / "b", "llamascope")
     with pytest.raises(FormatError, match="unknown SAE format 'nope'"):
-        write_format(_trained("topk"), tmp_path / "c", "nope")
+        write_format(trained("topk", D, F, K), tmp_path / "c", "nope")
 
 
 def test_portable_from_sae_is_what_saelens_loads() -> None:
-    sae = _trained("topk", normalize_input=True)
+    sae = trained("topk", D, F, K, normalize_input=True)
     p = portable_from_sae(sae)
     assert p.architecture == "topk" and p.k == K
     w = sae.folded_weights()

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from io_helpers import close, codes, fake_hub_file, trained
 from peer_helpers import needs_peers, run_peers
-from saekit import SAE, SAEConfig
 from saekit.io.formats import write_format
 from saekit.io.native import open_sae
 
@@ -194,26 +194,6 @@ save_file({k: v.detach().contiguous() for k, v in got.items()}, str(out / "got.s
 """
 
 
-def fake_hub_file(hub: Path, repo: str, rel: str) -> Path:
-    """The path of ``rel`` in a hub-cache snapshot of ``repo`` (refs/main -> snapshot)."""
-    root = hub / ("models--" + repo.replace("/", "--"))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text("0" * 40)
-    path = root / "snapshots" / ("0" * 40) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    scale = max(1.0, float(b.abs().max()))
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
-
-
-def codes(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return sae.encode(x).to_dense()
-
-
 def _hub_files(hub: Path) -> dict:
     rng = np.random.default_rng(0)
     gemma_repo, gemma_folder = "google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_9"
@@ -307,44 +287,28 @@ def test_scope_files_match_saelens_loaders(peer_files, fmt: str) -> None:
     assert meta["hook_name"] == "layers.3.resid_post"
 
 
-def _trained(rule: str, **kw) -> SAE:
-    sae = SAE(SAEConfig(d_in=D, d_sae=F, rule=rule, k=K, **kw))
-    xs = torch.randn(512, D) * 2 + 0.5
-    sae.train()
-    sae.init_from_data(xs)
-    opt = torch.optim.Adam(sae.parameters(), 1e-2)
-    for step in range(8):
-        loss, _, out = sae.loss(xs, step=step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sae.normalize_decoder()
-        sae.observe(out.codes, xs.shape[0])
-    return sae.eval()
-
-
 def test_peers_read_saekit_files(tmp_path: Path) -> None:
     w = tmp_path / "w"
     x = torch.randn(48, D) * 2 + 0.5
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     ours: dict[str, torch.Tensor] = {}
     meta = {"hook_name": "layers.3.resid_post", "model_name": "org/model"}
-    sae = _trained("topk", normalize_input=True)
+    sae = trained("topk", D, F, K, steps=8, normalize_input=True)
     write_format(sae, w / "sparsify", "sparsify", meta)
     ours["sparsify"] = codes(sae, x)
     for rule in ("relu", "topk", "jumprelu"):
-        sae = _trained(rule)
+        sae = trained(rule, D, F, K, steps=8)
         write_format(sae, w / f"dl_{rule}", "dictionary_learning", meta)
         ours[f"dl_{rule}"] = codes(sae, x)
         write_format(sae, w / f"saelens_{rule}", "saelens", meta)
         ours[f"saelens_{rule}"] = codes(sae, x)
     hub = tmp_path / "hub"
     g = ("google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_9", None)
-    sae = _trained("jumprelu")
+    sae = trained("jumprelu", D, F, K, steps=8)
     write_format(sae, fake_hub_file(hub, g[0], g[1] + "/x").parent, "gemmascope", meta)
     ours["gemmascope"] = codes(sae, x)
     ll = ("fnlp/Llama3_1-8B-Base-LXR-8x", "Llama3_1-8B-Base-L3R-8x", None)
-    sae = _trained("batchtopk")
+    sae = trained("batchtopk", D, F, K, steps=8)
     write_format(sae, fake_hub_file(hub, ll[0], ll[1] + "/x").parent, "llamascope", meta)
     ours["llamascope"] = codes(sae, x)
     (w / "hub.json").write_text(json.dumps({"gemmascope": g, "llamascope": ll}))

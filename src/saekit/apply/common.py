@@ -58,9 +58,11 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
     sites = data.get("sites") or []
     site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
-    hook = cfg.get("hook_name")
-    if not site and isinstance(hook, str) and hook.startswith("layers."):
-        site = hook
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    if not site and isinstance(hook, str):
+        from saekit.sources.sites import canonical_site
+
+        site = canonical_site(hook) if canonical_site(hook).startswith("layers.") else ""
     return RunInfo(
         run_dir=str(p),
         model=str(data.get("model", cfg.get("model_name", "")) or ""),
@@ -73,12 +75,26 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
 
 
 def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
-    """The SAE of a run directory (via :func:`saekit.io.load_sae`) and its :class:`RunInfo`."""
-    info = read_run_info(run_dir)
-    from saekit.io import load_sae
+    """The SAE of a run directory (via :func:`saekit.io.native.open_sae`) and its
+    :class:`RunInfo`; also any format ``load_sae`` reads, ``hf://`` and ``saelens:`` specs
+    (then the model and site come from the SAE's metadata)."""
+    from saekit.io.native import info_from_meta, open_sae
 
-    sae = load_sae(run_dir)
+    sae, meta = open_sae(run_dir)
     sae.eval()
+    if meta.get("format") in ("saekit", "saelens"):
+        info = read_run_info(meta["path"])
+        info.run_dir = str(run_dir)
+        return sae, info
+    found = info_from_meta(meta)
+    data = found["data"]
+    info = RunInfo(
+        run_dir=str(run_dir),
+        model=data["model"],
+        site=found["site"],
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+    )
     return sae, info
 
 

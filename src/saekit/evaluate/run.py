@@ -60,6 +60,8 @@ class EvalConfig:
     dense_threshold: float = _h(0.1, "a latent is dense when its density exceeds this")
     seed: int = _h(0, "seed of the evaluation stream and the random baseline")
     device: str = _h("cpu", "device of the SAE during evaluation")
+    model: str = _h("", "model to evaluate on ('' : the run's; for SAEs from other libraries)")
+    site: str = _h("", "hook site ('' : the run's), e.g. layers.3.resid_post")
 
 
 @dataclass
@@ -209,8 +211,8 @@ def evaluate_run(
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
     model for HF runs (else loaded from the run's ``DataConfig.model``).
     """
-    from saekit.io import load_sae
-    from saekit.io.native import run_info
+    from saekit.io.hub import is_remote
+    from saekit.io.native import info_from_meta, open_sae, run_info
 
     cfg = dataclasses.replace(cfg or EvalConfig())
     if n_tokens is not None:
@@ -219,12 +221,19 @@ def evaluate_run(
         cfg.probe_data = str(probe_data)
     if cfg.tokens < 1:
         raise ValueError(f"tokens must be positive, got {cfg.tokens}")
-    run_dir = Path(run_dir)
+    if out_dir is None and is_remote(run_dir):
+        raise ValueError(f"{run_dir} is read-only (a hub cache): pass an output directory (--out)")
+    sae, meta = open_sae(run_dir, device=cfg.device)
+    run_dir = Path(meta["path"])
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
-    sae = load_sae(run_dir, device=cfg.device)
     sae.train(False)
-    info = run_info(run_dir)
+    info = run_info(run_dir) if meta["format"] == "saekit" else info_from_meta(meta)
+    if cfg.model or cfg.site:
+        info.setdefault("data", {}).update({k: v for k, v in (("model", cfg.model),) if v})
+        if cfg.site:
+            info["site"] = cfg.site
+            info["data"]["sites"] = [cfg.site]
     if not isinstance(info.get("data"), dict):
         raise ValueError(
             f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"

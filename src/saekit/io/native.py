@@ -194,3 +194,23 @@ def load_density(run_dir: str | Path) -> Tensor:
 def run_info(run_dir: str | Path) -> dict[str, Any]:
     """The ``saekit`` section of a run's cfg (empty for plain SAELens dirs)."""
     return dict(read_run_config(run_dir).get("saekit") or {})
+
+
+def info_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A ``saekit``-section-like ``{"site", "data"}`` for an SAE from another library.
+
+    The site is the recorded hook (TransformerLens names translated,
+    :func:`saekit.sources.sites.canonical_site`), the data an HF source on the recorded model
+    and the built-in corpus [our choice: the SAE's training dataset is usually a hub dataset,
+    not available offline; pass another with ``--dataset`` where a command takes one].
+    """
+    from saekit.sources.sites import canonical_site
+
+    hook = meta.get("hook_name")
+    site = canonical_site(str(hook)) if hook else ""
+    data = {"source": "hf", "model": str(meta.get("model_name") or ""), "dataset": ""}
+    if site:
+        data["sites"] = [site]
+    if isinstance(meta.get("context_size"), int):
+        data["context_len"] = int(meta["context_size"])
+    return {"site": site, "data": data, "foreign": meta}

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from saekit.errors import FormatError
+from saekit.errors import ConfigError, FormatError
 from saekit.io.portable import Portable, refuse, sae_from_portable, with_b_dec_input
 from saekit.sae import SAE
 from saekit.sources.sites import parse_site
@@ -49,7 +49,7 @@ def portable(obj: dict[str, Tensor], path: Path, k: int | None) -> Portable:
         )
     k = k if k is not None else k_from_path(path)
     if k is None:
-        raise FormatError(f"{path}: k is not stored in Qwen-Scope files; pass k (e.g. 50 or 100)")
+        raise ConfigError(f"{path}: k is not stored in Qwen-Scope files; pass k (e.g. 50 or 100)")
     meta: dict[str, Any] = {"format": "qwenscope"}
     m = re.search(r"layer(\d+)", path.name)
     if m:

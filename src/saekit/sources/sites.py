@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError
+
 KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 _SITE_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(KINDS) + r")$")
 _TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(KINDS) + r")$")
@@ -60,7 +62,7 @@ def transformer_lens_name(site: str) -> str:
 def parse_site(name: str) -> tuple[int, str]:
     m = _SITE_RE.match(canonical_site(name))
     if not m:
-        raise ValueError(
+        raise ConfigError(
             f"bad hook site {name!r}: expected layers.<i>.<kind> with kind in {', '.join(KINDS)}"
             " (or a TransformerLens name such as blocks.<i>.hook_resid_post)"
         )
@@ -76,7 +78,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     for ml in lists:
         if n is None or len(ml) == n:
             return ml
-    raise ValueError(f"could not find the transformer blocks of {type(model).__name__}")
+    raise ConfigError(f"could not find the transformer blocks of {type(model).__name__}")
 
 
 def _get_path(mod: nn.Module, path: str) -> nn.Module | None:
@@ -92,7 +94,7 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     layer, kind = parse_site(name)
     blocks = find_blocks(model)
     if layer >= len(blocks):
-        raise ValueError(
+        raise ConfigError(
             f"site {name!r}: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
         )
     block = blocks[layer]
@@ -102,7 +104,7 @@ def resolve_site(model: nn.Module, name: str) -> Site:
         sub = _get_path(block, path)
         if sub is not None:
             return Site(name, layer, kind, sub, pre=False)
-    raise ValueError(f"site {name!r}: no {kind} sub-module found in {type(block).__name__}")
+    raise ConfigError(f"site {name!r}: no {kind} sub-module found in {type(block).__name__}")
 
 
 def get_hidden(output: object) -> Tensor:

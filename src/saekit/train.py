@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
@@ -160,6 +161,7 @@ class Trainer:
         self.tokens = 0
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.tracker = tracking.Tracker()  # --log: opened by run()
         self.cur_factor = 1.0
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
@@ -383,6 +385,7 @@ class Trainer:
         with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        self.tracker.log(rows)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -402,7 +405,9 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        with bar:
+        config = {**self.configs(), "train": to_dict(c)}
+        track = tracking.open_tracker(c.log, self.out_dir, config, self.step, c.log_project)
+        with bar, track as self.tracker:
             while self.step < self.total_steps:
                 try:
                     batch = self.source.next_batch(c.batch_size)

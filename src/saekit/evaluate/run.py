@@ -320,7 +320,14 @@ def evaluate_run(
         from saekit.sources.text import iter_texts
 
         dc = data_cfg
-        texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
+        texts = iter_texts(
+            dc.dataset,
+            src.text_split,
+            dc.text_field,
+            part=src.text_part,
+            data_files=tuple(dc.data_files),
+            streaming=dc.streaming,
+        )
         bs = cfg.splice_batch_size or dc.model_batch_size
         batches = token_batches(
             src.source.tokenizer,
@@ -373,6 +380,9 @@ def evaluate_run(
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "eval.json")
+    from saekit import tracking
+
+    tracking.log_eval(run_dir, result)
     src.source.close()
     return result
 

@@ -450,6 +450,9 @@ def report_text(report: dict[str, Any]) -> str:
 
 def plot_bench(report: dict[str, Any], path: Path) -> None:
     """Four panels: FVE vs L0, MCC, F1 and dead fraction per variant (+ signed MCC)."""
+    from saekit.extras import require
+
+    require("matplotlib.ticker", "the bench plot")
     import matplotlib
     import matplotlib.ticker
 

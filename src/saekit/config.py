@@ -146,7 +146,9 @@ class TrainConfig(Options):
     device: str = option("cpu", "torch device", check=device_problem, resumable=True)
     dtype: str = option("float32", "parameter dtype", choices=DTYPES)
     autocast: str = option(
-        "none", "autocast dtype for the forward: none or bfloat16", choices=("none", "bfloat16")
+        "auto",
+        "SAE forward autocast: auto (bfloat16 on CUDA, none on CPU), none, bfloat16",
+        choices=("auto", "none", "bfloat16"),
     )
     threads: int = option(0, "torch CPU threads (0: torch default)", ge=0, resumable=True)
     progress: bool = option(True, "show a tqdm progress bar", resumable=True)

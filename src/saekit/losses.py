@@ -67,9 +67,12 @@ def aux_k_loss(
     if n == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n)
-    score = pre.abs() if signed else pre
-    score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
-    idx, mask = comm.topk(score, k)
+    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+    else:
+        score = pre.abs() if signed else pre
+        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        idx, mask = comm.topk(score, k)
     vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
     if not signed:
         vals = torch.relu(vals)

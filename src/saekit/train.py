@@ -33,6 +33,7 @@ from torch import Tensor
 
 from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
 from saekit.io.atomic import write_bytes
@@ -166,7 +167,8 @@ class Trainer:
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
-        self.device = torch.device(train_cfg.device)
+        self.device = resolve_device(train_cfg.device)
+        self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
         self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         given = saes or {}
@@ -300,9 +302,7 @@ class Trainer:
         return f"last good checkpoint: {self.ckpt_dir} (step {self.last_ckpt_step})"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.autocast == "bfloat16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.autocast_dtype, self.device)
 
     def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
         with self._autocast():

@@ -81,15 +81,22 @@ class MemorySource(ActivationSource):
         self.n = n.pop()
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.pos = 0  # tokens consumed
+        self._perm: tuple[int, Tensor] | None = None  # (epoch, its order), built once per epoch
 
     def d_in(self, site: str) -> int:
         return self.acts[site].shape[1]
 
     def _order(self, epoch: int) -> Tensor:
+        """The row order of ``epoch`` (a function of seed and epoch only), kept for the epoch."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
         if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+            order = torch.arange(self.n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        self._perm = (epoch, order)
+        return order
 
     def next_batch(self, batch_size: int) -> Batch:
         idx = []

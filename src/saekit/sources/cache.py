@@ -200,7 +200,7 @@ class CacheSource(ActivationSource):
         epochs: int = 0,
     ) -> None:
         self.dir = Path(cache_dir)
-        self.manifest = man = read_manifest(self.dir)
+        self.manifest = man = self._read_manifest()
         available = list(man["sites"])
         if sites is None:
             sites = available
@@ -223,6 +223,13 @@ class CacheSource(ActivationSource):
         self.tokens = self._open(None, "token_ids") if man.get("has_token_ids") else None
         self.pos = 0
         self._window: tuple[int, int, np.ndarray] | None = None
+
+    def _read_manifest(self) -> dict[str, Any]:
+        return read_manifest(self.dir)
+
+    @staticmethod
+    def cached_sites(cache_dir: str | Path) -> list[str]:
+        return list(read_manifest(cache_dir)["sites"])
 
     def _open(self, site: str | None, kind: str) -> list[np.ndarray]:
         arrays = []

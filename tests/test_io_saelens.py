@@ -12,7 +12,7 @@ from saekit import SAE, SAEConfig
 from saekit.io import load_sae, save_sae
 
 pytestmark = needs_peers
-RULES = ["topk", "batchtopk", "jumprelu", "relu"]
+RULES = ["topk", "batchtopk", "jumprelu", "relu", "abstopk"]
 
 
 def test_sae_lens_loads_saekit_dirs(tmp_path: Path) -> None:
@@ -52,6 +52,7 @@ def test_sae_lens_loads_saekit_dirs(tmp_path: Path) -> None:
     got = {ln.split()[0]: (ln.split()[1], float(ln.split()[2])) for ln in lines if ln.strip()}
     assert got["topk"][0] == "TopKSAE" and got["relu"][0] == "StandardSAE"
     assert got["jumprelu"][0] == got["batchtopk"][0] == "JumpReLUSAE"
+    assert got["abstopk"][0] == "AbsTopKSAE"  # signed codes, exact in SAELens too
     assert all(err < 1e-4 for _, err in got.values()), got
 
 

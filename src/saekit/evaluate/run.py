@@ -35,6 +35,7 @@ from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
+from saekit.io.paths import check_writable_dir
 from saekit.options import Options, from_dict, option
 from saekit.sources.base import ActivationSource, Batch
 
@@ -66,8 +67,6 @@ class EvalConfig(Options):
     )
     seed: int = option(0, "seed of the evaluation stream and the random baseline", ge=0)
     device: str = option("cpu", "device of the SAE during evaluation", check=device_problem)
-    model: str = option("", "model to evaluate on ('' : the run's; for SAEs from other libraries)")
-    site: str = option("", "hook site ('' : the run's), e.g. layers.3.resid_post")
 
 
 @dataclass
@@ -100,7 +99,7 @@ def eval_source(
     if data_cfg.source == "hf":
         from saekit.sources.hf import HFSource
 
-        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, with_grad=False, device=cfg.device)
+        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, inputs=[], device=cfg.device)
         notes: list[str] = []
         if _is_local_text(dc.dataset):
             part, split = "eval", dc.dataset_split
@@ -211,11 +210,18 @@ def evaluate_run(
     cfg: EvalConfig | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    data_cfg: DataConfig | None = None,
+    k: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
 
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
-    model for HF runs (else loaded from the run's ``DataConfig.model``).
+    model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
+    be any SAE :func:`saekit.io.native.open_sae` reads (a peer format, a file, ``hf://`` /
+    ``saelens:``); an SAE file's outputs go to ``<file>.eval/`` and a hub SAE's need
+    ``out_dir``. Without a saekit ``data`` section the model and site come from the SAE's
+    metadata, else ``data_cfg`` (the model, site and text it reads) is required. ``k``: for
+    files that do not store it.
     """
     from saekit.io.hub import is_remote
     from saekit.io.native import info_from_meta, open_sae, run_info
@@ -227,22 +233,26 @@ def evaluate_run(
         cfg.probe_data = str(probe_data)
     if out_dir is None and is_remote(run_dir):
         raise ConfigError(f"{run_dir} is read-only (a hub cache): pass an output directory (--out)")
-    sae, meta = open_sae(run_dir, device=cfg.device)
+    sae, meta = open_sae(run_dir, device=cfg.device, k=k)
     run_dir = Path(meta["path"])
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
+    out = Path(out_dir) if out_dir is not None else default_out
     sae.train(False)
     info = run_info(run_dir) if meta["format"] == "saekit" else info_from_meta(meta)
-    if cfg.model or cfg.site:
-        info.setdefault("data", {}).update({k: v for k, v in (("model", cfg.model),) if v})
-        if cfg.site:
-            info["site"] = cfg.site
-            info["data"]["sites"] = [cfg.site]
-    if not isinstance(info.get("data"), dict):
-        raise FormatError(
-            f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
+    if data_cfg is None:
+        data = info.get("data")
+        known = isinstance(data, dict) and (
+            meta["format"] == "saekit" or (data.get("model") and data.get("sites"))
         )
-    data_cfg = from_dict(DataConfig, info["data"])
+        if not known:
+            where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
+            raise FormatError(
+                f"{where} records no saekit 'data' section (nor a model and hook): cannot"
+                " rebuild its data; pass the model and hook site (saekit eval --model NAME"
+                " --site layers.N.KIND)"
+            )
+        data_cfg = from_dict(DataConfig, data)
+    check_writable_dir(out, "eval output directory")
     src = eval_source(data_cfg, cfg, model, tokenizer)
     site = str(info.get("site") or (data_cfg.sites[0] if data_cfg.sites else src.source.sites[0]))
     if site not in src.source.sites:
@@ -393,7 +403,9 @@ def load_eval(run_dir: str | Path) -> dict[str, Any]:
     p = p if p.suffix == ".json" else p / "eval.json"
     if not p.is_file():
         raise MissingFileError(f"{p} not found: run `saekit eval {p.parent}` first")
-    return json.loads(p.read_text())
+    from saekit.io.atomic import read_json
+
+    return read_json(p)
 
 
 def compare_runs(

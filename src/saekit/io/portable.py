@@ -184,7 +184,9 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
     if b_enc is None:  # gated SAEs have b_gate / b_mag instead
         b_enc = weights["b_mag"] if "b_mag" in weights else weights["W_enc"].new_zeros(1)
     p = Portable(
-        architecture="jumprelu" if arch == "matryoshka_batchtopk" else arch,
+        architecture=(
+            "jumprelu" if arch == "matryoshka_batchtopk" and _import_rule(arch) is None else arch
+        ),
         W_enc=weights["W_enc"],
         b_enc=b_enc,
         W_dec=weights["W_dec"],
@@ -197,12 +199,28 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
     )
     if cfg.get("rescale_acts_by_decoder_norm"):
         p = fold_decoder_norm(p)
-    if p.architecture == "gated":
+    if p.architecture == "gated" and _import_rule("gated") is None:
         for n in ("r_mag", "b_gate", "b_mag"):
             if n not in weights:
                 raise FormatError(f"SAELens gated weights lack {n!r}")
         p = gated_as_jumprelu(p)
     return p
+
+
+def _import_rule(arch: str) -> Any:
+    from saekit.rules.base import saelens_import_rule
+
+    return saelens_import_rule(arch)
+
+
+def canonical_saelens(
+    cfg: dict[str, Any], weights: dict[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``cfg`` and ``weights`` after :func:`portable_from_saelens` (rescale folded, exact
+    conversions made), ready for the rule that imports the architecture."""
+    p = portable_from_saelens(cfg, weights)
+    cfg = {**cfg, "architecture": p.architecture, "rescale_acts_by_decoder_norm": False}
+    return cfg, p.saelens_weights()
 
 
 def sae_from_portable(p: Portable, k: int | None = None) -> SAE:
@@ -215,15 +233,14 @@ def sae_from_portable(p: Portable, k: int | None = None) -> SAE:
 
 @torch.no_grad()
 def portable_from_sae(sae: SAE, meta: dict[str, Any] | None = None) -> Portable:
-    """``sae`` as SAELens would load it (folded weights; the rule's export architecture)."""
+    """``sae`` as SAELens would load it (folded weights; the rule's SAELens export)."""
     import warnings
 
-    from saekit.io.saelens import saelens_cfg
+    from saekit.io.saelens import saelens_export
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the signed-codes warning is the writer's to give
-        cfg = saelens_cfg(sae)
-    w = sae.folded_weights()
+        cfg, w = saelens_export(sae)
     extra = {n: t for n, t in w.items() if n not in (*CORE, "threshold")}
     return Portable(
         architecture=cfg["architecture"],
@@ -252,6 +269,7 @@ __all__ = [
     "CORE",
     "Portable",
     "CONVERTED",
+    "canonical_saelens",
     "fold_decoder_norm",
     "gated_as_jumprelu",
     "portable_from_sae",

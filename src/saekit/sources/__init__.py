@@ -48,5 +48,6 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
             cls.cached_sites(data_cfg.cache_dir)
         ):
             sites = None
+        kwargs.setdefault("verify", data_cfg.verify)
         return cls(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
     raise ConfigError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")

@@ -120,3 +120,17 @@ def test_with_saelens(tmp_path: Path) -> None:
     want = np.asarray(ref["blocks.1.hook_resid_post"]).reshape(-1, 16)
     assert np.array_equal(b.acts["layers.1.resid_post"].numpy(), want)
     assert np.array_equal(b.meta["token_ids"].numpy(), np.asarray(ref["token_ids"]).reshape(-1))
+
+
+def test_cli_cache_format_saelens(tmp_path: Path) -> None:
+    from saekit.cli import main
+
+    syn = '{"n_features": 32, "d": 8, "n_roots": 1}'
+    rc = main(["cache", "--source", "synthetic", "--synthetic", syn, "--out", str(tmp_path / "c"),
+               "--tokens", "640", "--format", "saelens", "--context-size", "16"])  # fmt: skip
+    assert rc == 0
+    src = build_source(DataConfig(source="cache", cache_dir=str(tmp_path / "c")))
+    assert isinstance(src, SAELensCacheSource) and src.n == 640 and src.d_in(src.sites[0]) == 8
+    assert main(["train", "--source", "cache", "--cache-dir", str(tmp_path / "c"), "--d-sae", "32",
+                 "--k", "4", "--total-tokens", "1280", "--batch-size", "128",
+                 "--out-dir", str(tmp_path / "run"), "--progress", "false"]) == 0  # fmt: skip

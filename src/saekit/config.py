@@ -215,6 +215,12 @@ class DataConfig(Options):
         " training adds the ones its rules require",
         choices=_input_names,
     )
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
+    )
     verify: bool = option(
         True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
     )

@@ -36,6 +36,7 @@ from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
+from saekit.evaluate.core import fve
 from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
@@ -99,14 +100,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_start_frac: float
     if decay_start_frac < 1.0 and step >= start:
         return max(0.0, (total - step) / max(total - start, 1))
     return 1.0
-
-
-def fve(x: Tensor, x_hat: Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the batch."""
-    x, x_hat = x.float(), x_hat.float()
-    num = (x - x_hat).pow(2).sum()
-    den = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return float(1 - num / den)
 
 
 def plan_saes(
@@ -499,7 +492,6 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "default_lr",
-    "fve",
     "lr_factor",
     "plan_saes",
     "train",

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from saekit.config import DataConfig
 from saekit.errors import ConfigError, FormatError, OutputExistsError
 from saekit.sources.base import ActivationSource
 from saekit.sources.cache import CacheSource
@@ -129,18 +130,37 @@ def _batch_rows(b: Any, sites: list[str], context: int) -> Iterator[dict[str, An
 
 
 def write_saelens_cache(
-    source: ActivationSource,
+    source: ActivationSource | DataConfig,
     out_dir: str | Path,
     n_tokens: int,
-    context_size: int = 128,
+    context_size: int = 0,
     dtype: str = "float32",
     batch_size: int = 4096,
     overwrite: bool = False,
     num_shards: int = 1,
+    seed: int = 0,
 ) -> Path:
-    """Write ``n_tokens`` (a multiple of ``context_size``) of ``source`` as a SAELens cache."""
+    """Write ``n_tokens`` (a multiple of ``context_size``) of ``source`` as a SAELens cache.
+
+    ``source``: a source or a :class:`DataConfig` (built with ``seed``, closed at the end).
+    ``context_size`` 0: the data's ``context_len``, else 128.
+    """
     from saekit.sources.hf_datasets import _datasets
 
+    if isinstance(source, DataConfig):
+        from saekit.sources import build_source
+
+        built = build_source(source, seed)
+        try:
+            size = context_size or source.context_len
+            return write_saelens_cache(
+                built, out_dir, n_tokens, size, dtype, batch_size, overwrite, num_shards
+            )
+        finally:
+            built.close()
+    if not context_size:
+        cfg = getattr(source, "cfg", None)
+        context_size = int(getattr(cfg, "context_len", 0) or 128)
     ds_mod = _datasets()
     if dtype not in _DTYPES:
         raise ConfigError(f"SAELens cache dtype must be one of {', '.join(_DTYPES)}")

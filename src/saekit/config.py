@@ -74,6 +74,11 @@ class TrainConfig:
     warmup_frac: float = _f(0.02, "fraction of steps with linear lr warm-up")
     decay_start_frac: float = _f(0.8, "lr decays linearly to 0 from this fraction of steps")
     grad_clip: float = _f(1.0, "max gradient norm (0 disables)")
+    calibration_tokens: int = _f(
+        -1,
+        "held-back tokens drawn after training on which batch rules calibrate their inference"
+        " thresholds (-1: 65536, at most total_tokens/4, at least 4 batches; 0: none)",
+    )
     seed: int = _f(0, "random seed")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
     checkpoint_every: int = _f(200, "steps between checkpoints (0: only at the end)")

@@ -5,7 +5,9 @@ Recipe (Gao et al. 2024 defaults, all in :class:`~saekit.config.TrainConfig`): A
 ``warmup_frac`` of the steps, linear decay to 0 from ``decay_start_frac``, gradient-norm
 clipping per SAE, decoder gradient projected (``remove_parallel_grad``) before and rows
 renormalised (``normalize_decoder``) after each step; ``init_from_data`` on the first
-batch. Steps = ``total_tokens // batch_size``.
+batch. Steps = ``total_tokens // batch_size``. After the last step, rules that calibrate
+(``Rule.calibrates``: the batch rules' inference thresholds) see ``calibration_tokens`` of
+held-back batches drawn from the source (:meth:`Trainer.calibrate`).
 
 Checkpoints (``out_dir/checkpoint``, every ``checkpoint_every`` steps and at the end) hold
 the SAEs' weights and buffers, the optimizer states, the torch / Python / NumPy RNG states,
@@ -23,6 +25,7 @@ import math
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,10 @@ RESUMABLE_TRAIN_FIELDS = (
     "device",
 )
 RESUMABLE_DATA_FIELDS = ("device", "model_batch_size")
+#: held-back tokens for calibration when TrainConfig.calibration_tokens is -1 (at most a
+#: quarter of total_tokens, at least 4 batches): measured on synthetic data, 2k tokens leave
+#: the inference L0 ~4% off k, 16k ~1%
+DEFAULT_CALIBRATION_TOKENS = 65_536
 
 
 class TrainingError(RuntimeError):
@@ -170,6 +177,7 @@ class Trainer:
         self.tokens = 0
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.calibrated = False  # held-back calibration done (after the last step)
         self.cur_factor = 1.0
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
@@ -205,6 +213,7 @@ class Trainer:
         )
         # the loop drops each step's output, so the [B, d_sae] pre-activation buffer is reused
         sae.reuse_buffers = True
+        sae.rule.setup_training(self.total_steps)
         run_dir = self.out_dir if len(self.plan) == 1 else self.out_dir / _dir_name(name)
         return _Slot(name, site, sae, opt, base_lr, run_dir)
 
@@ -240,6 +249,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "total_steps": self.total_steps,
+            "calibrated": self.calibrated,
             "configs": self.configs(),
             "names": [s.name for s in self.slots],
             "optim": optim,
@@ -273,6 +283,7 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+        self.calibrated = bool(meta.get("calibrated", False))
         self.last_ckpt_step = self.step
         self._truncate_metrics()
         return True
@@ -437,10 +448,58 @@ class Trainer:
                     if self.last_ckpt_step != self.step:
                         self.save_checkpoint()
                     return self._result(completed=False)  # like a kill after a checkpoint
-        if self.last_ckpt_step != self.step:
+        if completed:
+            self.calibrate()
+        if self.last_ckpt_step != self.step or not self.calibrated:
             self.save_checkpoint()
         self.save_final()
         return self._result(completed=completed)
+
+    def calibration_batches(self) -> int:
+        """Held-back batches drawn after training for the rules that calibrate."""
+        n = self.cfg.calibration_tokens
+        if n < 0:
+            n = min(DEFAULT_CALIBRATION_TOKENS, self.cfg.total_tokens // 4)
+            n = max(4 * self.cfg.batch_size, n)
+        return -(-n // self.cfg.batch_size)
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """After the last step: rules with ``calibrates`` set their inference state on
+        held-back batches drawn from the source (never trained on).
+
+        Nothing else changes, so a run killed here resumes from its last checkpoint and
+        draws the same batches again: the result equals an uninterrupted run.
+        """
+        slots = [s for s in self.slots if s.sae.rule.calibrates]
+        n = self.calibration_batches()
+        if self.calibrated or not slots or n <= 0:
+            self.calibrated = True
+            return
+        for s in slots:
+            s.sae.eval()
+            s.sae.rule.begin_calibration()
+        got, bs = 0, self.cfg.batch_size
+        for _ in range(n):
+            try:
+                batch = self.source.next_batch(bs)
+            except StopIteration:
+                break
+            self._check_finite(batch)
+            for s in slots:
+                s.sae.calibrate_batch(batch.acts[s.site].to(self.device, self.dtype))
+            got += 1
+        for s in slots:
+            s.sae.rule.end_calibration()
+            s.sae.train()
+            self.last_metrics.setdefault(s.name, {})["calibration_tokens"] = got * bs
+        if got == 0:
+            warnings.warn(
+                "the source had no batch left for calibration: batch rules keep the"
+                " inference thresholds tracked during training",
+                stacklevel=2,
+            )
+        self.calibrated = True
 
     def save_final(self) -> None:
         for s in self.slots:

@@ -104,6 +104,57 @@ class Rule(nn.Module):
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
 
+    # -------------------------------------------------------------- run hooks (trainer)
+    #: the rule calibrates its inference state on held-back batches after training: the
+    #: trainer then calls begin_calibration, calibrate (per batch) and end_calibration
+    calibrates: ClassVar[bool] = False
+    #: the communicator through which :meth:`batch_stat` reduces (None: one process);
+    #: anything with ``all_reduce(tensor, op) -> tensor``, op "sum", "min" or "max"
+    comm: Any = None
+
+    def setup_training(self, total_steps: int) -> None:
+        """Told the run's length before training (and again on resume); default: nothing."""
+
+    def init_selection(self, pre: Tensor, ctx: Context) -> Selection:
+        """The selection ``SAE.init_from_data`` scales the encoder with (no state change).
+
+        Default: :meth:`select` as given (inference for an untrained SAE). Rules whose
+        inference differs from training before calibration (batch rules) return their
+        training selection here, so that the initial scale matches the codes they train with.
+        """
+        return self.select(pre, ctx)
+
+    def begin_calibration(self) -> None:
+        """Start a calibration pass (reset its accumulators)."""
+
+    def calibrate(self, pre: Tensor, ctx: Context) -> None:
+        """Accumulate one held-back batch's pre-activations ``[B, d_sae]`` (no grad)."""
+
+    def end_calibration(self) -> None:
+        """Set the inference state from the accumulated batches (none: keep it as is)."""
+
+    def batch_stat(self, t: Tensor, op: str = "sum") -> Tensor:
+        """This rule's one reduction point for batch-global statistics.
+
+        Every statistic a rule takes over "the batch" (budgets, thresholds, frequencies)
+        passes through here, so that under data parallelism it is taken over the global
+        batch: ``comm.all_reduce(t, op)``; with one process, ``t`` itself.
+        """
+        if op not in ("sum", "min", "max"):
+            raise ValueError(f"unknown reduction {op!r}; use sum, min or max")
+        return t if self.comm is None else self.comm.all_reduce(t, op)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # buffers added after a file was written (optional_state) load as their defaults
+        for name in self.optional_state:
+            key = prefix + name
+            if key not in state_dict and name in self._buffers:
+                state_dict[key] = self._buffers[name].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    #: buffer names that files written by older versions may lack (loaded as defaults)
+    optional_state: ClassVar[tuple[str, ...]] = ()
+
 
 _REGISTRY: dict[str, type[Rule]] = {}
 

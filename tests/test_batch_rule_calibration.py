@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from saekit import SAE, SAEConfig, TrainConfig
+from saekit.distributed.comm import Comm
 from saekit.evaluate.core import core_metrics
 from saekit.io import load_sae
 from saekit.sources.base import Batch
@@ -267,18 +268,30 @@ def test_init_scales_the_encoder_with_the_training_codes(rule: str) -> None:
     assert float(ratio) == pytest.approx(1.0, rel=0.02)
 
 
-class RecordingComm:
-    """Stands in for a 2-process communicator whose other rank sees the same batch."""
+class RecordingComm(Comm):
+    """One process, recording every reduction that is asked of it."""
 
     def __init__(self) -> None:
         self.ops: list[str] = []
 
-    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
-        self.ops.append(op)
-        return t * 2 if op == "sum" else t
+    def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.ops.append("batch_sum")
+        return t
+
+    def all_min(self, t: torch.Tensor) -> torch.Tensor:
+        self.ops.append("all_min")
+        return t
+
+    def capacity_selection(self, z, m):
+        self.ops.append("capacity_selection")
+        return super().capacity_selection(z, m)
+
+    def global_topk(self, pre, budget):
+        self.ops.append("global_topk")
+        return super().global_topk(pre, budget)
 
 
-def test_batch_statistics_pass_through_the_rule_reduction_point() -> None:
+def test_batch_statistics_pass_through_the_communicator() -> None:
     x = torch.randn(64, 12)
     for rule in BATCH_RULES:
         torch.manual_seed(0)
@@ -286,19 +299,19 @@ def test_batch_statistics_pass_through_the_rule_reduction_point() -> None:
         torch.manual_seed(0)
         b = SAE(SAEConfig(d_in=12, d_sae=48, rule=rule, k=3))
         comm = RecordingComm()
-        b.rule.comm = comm
+        b.comm = comm
         a.train(), b.train()
         a(x), b(x)
-        assert comm.ops, rule  # the training step reduced its statistics
-        # a doubled batch with the same statistics: nothing changes (Feature Choice's
-        # capacities are those of the doubled batch, so only its ranking statistic)
-        keys = ["rank_stat"] if rule == "feature_choice" else list(a.rule.state_dict())
-        for k in keys:
-            torch.testing.assert_close(a.rule.state_dict()[k], b.rule.state_dict()[k], msg=k)
+        wanted = {"all_min", "global_topk"} if rule != "feature_choice" else {"batch_sum"}
+        assert wanted <= set(comm.ops), (rule, comm.ops)
+        if rule == "feature_choice":
+            assert "capacity_selection" in comm.ops
+        for k, v in a.rule.state_dict().items():
+            torch.testing.assert_close(v, b.rule.state_dict()[k], msg=f"{rule} {k}")
         n = len(comm.ops)
         for s in (a, b):
-            s.rule.begin_calibration()
+            s.begin_calibration()
             s.calibrate_batch(x)
-            s.rule.end_calibration()
+            s.end_calibration()
         assert len(comm.ops) > n, rule  # so did the calibration
         torch.testing.assert_close(a.rule.threshold, b.rule.threshold)

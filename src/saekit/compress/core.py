@@ -33,6 +33,7 @@ from saekit.compress.lowrank import (
     get_module,
     set_module,
 )
+from saekit.errors import ConfigError
 
 
 @dataclass
@@ -77,13 +78,13 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+            raise ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.order not in ("block", "layer"):
-            raise ValueError(f"order must be 'block' or 'layer', got {self.order!r}")
+            raise ConfigError(f"order must be 'block' or 'layer', got {self.order!r}")
         if str(self.sequential).lower() not in ("auto", "true", "false"):
-            raise ValueError(f"sequential must be auto/true/false, got {self.sequential!r}")
+            raise ConfigError(f"sequential must be auto/true/false, got {self.sequential!r}")
         self.beta_value()
 
     def beta_value(self) -> float | str:
@@ -93,9 +94,9 @@ class CompressConfig:
         try:
             v = float(b)
         except ValueError:
-            raise ValueError(f"beta must be a number, 'aces' or 'grid'; got {b!r}") from None
+            raise ConfigError(f"beta must be a number, 'aces' or 'grid'; got {b!r}") from None
         if not 0.0 <= v < 1.0:
-            raise ValueError(f"β must be in [0, 1), got {v}")
+            raise ConfigError(f"β must be in [0, 1), got {v}")
         return v
 
     def is_sequential(self) -> bool:
@@ -313,9 +314,9 @@ def compress_model(
     """
     names = find_linear_layers(model, cfg.include or None, cfg.exclude or None)
     if not names:
-        raise ValueError("no nn.Linear/Conv1D layers inside numbered blocks to compress")
+        raise ConfigError("no nn.Linear/Conv1D layers inside numbered blocks to compress")
     if cfg.method != "svd" and not batches:
-        raise ValueError(f"method {cfg.method!r} needs calibration batches")
+        raise ConfigError(f"method {cfg.method!r} needs calibration batches")
     params_before = count_params(model)
     seq = cfg.is_sequential()
     need_teacher = cfg.method == "saes" or (cfg.method != "svd" and not seq)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError, DataError
+
 METHODS = ("svd", "asvd", "svdllm", "saes")
 
 
@@ -27,7 +29,7 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """Uniform rank ``r = ⌊m n (1 − ratio) / (m + n)⌋`` (ratio = fraction of parameters
     removed), clipped to ``[1, min(m, n)]``."""
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio is the fraction of parameters removed, in [0, 1); got {ratio}")
+        raise ConfigError(f"ratio is the fraction of parameters removed, in [0, 1); got {ratio}")
     r = math.floor(m * n * (1.0 - ratio) / (m + n))
     return max(1, min(r, m, n))
 
@@ -36,7 +38,7 @@ def _check_rank(W: Tensor, r: int) -> None:
     if W.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
     if not 1 <= r <= min(W.shape):
-        raise ValueError(
+        raise ConfigError(
             f"rank must be in [1, {min(W.shape)}] for a {tuple(W.shape)} weight, got {r}"
         )
 
@@ -97,7 +99,7 @@ def cholesky(
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
-        raise ValueError(f"H{f' of {name}' if name else ''} has non-finite entries")
+        raise DataError(f"H{f' of {name}' if name else ''} has non-finite entries")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H + ridge_value(H, ridge) * eye)
     if int(info) == 0:
@@ -202,7 +204,7 @@ def saes_factor(
     b_grid = rho_grid = None
     if isinstance(beta, str):
         if beta not in ("aces", "grid"):
-            raise ValueError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
+            raise ConfigError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
         b = 0.0
         if delta is not None and (grid or beta == "grid"):
             b_grid, rho_grid = grid_beta(G0, G1, r, beta_max, grid or 21)
@@ -213,7 +215,7 @@ def saes_factor(
     else:
         b = float(beta)
         if not 0.0 <= b < 1.0 and delta is not None:
-            raise ValueError(f"β = α/(1+α) must be in [0, 1), got {b}")
+            raise ConfigError(f"β = α/(1+α) must be in [0, 1), got {b}")
     G = G0 + b * G1
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     A, Bw = _split(U, S, Vh, r)

@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from saekit.compress.lowrank import LowRankLinear, set_module
+from saekit.errors import ConfigError, FormatError, MissingFileError
 
 FORMAT = "saekit-lowrank"
 WEIGHTS = "model.safetensors"
@@ -41,7 +42,7 @@ def save_compressed(
     """Write the compressed model to ``out_dir``; returns the weight file size in bytes."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
-        raise ValueError("save_compressed needs a transformers model (with .config)")
+        raise ConfigError("save_compressed needs a transformers model (with .config)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
@@ -75,10 +76,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     """The ``compression.json`` of a saved compressed model."""
     p = Path(path) / META
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: not a directory written by save_compressed")
+        raise MissingFileError(f"{p} not found: not a directory written by save_compressed")
     meta = json.loads(p.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{p}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise FormatError(f"{p}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
 
 
@@ -89,7 +90,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     path = Path(path)
     meta = read_meta(path)
     if not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path / WEIGHTS} not found")
+        raise MissingFileError(f"{path / WEIGHTS} not found")
     config = transformers.AutoConfig.from_pretrained(path)
     cls = getattr(transformers, meta.get("model_class", ""), None)
     dtype = getattr(torch, meta.get("dtype", "float32"))
@@ -108,7 +109,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
         )
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise FormatError(
             f"{path / WEIGHTS} does not match the rebuilt model: missing {missing}, "
             f"unexpected {unexpected}"
         )

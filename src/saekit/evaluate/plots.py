@@ -10,7 +10,9 @@ from saekit.evaluate.afa import ZF_BOUNDS
 
 
 def _plt():
-    import matplotlib
+    from saekit.extras import require
+
+    matplotlib = require("matplotlib", "plots (turn them off with --plots false)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
+
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
     from saekit.sae import SAE, SAEOutput
@@ -54,6 +57,8 @@ class Context:
     x_in: Tensor  # encoder input: x - b_dec or x
     grad: Tensor | None = None  # dLoss/dx in the same space [B, d_in] (gtopk)
     step: int = 0
+    #: batch-global reductions and cross-shard selections (saekit.distributed.comm)
+    comm: Comm = LOCAL
 
 
 #: rule_options keys read by shared components rather than by the rule (e.g. the aux-zipf
@@ -76,6 +81,9 @@ class Rule(nn.Module):
     uses_aux: ClassVar[bool] = True
     #: SAELens architecture name for export, and whether a threshold tensor goes with it
     saelens_architecture: ClassVar[str] = "topk"
+    #: selection, activation and loss terms are exact when latents are sharded across ranks
+    #: (they reach other latents only through ``ctx.comm``)
+    latent_shardable: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -85,7 +93,7 @@ class Rule(nn.Module):
             self.opts = self.Options(**own)
         except TypeError as e:
             known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ValueError(
+            raise ConfigError(
                 f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
             ) from e
 
@@ -108,9 +116,6 @@ class Rule(nn.Module):
     #: the rule calibrates its inference state on held-back batches after training: the
     #: trainer then calls begin_calibration, calibrate (per batch) and end_calibration
     calibrates: ClassVar[bool] = False
-    #: the communicator through which :meth:`batch_stat` reduces (None: one process);
-    #: anything with ``all_reduce(tensor, op) -> tensor``, op "sum", "min" or "max"
-    comm: Any = None
 
     def setup_training(self, total_steps: int) -> None:
         """Told the run's length before training (and again on resume); default: nothing."""
@@ -119,30 +124,39 @@ class Rule(nn.Module):
         """The selection ``SAE.init_from_data`` scales the encoder with (no state change).
 
         Default: :meth:`select` as given (inference for an untrained SAE). Rules whose
-        inference differs from training before calibration (batch rules) return their
-        training selection here, so that the initial scale matches the codes they train with.
+        inference differs from training before calibration (batch rules) return codes like
+        their training ones here, so that the initial scale matches what they train with.
+        ``init_from_data`` sees the whole sample on every rank: no batch-axis collective.
         """
         return self.select(pre, ctx)
 
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, comm: Comm = LOCAL) -> None:
         """Start a calibration pass (reset its accumulators)."""
 
     def calibrate(self, pre: Tensor, ctx: Context) -> None:
         """Accumulate one held-back batch's pre-activations ``[B, d_sae]`` (no grad)."""
 
-    def end_calibration(self) -> None:
+    def end_calibration(self, comm: Comm = LOCAL) -> None:
         """Set the inference state from the accumulated batches (none: keep it as is)."""
 
-    def batch_stat(self, t: Tensor, op: str = "sum") -> Tensor:
-        """This rule's one reduction point for batch-global statistics.
+    def batch_stat(self, t: Tensor, op: str, comm: Comm = LOCAL) -> Tensor:
+        """This rule's one reduction point for batch-global statistics (no grad).
 
         Every statistic a rule takes over "the batch" (budgets, thresholds, frequencies)
-        passes through here, so that under data parallelism it is taken over the global
-        batch: ``comm.all_reduce(t, op)``; with one process, ``t`` itself.
+        passes through here, so that it is taken over the global batch under
+        :mod:`saekit.distributed`: ``op`` "sum" over the batch axis (per-latent statistics,
+        token counts), "total" over every rank (a scalar partial over tokens and latent
+        shards), "min" / "max" over every rank. With one process, ``t`` itself.
         """
-        if op not in ("sum", "min", "max"):
-            raise ValueError(f"unknown reduction {op!r}; use sum, min or max")
-        return t if self.comm is None else self.comm.all_reduce(t, op)
+        if op == "sum":
+            return comm.batch_sum(t)
+        if op == "total":
+            return comm.latent_sum(comm.batch_sum(t))
+        if op == "min":
+            return comm.all_min(t)
+        if op == "max":
+            return comm.all_max(t)
+        raise ValueError(f"unknown reduction {op!r}; use sum, total, min or max")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # buffers added after a file was written (optional_state) load as their defaults
@@ -177,7 +191,9 @@ def get_rule_class(name: str) -> type[Rule]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(rule_names())}") from None
+        raise ConfigError(
+            f"unknown rule {name!r}; known rules: {', '.join(rule_names())}"
+        ) from None
 
 
 def build_rule(cfg: SAEConfig) -> Rule:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.rules.base import Context, Rule, Selection, register
 
 #: start of the tracked threshold when the run length is unknown (dictionary_learning's)
@@ -21,15 +22,16 @@ class BatchTopKOptions:
     calibrate: bool = True  # set the inference threshold on held-back batches after training
 
 
-def batch_topk_selection(pre: Tensor, budget: int) -> Selection:
+def batch_topk_selection(pre: Tensor, budget: int, comm: Comm = LOCAL) -> Selection:
     """The ``budget`` largest positive entries of ``pre [B, F]``, as padded per-row indices.
 
     Exactly ``budget`` entries survive (ties broken arbitrarily) unless fewer than ``budget``
     are positive. Computed by :func:`saekit.kernels.global_topk` (per-row candidates, then
-    a top-k over the candidates, with a correctness fallback: no sort of all B*F values).
+    a top-k over the candidates, with a correctness fallback: no sort of all B*F values);
+    across ranks by ``comm.global_topk`` (the global batch and every latent shard).
     Padding indices are distinct within a row and masked.
     """
-    idx, mask, counts = kernels.global_topk(pre, budget)
+    idx, mask, counts = comm.global_topk(pre, budget)
     return Selection(indices=idx, mask=mask, extras={"counts": counts})
 
 
@@ -47,22 +49,24 @@ class BatchTopK(Rule):
     Inference: a global threshold ``theta``: ``z = pre * 1[pre > theta]``.
 
     * **Calibrated** (default, ``calibrate``): after training the trainer draws held-back
-      batches; ``theta`` is the mean over them of each batch's smallest kept activation
-      (the ``k*B``-th largest entry), the original paper's average, so that the inference
-      L0 on data like the training data is ``k``.
+      batches; ``theta`` is the mean over them of each batch's cut, the midpoint of its
+      ``k*B``-th and ``(k*B+1)``-th largest entries (the original paper averages the
+      threshold over batches), so that the inference L0 on data like the training data
+      is ``k``.
     * **Tracked** (before calibration, or without it): from ``threshold_start_step`` on
-      (default half the run [our choice], scaled to it so that the threshold reflects the
+      (default half the run [our choice], scaled to it so that the threshold follows the
       trained encoder, not the untrained one) an EMA (decay ``threshold_decay``,
       dictionary_learning's variant) of the smallest kept activation, bias-corrected as in
       Adam (``ema / (1 - d^n)`` after ``n`` updates); before the start, the latest batch's
       value. An untrained SAE has ``theta = 0`` (ReLU).
 
-    Every batch-global statistic goes through :meth:`Rule.batch_stat`.
+    Every batch-global statistic goes through :meth:`Rule.batch_stat` (``ctx.comm``).
     """
 
     name = "batchtopk"
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
+    latent_shardable = True
     calibrates = True
     optional_state = ("threshold_ema", "threshold_updates")
 
@@ -77,31 +81,36 @@ class BatchTopK(Rule):
     def setup_training(self, total_steps: int) -> None:
         self._total_steps = total_steps
 
-    def training_selection(self, pre: Tensor) -> Selection:
-        """The top ``k*B`` of the batch (no state change)."""
-        return batch_topk_selection(pre, self.cfg.k * pre.shape[0])
+    def training_selection(self, pre: Tensor, comm: Comm = LOCAL) -> Selection:
+        """The top ``k*B`` of the global batch (no state change)."""
+        return batch_topk_selection(pre, self.cfg.k * comm.n_tokens(pre.shape[0]), comm)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if ctx.training:
-            sel = self.training_selection(pre)
-            self._track(self._batch_threshold(pre, sel), ctx.step)
+            sel = self.training_selection(pre, ctx.comm)
+            self._track(self._smallest_kept(pre, sel, ctx.comm), ctx.step)
             return sel
         return threshold_selection(pre, self.threshold.clamp_min(0.0))
 
     def init_selection(self, pre: Tensor, ctx: Context) -> Selection:
-        return self.training_selection(pre)
+        """Each token's top ``k`` (exact across latent shards): the ``k`` latents per token
+        the batch selection keeps on average, without the batch axis (``init_from_data``
+        sees the whole sample on every rank)."""
+        idx, mask = ctx.comm.topk(torch.relu(pre), self.cfg.k)
+        keep = pre.gather(1, idx) > 0
+        return Selection(indices=idx, mask=keep if mask is None else mask & keep)
 
     @torch.no_grad()
-    def _batch_threshold(self, pre: Tensor, sel: Selection) -> Tensor:
-        """The smallest kept activation of the (global) batch; ``inf`` if nothing was kept."""
+    def _smallest_kept(self, pre: Tensor, sel: Selection, comm: Comm) -> Tensor:
+        """The smallest kept activation of the global batch; ``inf`` if nothing was kept."""
         assert sel.indices is not None and sel.mask is not None
         vals = pre.detach().gather(1, sel.indices)[sel.mask]
         m = vals.min() if vals.numel() else pre.new_tensor(float("inf"))
-        return self.batch_stat(m, "min")
+        return self.batch_stat(m, "min", comm)
 
     @torch.no_grad()
     def _track(self, m: Tensor, step: int) -> None:
-        if not torch.isfinite(m):
+        if not bool(torch.isfinite(m)):
             return
         if step < start_step(self.opts.threshold_start_step, self._total_steps):
             self.threshold.copy_(m)
@@ -113,46 +122,46 @@ class BatchTopK(Rule):
         self.threshold.copy_(self.threshold_ema / debias if debias > 0 else m)
 
     # ---------------------------------------------------------------- calibration
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, comm: Comm = LOCAL) -> None:
         self._cal = []
 
     @torch.no_grad()
     def calibrate(self, pre: Tensor, ctx: Context) -> None:
         if self.opts.calibrate:
-            self._cal.append(batch_cut(pre, self.cfg.k * pre.shape[0]))
+            self._cal.append(self._batch_cut(pre, ctx.comm))
 
     @torch.no_grad()
-    def end_calibration(self) -> None:
-        """``theta`` = the mean cut over the held-back batches (of every process)."""
-        if not self.opts.calibrate:
-            return
-        cuts = torch.stack(self._cal).double() if self._cal else torch.zeros(0).double()
-        total = self.batch_stat(cuts.sum(), "sum")
-        n = self.batch_stat(torch.tensor(float(cuts.numel()), dtype=torch.float64), "sum")
+    def _batch_cut(self, pre: Tensor, comm: Comm) -> Tensor:
+        """Midpoint of the global batch's ``k*B``-th and ``(k*B+1)``-th largest entries.
+
+        The empirical cut that keeps ``k*B`` entries: 0 when no more than ``k*B`` entries
+        are positive (all of them are kept, as in training). The midpoint rather than the
+        smallest kept value: averaged over batches, the latter keeps a rate below the one
+        it stands for (see ``feature_choice.FeatureChoice.calibrate``).
+        """
+        budget = self.cfg.k * comm.n_tokens(pre.shape[0])
+        sel = batch_topk_selection(pre, budget + 1, comm)  # positive entries only
+        assert sel.indices is not None and sel.mask is not None
+        vals = pre.gather(1, sel.indices)[sel.mask]
+        kept = self.batch_stat(vals.new_tensor(float(vals.numel())), "total", comm)
+        inf = pre.new_full((2,), float("inf"))
+        two = torch.cat([vals.topk(min(2, vals.numel()), largest=False).values, inf])
+        lo = self.batch_stat(two[0], "min", comm)  # the (k*B+1)-th largest
+        # the k*B-th: the smallest entry left once one copy of ``lo`` is taken out
+        hi = self.batch_stat(torch.where(two[0] == lo, two[1], two[0]), "min", comm)
+        if int(kept) <= budget:
+            return pre.new_zeros(())
+        return 0.5 * (lo + hi)
+
+    @torch.no_grad()
+    def end_calibration(self, comm: Comm = LOCAL) -> None:
+        """``theta`` = the mean cut over the held-back batches (the same on every rank)."""
+        if self.opts.calibrate and self._cal:
+            self.threshold.copy_(torch.stack(self._cal).double().mean())
         self._cal = []
-        if float(n) > 0:
-            self.threshold.copy_(total / n)
 
     def export_threshold(self) -> Tensor:
         return self.threshold.clamp_min(0.0).expand(self.cfg.d_sae).clone()
-
-
-@torch.no_grad()
-def batch_cut(pre: Tensor, budget: int) -> Tensor:
-    """Midpoint of the ``budget``-th and ``(budget+1)``-th largest entries of ``pre``.
-
-    The empirical cut that keeps ``budget`` entries: 0 when no more than ``budget`` entries
-    are positive (then all of them are kept, as in training). The midpoint rather than the
-    smallest kept value: averaged over batches, the latter sits above the cut for the
-    rate it stands for (see ``feature_choice.column_cut``).
-    """
-    sel = batch_topk_selection(pre, budget + 1)  # positive entries only
-    assert sel.indices is not None and sel.mask is not None
-    vals = pre.gather(1, sel.indices)[sel.mask]
-    if vals.numel() <= budget:
-        return pre.new_zeros(())
-    two = vals.topk(2, largest=False).values
-    return 0.5 * (two[0] + two[1])
 
 
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:

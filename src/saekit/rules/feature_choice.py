@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit import kernels
+from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import start_step, threshold_selection
 
@@ -30,9 +31,9 @@ RANK_STATISTICS = ("topk", "mass")
 def zipf_profile(n: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
     """``p_r ~ 1/(r + beta)^alpha`` for ranks ``r = 1..n``, normalised to sum to 1 (float64)."""
     if beta <= -1:
-        raise ValueError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
+        raise ConfigError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
     if alpha < 0:
-        raise ValueError(f"Zipf alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"Zipf alpha must be >= 0, got {alpha}")
     r = torch.arange(1, n + 1, dtype=torch.float64)
     p = (r + beta).pow(-alpha)
     return p / p.sum()
@@ -71,7 +72,7 @@ def zipf_capacities(p: Tensor, total: int, cap: int | Tensor, floor: int = 1) ->
         total = min(total, int(caps.sum()))
     else:
         if total > n * cap:
-            raise ValueError(f"budget {total} exceeds {n} features x {cap} tokens")
+            raise ConfigError(f"budget {total} exceeds {n} features x {cap} tokens")
         caps = torch.full((n,), float(cap), dtype=torch.float64, device=p.device)
     lo = torch.minimum(caps, torch.full_like(caps, float(floor if floor * n <= total else 0)))
     p = p.to(torch.float64)
@@ -95,31 +96,6 @@ def zipf_capacities(p: Tensor, total: int, cap: int | Tensor, floor: int = 1) ->
     return m
 
 
-def column_cut(z: Tensor, m: Tensor) -> Tensor:
-    """Per column of ``z [B, F]`` (non-negative), the midpoint of its ``m_i``-th and
-    ``(m_i+1)``-th largest entries: the empirical cut at rate ``m_i / B`` (0 when ``m_i =
-    0``; the ``(B+1)``-th entry counts as 0).
-
-    The midpoint, not the ``m_i``-th value itself: averaged over batches, the latter
-    keeps a feature with ``m_i = 1`` at about 0.56 of its rate on new data (the mean
-    of a batch maximum lies above the 1/B quantile); the midpoint's rate is close to it.
-    Columns are grouped by powers of two of ``m_i + 1`` so that each group takes a top of
-    its own width.
-    """
-    B, F = z.shape
-    m = m.to(device=z.device, dtype=torch.long).clamp(0, B)
-    out = torch.zeros(F, dtype=z.dtype, device=z.device)
-    bucket = torch.ceil(torch.log2((m + 1).double())).long()
-    for j in torch.unique(bucket[m > 0]).tolist():
-        cols = ((bucket == j) & (m > 0)).nonzero(as_tuple=True)[0]
-        width = min(1 << j, B)
-        v = z.index_select(1, cols).t().topk(width, dim=1, sorted=True).values  # [n, width]
-        v = torch.cat([v, v.new_zeros(v.shape[0], 1)], 1)  # the (B+1)-th entry: 0
-        mc = m[cols][:, None]
-        out[cols] = 0.5 * (v.gather(1, mc - 1) + v.gather(1, mc)).squeeze(1)
-    return out
-
-
 @register
 class FeatureChoice(Rule):
     """Feature i takes its top ``m_i`` tokens of ``Z' = ReLU(pre)`` in each training batch.
@@ -135,9 +111,12 @@ class FeatureChoice(Rule):
     index. ``p_i ~ 1/(rank_i + beta)^alpha`` and ``m_i ~ k*B*p_i`` rounded so that ``sum
     m_i = k*B`` exactly, ``m_i <= B`` and ``m_i >= min_capacity`` whenever ``k*B >=
     min_capacity * d_sae`` (then every feature with a positive pre-activation somewhere in
-    the batch fires: no dead features). See :func:`zipf_capacities`. Selection:
-    :func:`saekit.kernels.capacity_selection` (capacities bucketed by powers of two, no
-    ``[B, F]`` mask); only positive entries count.
+    the batch fires: no dead features). Each ``m_i`` is also capped by the positive
+    entries of column i, the budget it cannot use going to the others (water-filled
+    again), so that exactly ``k*B`` entries are selected whenever the batch has that many
+    positive ones [our choice]. See :func:`zipf_capacities`. Selection: column top-``m_i``
+    (:func:`saekit.kernels.capacity_selection`, no ``[B, F]`` mask; across ranks
+    ``ctx.comm.capacity_selection``); only positive entries count.
 
     Inference [our choice; the paper gives none, a flagged deviation]: JumpReLU with
     per-feature thresholds ``theta_i``, so that each feature fires at inference at its
@@ -145,12 +124,13 @@ class FeatureChoice(Rule):
 
     * **calibrated** (default, ``calibrate``): after training, on held-back batches,
       ``theta_i`` is the mean over the batches of the midpoint of feature i's ``m_i``-th
-      and ``(m_i+1)``-th largest ``ReLU(pre)`` under the final capacities
-      (:func:`column_cut`); ``inf`` for a feature that never had a capacity there;
+      and ``(m_i+1)``-th largest ``ReLU(pre)`` under the final capacities (the midpoint: a
+      mean of batch maxima alone keeps a feature with ``m_i = 1`` at ~0.56 of its rate on
+      new data); ``inf`` for a feature that never had a capacity there;
     * **tracked** (before calibration): from ``threshold_start_step`` on (default half
-      the run) a per-feature bias-corrected EMA of that value (decay ``threshold_decay``),
-      before it the latest value; ``inf`` for a feature never selected, every ``theta_i``
-      0 (ReLU) before any training.
+      the run) a per-feature bias-corrected EMA of the smallest selected activation (decay
+      ``threshold_decay``), before it the latest value; ``inf`` for a feature never
+      selected, every ``theta_i`` 0 (ReLU) before any training.
 
     ``extras["capacity"]`` holds ``m`` in training. Batch statistics pass through
     :meth:`Rule.batch_stat`.
@@ -166,7 +146,7 @@ class FeatureChoice(Rule):
         super().__init__(cfg)
         zipf_profile(1, self.opts.alpha, self.opts.beta)  # validate early
         if self.opts.rank_by not in RANK_STATISTICS:
-            raise ValueError(
+            raise ConfigError(
                 f"feature_choice rank_by={self.opts.rank_by!r}; use {' or '.join(RANK_STATISTICS)}"
             )
         F = cfg.d_sae
@@ -179,7 +159,6 @@ class FeatureChoice(Rule):
         self._total_steps: int | None = None
         self._cal_sum: Tensor | None = None
         self._cal_n: Tensor | None = None
-        self._cal_cap: Tensor | None = None
 
     def setup_training(self, total_steps: int) -> None:
         self._total_steps = total_steps
@@ -194,8 +173,7 @@ class FeatureChoice(Rule):
         """``m [d_sae]`` for a batch of ``n_tokens``, ranked by ``freq`` (default: ``ranks``).
 
         ``positive [d_sae]``: positive entries per column; capacities are then capped by
-        them and the budget a column cannot use goes to the others, so that ``k*B``
-        entries are selected whenever the batch has that many positive ones [our choice].
+        them and the budget a column cannot use goes to the others.
         """
         F = self.cfg.d_sae
         p = zipf_profile(F, self.opts.alpha, self.opts.beta).to(self.rank_stat.device)
@@ -208,30 +186,37 @@ class FeatureChoice(Rule):
         m_by_rank = zipf_capacities(p, self.cfg.k * n_tokens, cap, self.opts.min_capacity)
         return m_by_rank[ranks]
 
-    def _selection(self, pre: Tensor) -> tuple[Selection, Tensor]:
-        """Training selection under the current capacities, and each feature's ``low``."""
-        positive = self.batch_stat((pre.detach() > 0).sum(0), "sum")
-        n_tokens = int(self.batch_stat(pre.new_tensor(float(pre.shape[0])), "sum"))
-        m = self.capacities(n_tokens, positive=positive)
+    def _capacities(self, z: Tensor, comm: Comm) -> tuple[Tensor, Tensor]:
+        """Capacities for the global batch of ``z = ReLU(pre)``, and its positives per column."""
+        positive = self.batch_stat((z > 0).sum(0), "sum", comm)
+        return self.capacities(comm.n_tokens(z.shape[0]), positive=positive), positive
+
+    def _selection(self, pre: Tensor, comm: Comm) -> tuple[Selection, Tensor]:
+        """The training selection under the current capacities, and each feature's ``low``
+        (smallest selected value; ``inf`` where nothing was selected)."""
+        z = torch.relu(pre.detach())
+        m, _ = self._capacities(z, comm)
         # column top-m_i without a [B, F] mask (kernels.capacity_selection, tested against
-        # the plain column top-max(m) in tests/test_selection_speedpaths.py)
-        idx, mask, counts, low = kernels.capacity_selection(torch.relu(pre.detach()), m)
+        # the plain column top-max(m) in tests/test_selection_speedpaths.py); across ranks
+        # the columns of the global batch
+        idx, mask, counts, low = comm.capacity_selection(z, m)
         sel = Selection(indices=idx, mask=mask, extras={"counts": counts, "capacity": m})
-        return sel, self.batch_stat(low, "min")
+        return sel, low
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if not ctx.training:
             return threshold_selection(pre, self.inference_threshold())
-        sel, low = self._selection(pre)
-        self._update_rank_stat(pre)
+        sel, low = self._selection(pre, ctx.comm)
+        self._update_rank_stat(pre, ctx.comm)
         self._update_threshold(low, ctx.step)
         return sel
 
     def init_selection(self, pre: Tensor, ctx: Context) -> Selection:
-        return self._selection(pre)[0]
+        # init_from_data sees the whole sample on every rank: the local selection
+        return self._selection(pre, LOCAL)[0]
 
     @torch.no_grad()
-    def _update_rank_stat(self, pre: Tensor) -> None:
+    def _update_rank_stat(self, pre: Tensor, comm: Comm) -> None:
         B, F = pre.shape
         if self.opts.rank_by == "topk":
             v, i = pre.detach().topk(min(self.cfg.k, F), dim=1, sorted=False)
@@ -239,8 +224,7 @@ class FeatureChoice(Rule):
             stat.index_add_(0, i.reshape(-1), (v > 0).reshape(-1).to(pre.dtype))
         else:
             stat = torch.relu(pre.detach()).sum(0)
-        n = self.batch_stat(pre.new_tensor(float(B)), "sum")
-        rate = self.batch_stat(stat, "sum") / n.clamp_min(1)
+        rate = self.batch_stat(stat, "sum", comm) / max(comm.n_tokens(B), 1)
         if bool((self.rank_stat < 0).all()):
             self.rank_stat.copy_(rate)
         else:
@@ -271,35 +255,34 @@ class FeatureChoice(Rule):
         )
 
     # ---------------------------------------------------------------- calibration
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, comm: Comm = LOCAL) -> None:
         self._cal_sum = torch.zeros_like(self.threshold, dtype=torch.float64)
         self._cal_n = torch.zeros_like(self.threshold, dtype=torch.long)
-        self._cal_cap = torch.zeros_like(self.threshold, dtype=torch.bool)
 
     @torch.no_grad()
     def calibrate(self, pre: Tensor, ctx: Context) -> None:
+        """Add each feature's cut at its capacity on this (global) batch: the midpoint of its
+        ``m_i``-th and ``(m_i+1)``-th largest ``ReLU(pre)`` (0 for the latter when the
+        column has no more than ``m_i`` positive entries)."""
         if not self.opts.calibrate or self._cal_sum is None or self._cal_n is None:
             return
-        # a local estimate (this process's batch); the means are reduced at the end
         z = torch.relu(pre)
-        m = self.capacities(pre.shape[0], positive=(z > 0).sum(0))
-        th = column_cut(z, m)
+        m, positive = self._capacities(z, ctx.comm)
+        low_m = ctx.comm.capacity_selection(z, m)[3]  # the m_i-th largest
+        low_next = ctx.comm.capacity_selection(z, m + 1)[3]  # the (m_i+1)-th, if positive
+        nxt = torch.where(positive > m, low_next, torch.zeros_like(low_next))
         hit = m > 0
-        self._cal_sum += torch.where(hit, th.double(), 0.0)
+        cut = torch.where(hit, 0.5 * (low_m + nxt), torch.zeros_like(low_m))
+        self._cal_sum += cut.double()
         self._cal_n += hit.long()
-        self._cal_cap |= hit
 
     @torch.no_grad()
-    def end_calibration(self) -> None:
-        n, total, cap = self._cal_n, self._cal_sum, self._cal_cap
-        self._cal_sum = self._cal_n = self._cal_cap = None
-        if n is None or total is None or cap is None:
+    def end_calibration(self, comm: Comm = LOCAL) -> None:
+        n, total = self._cal_n, self._cal_sum
+        self._cal_sum = self._cal_n = None
+        if n is None or total is None or not bool((n > 0).any()):
             return
-        total, n = self.batch_stat(total, "sum"), self.batch_stat(n, "sum")
-        cap = self.batch_stat(cap.long(), "max") > 0
-        if not bool(cap.any()):
-            return
-        th = torch.where(cap, total / n.clamp_min(1), float("inf"))
+        th = torch.where(n > 0, total / n.clamp_min(1), float("inf"))
         self.threshold.copy_(th.to(self.threshold.dtype))
 
     def export_threshold(self) -> Tensor:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import DataError
+
 
 @dataclass
 class Batch:
@@ -72,22 +74,29 @@ class MemorySource(ActivationSource):
             acts = {"x": acts}
         n = {t.shape[0] for t in acts.values()}
         if len(n) != 1:
-            raise ValueError(f"all sites need the same number of tokens, got {sorted(n)}")
+            raise DataError(f"all sites need the same number of tokens, got {sorted(n)}")
         self.acts = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
         self.grads = grads or {}
         self.sites = list(self.acts)
         self.n = n.pop()
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.pos = 0  # tokens consumed
+        self._perm: tuple[int, Tensor] | None = None  # (epoch, its order), built once per epoch
 
     def d_in(self, site: str) -> int:
         return self.acts[site].shape[1]
 
     def _order(self, epoch: int) -> Tensor:
+        """The row order of ``epoch`` (a function of seed and epoch only), kept for the epoch."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
         if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+            order = torch.arange(self.n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        self._perm = (epoch, order)
+        return order
 
     def next_batch(self, batch_size: int) -> Batch:
         idx = []

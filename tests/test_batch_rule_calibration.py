@@ -223,10 +223,11 @@ class KillAt(SyntheticSource):
         return super().next_batch(batch_size)
 
 
-@pytest.mark.parametrize("rule", ["batchtopk", "feature_choice"])
+@pytest.mark.parametrize("rule,every", [("batchtopk", 7), ("feature_choice", 7), ("batchtopk", 10)])
 def test_resume_equals_uninterrupted_including_during_calibration(
-    rule: str, tmp_path: Path
+    rule: str, every: int, tmp_path: Path
 ) -> None:
+    # every=10: the last checkpoint is the end of training, written before calibration
     def cfg(out: Path) -> TrainConfig:
         return TrainConfig(
             out_dir=str(out),
@@ -234,7 +235,7 @@ def test_resume_equals_uninterrupted_including_during_calibration(
             batch_size=64,
             lr=3e-3,
             progress=False,
-            checkpoint_every=7,
+            checkpoint_every=every,
             calibration_tokens=6 * 64,
         )
 

@@ -158,8 +158,14 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def _edit_cfg(run: Path, fn) -> None:
+    """Edit cfg.json and re-seal it (as a consistent but wrong file would be)."""
+    from saekit.io.integrity import seal
+    from saekit.io.native import CFG_SEAL
+
     cfg = json.loads((run / "cfg.json").read_text())
     fn(cfg)
+    if "saekit" in cfg:
+        cfg = seal(cfg, CFG_SEAL)
     (run / "cfg.json").write_text(json.dumps(cfg))
 
 

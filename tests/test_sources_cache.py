@@ -114,8 +114,10 @@ def test_clear_errors(cache: Path, tmp_path: Path) -> None:
     bad = json.loads(good)
     bad["sites"]["synthetic"]["d_in"] = 17
     man.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="width mismatch"):
+    with pytest.raises(ValueError, match="manifest.json does not match its recorded SHA-256"):
         CacheSource(cache)
+    with pytest.raises(ValueError, match="width mismatch"):
+        CacheSource(cache, verify=False)
     man.write_text(good)
     np.save(cache / "synthetic" / "acts_00001.npy", np.zeros((600, 15), np.float32))
     with pytest.raises(ValueError, match="width mismatch"):

@@ -50,7 +50,8 @@ def add_dataclass_args(
     """
     from saekit import options
 
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    title = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
+    group = parser.add_argument_group(cls.__name__, " ".join(title.split()))
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True):
             continue
@@ -58,7 +59,7 @@ def add_dataclass_args(
         default = options.default_of(f)
         shown = md.get("cli_default", default)
         help_ = md.get("help", "")
-        if shown is not dataclasses.MISSING:
+        if shown is not dataclasses.MISSING and shown is not None:  # None: said in the help
             help_ += f" (default: {json.dumps(shown)}"
             if "cli_default" in md:
                 help_ += f"; library default {json.dumps(default)}"

@@ -193,6 +193,9 @@ class DataConfig(Options):
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
     with_grad: bool = option(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    verify: bool = option(
+        True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

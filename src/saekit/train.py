@@ -24,6 +24,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
-from saekit.io.atomic import write_bytes
+from saekit.io import metrics_log, rundir
+from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
 from saekit.options import fields_where, validate
@@ -66,6 +68,7 @@ class TrainResult:
     tokens: int
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     completed: bool = True  # False when stopped by stop_after_steps or an exhausted source
+    already_finished: bool = False  # True when out_dir held this finished run: nothing redone
 
     @property
     def sae(self) -> SAE:
@@ -170,6 +173,7 @@ class Trainer:
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.calibrated = False  # held-back calibration done (after the last step)
         self.cur_factor = 1.0
+        self.finished = False  # out_dir held this run, finished: nothing to do
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
@@ -245,14 +249,24 @@ class Trainer:
             "optim": optim,
             "rng": ckpt.encode(rng, misc, "rng"),
             "source": ckpt.encode(self.source.state_dict(), misc, "src"),
+            "last_metrics": self.last_metrics,
         }
         files["misc"] = misc
         ckpt.write_checkpoint(self.ckpt_dir, files, meta)
         self.last_ckpt_step = self.step
 
     def maybe_resume(self) -> bool:
-        """Load ``out_dir/checkpoint`` when resuming and it exists; True if loaded."""
+        """Load ``out_dir/checkpoint`` when resuming and it exists; True if loaded.
+
+        A checkpoint at the last step loads only the SAEs (there is nothing left to train);
+        when the final files are there too the run is ``finished``.
+        """
+        for note in rundir.prepare(self.ckpt_dir, self.cfg.resume):
+            _note(note)
         if not (self.cfg.resume and ckpt.checkpoint_exists(self.ckpt_dir)):
+            moved = metrics_log.set_aside(self.out_dir)
+            if moved is not None:
+                _note(f"starting afresh: the earlier metrics log is kept as {moved}")
             return False
         meta, files = ckpt.read_checkpoint(self.ckpt_dir)
         diff = ckpt.describe_diff(meta.get("configs"), json.loads(json.dumps(self.configs())))
@@ -261,36 +275,30 @@ class Trainer:
                 f"checkpoint {self.ckpt_dir} is from a run with other configs; use another"
                 f" out_dir or resume=false. Differences: {'; '.join(diff)}"
             )
-        for i, s in enumerate(self.slots):
-            s.sae.load_state_dict(files[f"sae-{i}"])
-            s.opt.load_state_dict(ckpt.decode(meta["optim"][s.name], files[f"optim-{i}"]))
-            _match_state_layout(s.opt)
-        self.source.load_state_dict(ckpt.decode(meta["source"], files["misc"]))
-        rng = ckpt.decode(meta["rng"], files["misc"])
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
-        self.calibrated = bool(meta.get("calibrated", False))
-        self.last_ckpt_step = self.step
-        self._truncate_metrics()
+        with rundir.checkpoint_fields(self.ckpt_dir):
+            for i, s in enumerate(self.slots):
+                s.sae.load_state_dict(files[f"sae-{i}"])
+            self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+            self.calibrated = bool(meta.get("calibrated", False))
+            self.last_metrics = dict(meta.get("last_metrics") or {})
+            self.last_ckpt_step = self.step
+            if self.step >= self.total_steps and not self.calibration_pending():
+                self.finished = rundir.is_finished([s.run_dir for s in self.slots], self.step)
+                return True
+            for i, s in enumerate(self.slots):
+                s.opt.load_state_dict(ckpt.decode(meta["optim"][s.name], files[f"optim-{i}"]))
+                _match_state_layout(s.opt)
+            self.source.load_state_dict(ckpt.decode(meta["source"], files["misc"]))
+            rng = ckpt.decode(meta["rng"], files["misc"])
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        bad = metrics_log.truncate(self.out_dir / metrics_log.FILE, self.step)
+        if bad:
+            _note(f"{self.out_dir / metrics_log.FILE}: skipped unreadable line(s) {bad[:5]}")
         return True
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics lines written after the checkpoint we resume from."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    keep.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by the kill
-        write_bytes(path, "".join(keep).encode())
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, batch: Batch) -> None:
@@ -390,18 +398,28 @@ class Trainer:
         return rows
 
     def _write_metrics(self, rows: list[dict]) -> None:
-        path = self.out_dir / "metrics.jsonl"
+        path = self.out_dir / metrics_log.FILE
         with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        """Train to the end (or ``stop_after_steps``) and save the final SAE(s)."""
+        """Train to the end (or ``stop_after_steps``) and save the final SAE(s).
+
+        Holds ``out_dir``'s lock throughout (a second writer gets a LockedError). A run
+        found finished in ``out_dir`` returns its final metrics at once, rewriting nothing.
+        """
+        check_writable_dir(self.out_dir, "out_dir")
+        with run_lock(self.out_dir):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        check_writable_dir(self.out_dir, "out_dir")
         self.maybe_resume()
+        if self.finished:
+            return rundir.finished_result(self._result(completed=True))
         c = self.cfg
         completed = True
         t0, tok0 = time.perf_counter(), self.tokens
@@ -437,9 +455,8 @@ class Trainer:
                     if self.last_ckpt_step != self.step:
                         self.save_checkpoint()
                     return self._result(completed=False)  # like a kill after a checkpoint
-        if completed:
-            self.calibrate()
-        if self.last_ckpt_step != self.step or not self.calibrated:
+        calibrated_now = completed and self.calibrate()
+        if self.last_ckpt_step != self.step or calibrated_now:
             self.save_checkpoint()
         self.save_final()
         return self._result(completed=completed)
@@ -452,19 +469,24 @@ class Trainer:
             n = max(4 * self.cfg.batch_size, n)
         return -(-n // self.cfg.batch_size)
 
+    def calibration_pending(self) -> bool:
+        """Some rule calibrates and has not yet been calibrated in this run."""
+        wanted = any(s.sae.rule.calibrates for s in self.slots)
+        return wanted and not self.calibrated and self.calibration_batches() > 0
+
     @torch.no_grad()
-    def calibrate(self) -> None:
+    def calibrate(self) -> bool:
         """After the last step: rules with ``calibrates`` set their inference state on
-        held-back batches drawn from the source (never trained on).
+        held-back batches drawn from the source (never trained on). True if it ran.
 
         Nothing else changes, so a run killed here resumes from its last checkpoint and
         draws the same batches again: the result equals an uninterrupted run.
         """
+        if not self.calibration_pending():
+            self.calibrated = True
+            return False
         slots = [s for s in self.slots if s.sae.rule.calibrates]
         n = self.calibration_batches()
-        if self.calibrated or not slots or n <= 0:
-            self.calibrated = True
-            return
         for s in slots:
             s.sae.eval()
             s.sae.begin_calibration()
@@ -489,6 +511,7 @@ class Trainer:
                 stacklevel=2,
             )
         self.calibrated = True
+        return True
 
     def save_final(self) -> None:
         for s in self.slots:
@@ -536,6 +559,10 @@ __all__ = [
     "plan_saes",
     "train",
 ]
+
+
+def _note(msg: str) -> None:
+    print(f"saekit: note: {msg}", file=sys.stderr)
 
 
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from saekit.io.atomic import read_json
 from saekit.sae import SAE
 from saekit.sources import text as text_source
 from saekit.sources.sites import StopForward, hook_site, resolve_site
+
+if TYPE_CHECKING:
+    from saekit.apply.options import RunOptions
 
 
 @dataclass
@@ -81,6 +84,32 @@ def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
     sae = load_sae(run_dir)
     sae.eval()
     return sae, info
+
+
+@dataclass
+class AppRun:
+    """Everything an application needs from a run: its SAE, the model, site and text length."""
+
+    sae: SAE
+    info: RunInfo
+    model: nn.Module
+    tokenizer: Any
+    site: str
+    max_len: int
+    model_name: str
+
+
+def open_run(opts: RunOptions, causal: bool | None = None) -> AppRun:
+    """Load the run of ``opts`` with its model (``opts.model`` / ``site`` / ``max_len``
+    override what the run records). ``causal=True`` requires an LM with its head."""
+    sae, info = load_run(opts.run_dir)
+    sae = sae.to(opts.device)
+    model_name = info.model if opts.model is None else opts.model
+    site = opts.site or info.site
+    if not site:
+        raise ConfigError(f"{opts.run_dir} does not record a single hook site: pass --site")
+    model, tok = load_model(model_name, causal=causal, device=opts.device, dtype=opts.dtype)
+    return AppRun(sae, info, model, tok, site, opts.max_len or info.context_len, model_name)
 
 
 def load_model(

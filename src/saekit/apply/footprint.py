@@ -12,6 +12,7 @@ reached, then fills up to ``size`` with a seeded random choice of the rest.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,19 @@ from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
 from saekit.errors import ConfigError, DataError
+from saekit.options import Options, option
 from saekit.sae import SAE
+
+
+@dataclass
+class FootprintConfig(Options):
+    """When a feature is in a footprint, and the subsample (:func:`footprint_report`'s
+    keyword options)."""
+
+    threshold: float = option(0.0, "|activation| above which a sample activates a feature", ge=0)
+    min_samples: int = option(1, "samples a feature needs to be in the footprint", ge=1)
+    subsample: int = option(0, "coverage-preserving subsample size (0: none)", ge=0)
+    seed: int = option(0, "seed of the subsample's random fill", ge=0)
 
 
 @torch.no_grad()

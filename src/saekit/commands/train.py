@@ -170,6 +170,9 @@ def run_cache(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
     )
-    print(f"cache written: {out} ({args.tokens:,} tokens of {', '.join(data_cfg.sites)})")
+    from saekit.sources.cache import read_manifest
+
+    sites = ", ".join(read_manifest(out)["sites"])
+    print(f"cache written: {out} ({args.tokens:,} tokens of {sites})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")
     return 0

@@ -35,6 +35,7 @@ from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
+from saekit.io.paths import check_writable_dir
 from saekit.options import Options, from_dict, option
 from saekit.sources.base import ActivationSource, Batch
 
@@ -209,11 +210,15 @@ def evaluate_run(
     cfg: EvalConfig | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    data_cfg: DataConfig | None = None,
+    k: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
 
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
-    model for HF runs (else loaded from the run's ``DataConfig.model``).
+    model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
+    be an SAE file (a Qwen-Scope ``.pt``); its outputs then go to ``<file>.eval/`` and
+    ``data_cfg`` (the model, site and text it reads) is required. ``k``: for such files.
     """
     from saekit.io import load_sae
     from saekit.io.native import run_info
@@ -224,16 +229,20 @@ def evaluate_run(
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    sae = load_sae(run_dir, device=cfg.device)
+    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
+    out = Path(out_dir) if out_dir is not None else default_out
+    sae = load_sae(run_dir, device=cfg.device, k=k)
     sae.train(False)
-    info = run_info(run_dir)
-    if not isinstance(info.get("data"), dict):
-        raise FormatError(
-            f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
-        )
-    data_cfg = from_dict(DataConfig, info["data"])
+    info = run_info(run_dir) if run_dir.is_dir() else {}
+    if data_cfg is None:
+        if not isinstance(info.get("data"), dict):
+            where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
+            raise FormatError(
+                f"{where} records no saekit 'data' section: cannot rebuild its data; pass"
+                " the model and hook site (saekit eval --model NAME --site layers.N.KIND)"
+            )
+        data_cfg = from_dict(DataConfig, info["data"])
+    check_writable_dir(out, "eval output directory")
     src = eval_source(data_cfg, cfg, model, tokenizer)
     site = str(info.get("site") or (data_cfg.sites[0] if data_cfg.sites else src.source.sites[0]))
     if site not in src.source.sites:
@@ -374,7 +383,9 @@ def load_eval(run_dir: str | Path) -> dict[str, Any]:
     p = p if p.suffix == ".json" else p / "eval.json"
     if not p.is_file():
         raise MissingFileError(f"{p} not found: run `saekit eval {p.parent}` first")
-    return json.loads(p.read_text())
+    from saekit.io.atomic import read_json
+
+    return read_json(p)
 
 
 def compare_runs(

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig, from_dict, to_dict
-from saekit.errors import FormatError, MissingFileError
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
+from saekit.io.integrity import check_seal, file_records, seal, verify_files
 from saekit.io.saelens import load_state, log10_density, sae_from_saelens, saelens_cfg
 from saekit.sae import SAE
 
@@ -35,6 +36,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 STATE_FILE = "saekit_state.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: where cfg.json keeps the digest of its own canonical JSON
+CFG_SEAL = ("saekit", "cfg_sha256")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
@@ -73,7 +76,8 @@ def save_sae(
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
         **extra,
     }
-    write_json(run_dir / CFG_FILE, cfg)
+    cfg["saekit"]["files"] = file_records(run_dir, (WEIGHTS_FILE, STATE_FILE, SPARSITY_FILE))
+    write_json(run_dir / CFG_FILE, seal(cfg, CFG_SEAL))
     return run_dir
 
 
@@ -98,16 +102,37 @@ def _refuse_pickles(run_dir: Path) -> None:
     )
 
 
+def verify_run(run_dir: str | Path, verify: bool = True) -> dict:
+    """The checked ``cfg.json`` of a saekit run: its seal and every recorded file's digest.
+
+    ``verify=False`` checks file sizes only. Runs written before digests were recorded, and
+    plain SAELens directories, have nothing to check.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    section = cfg.get("saekit")
+    if isinstance(section, dict):
+        if verify:
+            check_seal(cfg, run_dir / CFG_FILE, CFG_SEAL)
+        if "files" in section:
+            verify_files(run_dir, section["files"], verify)
+    return cfg
+
+
 def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SAE:
     section = cfg["saekit"]
+    where = run_dir / CFG_FILE
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
-        raise FormatError(f"{run_dir / CFG_FILE}: the 'saekit' section has no 'sae' config")
-    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{run_dir / CFG_FILE} saekit.sae")
+        raise FormatError(f"{where}: the 'saekit' section has no 'sae' config")
+    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{where} saekit.sae")
     if k is not None:
         sae_cfg.k = k
-    with torch.random.fork_rng(devices=[]):
-        sae = SAE(sae_cfg)
-    dtype = getattr(torch, section.get("dtype", "float32"), None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            sae = SAE(sae_cfg)
+    except (ConfigError, DataError, TypeError, RuntimeError) as e:
+        raise FormatError(f"{where}: the saved SAE config cannot be built: {e}") from e
+    dtype = getattr(torch, str(section.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"{run_dir / CFG_FILE}: unknown dtype {section.get('dtype')!r}")
     sae.to(dtype)
@@ -120,16 +145,24 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
 
 
 def load_sae(
-    path: str | Path, device: str = "cpu", k: int | None = None, train: bool = False
+    path: str | Path,
+    device: str = "cpu",
+    k: int | None = None,
+    train: bool = False,
+    verify: bool = True,
 ) -> SAE:
     """Load an SAE from a saekit or SAELens run directory, or a Qwen-Scope ``.pt`` file.
 
     ``k``: for Qwen-Scope files (not stored there), or overrides the saved ``k``. The SAE
-    is returned in eval mode unless ``train``.
+    is returned in eval mode unless ``train``. ``verify``: check the SHA-256 digests that
+    saekit recorded in ``cfg.json`` (an IntegrityError names a corrupt file); False checks
+    sizes only.
     """
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"SAE not found: {p}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"k must be a positive integer (latents kept per token), got {k!r}")
     if p.is_file():
         if p.name == CFG_FILE or p.suffix == ".safetensors":
             return load_sae(p.parent, device, k, train)
@@ -141,6 +174,7 @@ def load_sae(
         if not (p / WEIGHTS_FILE).is_file():
             _refuse_pickles(p)
         if "saekit" in cfg:
+            verify_run(p, verify)
             sae = _sae_from_saekit(p, cfg, device, k)
         else:
             sae = sae_from_saelens(cfg, load_tensors(p / WEIGHTS_FILE), k).to(device)
@@ -148,10 +182,12 @@ def load_sae(
     return sae
 
 
-def load_density(run_dir: str | Path) -> Tensor:
-    """Per-latent firing density from ``sparsity.safetensors``."""
+def load_density(run_dir: str | Path, verify: bool = True) -> Tensor:
+    """Per-latent firing density from ``sparsity.safetensors`` (checked like :func:`load_sae`)."""
     from saekit.io.saelens import density_from_log10
 
+    if (Path(run_dir) / CFG_FILE).is_file():
+        verify_run(run_dir, verify)
     return density_from_log10(load_tensors(Path(run_dir) / SPARSITY_FILE)["sparsity"])
 
 

@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,23 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig
-from saekit.errors import ConfigError, FormatError, MissingFileError, OutputExistsError
+from saekit.errors import (
+    ConfigError,
+    DataError,
+    FormatError,
+    IntegrityError,
+    MissingFileError,
+    OutputExistsError,
+)
+from saekit.io.atomic import write_json
+from saekit.io.integrity import check_seal, file_records, seal, verify_file
+from saekit.io.lock import pid_alive, sibling_lock
 from saekit.io.paths import check_writable_dir, path_error, user_path
 from saekit.sources.base import ActivationSource, Batch
 
 FORMAT = "saekit-activation-cache"
+MANIFEST = "manifest.json"
+SEAL = ("manifest_sha256",)
 VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -100,17 +111,39 @@ def write_cache(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")
     check_writable_dir(out.parent, "cache parent directory")
-    with user_path(out.parent, "write into"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with sibling_lock(out, "activation cache"):
+        if out.exists() and not overwrite:  # written meanwhile by the lock's previous holder
+            raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True)")
+        for stale in stale_writes(out):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = _tmp(out)
+        with user_path(out.parent, "write into"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _write_shards(source, out, tmp, n_tokens, shard_tokens, dtype, batch_size, provenance)
+    return out
+
+
+def _write_shards(
+    source: ActivationSource,
+    out: Path,
+    tmp: Path,
+    n_tokens: int,
+    shard_tokens: int,
+    dtype: str,
+    batch_size: int,
+    provenance: dict[str, Any] | None,
+) -> None:
     np_dtype = _NP_DTYPES[dtype]
     sites = list(source.sites)
     dirs = _site_dirs(sites)
-    for d in dirs.values():
-        (tmp / d).mkdir()
     shards: list[int] = []
+    names: list[str] = []
     has_grads: bool | None = None
     has_tokens: bool | None = None
     try:
+        for d in dirs.values():
+            (tmp / d).mkdir()
         written = 0
         while written < n_tokens:
             n_shard = min(shard_tokens, n_tokens - written)
@@ -130,14 +163,21 @@ def write_cache(
                         gparts[s].append(g.astype(np_dtype))
                 if has_tokens:
                     tparts.append(np.asarray(b.meta["token_ids"].cpu(), dtype=np.int64))
-                got += next(iter(b.acts.values())).shape[0]
+                rows = next(iter(b.acts.values())).shape[0]
+                if rows < 1:  # never loop without progress
+                    raise DataError(f"{type(source).__name__} returned an empty batch")
+                got += rows
             i = len(shards)
+            arrays = {}
             for s in sites:
-                np.save(tmp / dirs[s] / f"acts_{i:05d}.npy", np.concatenate(parts[s]))
+                arrays[f"{dirs[s]}/acts_{i:05d}.npy"] = np.concatenate(parts[s])
                 if has_grads:
-                    np.save(tmp / dirs[s] / f"grads_{i:05d}.npy", np.concatenate(gparts[s]))
+                    arrays[f"{dirs[s]}/grads_{i:05d}.npy"] = np.concatenate(gparts[s])
             if has_tokens:
-                np.save(tmp / f"token_ids_{i:05d}.npy", np.concatenate(tparts))
+                arrays[f"token_ids_{i:05d}.npy"] = np.concatenate(tparts)
+            for name, arr in arrays.items():
+                np.save(tmp / name, arr)
+            names += arrays
             shards.append(n_shard)
             written += n_shard
         manifest = {
@@ -150,37 +190,79 @@ def write_cache(
             "has_grads": bool(has_grads),
             "has_token_ids": bool(has_tokens),
             "provenance": {**_provenance(source), **(provenance or {})},
+            "files": file_records(tmp, names),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        manifest = json.loads(json.dumps(manifest, default=str))
+        write_json(tmp / MANIFEST, seal(manifest, SEAL))
+        old = out.parent / f".{out.name}.old"
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         err = path_error(e, out, only_env=True) if isinstance(e, OSError) else None
         if err is not None and err is not e:
             raise err from e
         raise
-    return out
 
 
-def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    """The validated manifest of a cache directory."""
-    path = Path(cache_dir) / "manifest.json"
+def read_manifest(cache_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The validated manifest of a cache directory (its seal checked unless ``verify`` is off)."""
+    path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise MissingFileError(f"no activation cache manifest at {path}")
     try:
-        man = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"corrupt cache manifest {path}: {e}") from e
+        man = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"corrupt cache manifest {path}: {e}; re-create the cache") from e
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise FormatError(f"{path} is not a saekit activation cache manifest")
+    if verify:
+        check_seal(man, path, SEAL)
     for key in ("sites", "n_tokens", "shards", "dtype"):
         if key not in man:
             raise FormatError(f"corrupt cache manifest {path}: missing {key!r}")
-    if sum(man["shards"]) != man["n_tokens"]:
+    if man["dtype"] not in _NP_DTYPES:
+        raise FormatError(
+            f"cache manifest {path}: dtype {man['dtype']!r} is not one of"
+            f" {', '.join(_NP_DTYPES)}; re-create the cache"
+        )
+    shards = man["shards"]
+    if not isinstance(shards, list) or not all(type(n) is int and n > 0 for n in shards):
+        raise FormatError(f"corrupt cache manifest {path}: 'shards' must list positive sizes")
+    if type(man["n_tokens"]) is not int or man["n_tokens"] < 1 or sum(shards) != man["n_tokens"]:
         raise FormatError(f"corrupt cache manifest {path}: shard sizes do not add up to n_tokens")
+    sites = man["sites"]
+    ok = (
+        isinstance(sites, dict)
+        and sites
+        and all(
+            isinstance(v, dict) and isinstance(v.get("dir"), str) and type(v.get("d_in")) is int
+            for v in sites.values()
+        )
+    )
+    if not ok:
+        raise FormatError(f"corrupt cache manifest {path}: 'sites' must map sites to dir, d_in")
     return man
+
+
+def stale_writes(out: str | Path) -> list[Path]:
+    """The temporary directories of interrupted :func:`write_cache` calls whose process is gone."""
+    out = Path(out)
+    prefix = f".{out.name}.tmp-"
+    found = []
+    for p in sorted(out.parent.glob(f"{prefix}*")):
+        tail = p.name[len(prefix) :]
+        pid = int(tail) if tail.isdigit() else 0
+        if p.is_dir() and pid != os.getpid() and not pid_alive(pid):
+            found.append(p)
+    return found
+
+
+def _tmp(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
 
 
 class CacheSource(ActivationSource):
@@ -198,9 +280,11 @@ class CacheSource(ActivationSource):
         shuffle: bool = True,
         window_shards: int = 4,
         epochs: int = 0,
+        verify: bool = True,
     ) -> None:
         self.dir = Path(cache_dir)
-        self.manifest = man = read_manifest(self.dir)
+        self.verify = verify
+        self.manifest = man = read_manifest(self.dir, verify)
         available = list(man["sites"])
         if sites is None:
             sites = available
@@ -229,6 +313,7 @@ class CacheSource(ActivationSource):
         want_dtype = np.int64 if kind == "token_ids" else _NP_DTYPES[self.manifest["dtype"]]
         d = None if site is None else int(self.manifest["sites"][site]["d_in"])
         folder = self.dir if site is None else self.dir / self.manifest["sites"][site]["dir"]
+        records = self.manifest.get("files")
         for i, n in enumerate(self.shard_sizes):
             path = folder / f"{kind}_{i:05d}.npy"
             if not path.is_file():
@@ -245,6 +330,11 @@ class CacheSource(ActivationSource):
                 )
             if arr.dtype != want_dtype:
                 raise FormatError(f"activation cache shard {path} has dtype {arr.dtype}")
+            if isinstance(records, dict):
+                rel = path.relative_to(self.dir).as_posix()
+                if rel not in records:
+                    raise IntegrityError(f"{path} has no checksum in {self.dir / MANIFEST}")
+                verify_file(path, records[rel], self.verify)
             arrays.append(arr)
         return arrays
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
@@ -323,6 +324,8 @@ class HFSource(ActivationSource):
         self._seq_ids: deque[Tensor] = deque()
         self._seq_mask: deque[Tensor] = deque()
         self._epoch_seqs = 0
+        self._epoch_kept = 0  # kept (non-special) tokens queued in this pass over the corpus
+        self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
         self._k = 0  # model batches produced
         self._next_gid = 0  # kept tokens produced
         self._gen = torch.Generator().manual_seed(self.seed) if self.cfg.shuffle_buffer else None
@@ -344,11 +347,7 @@ class HFSource(ActivationSource):
             if len(docs) >= self.cfg.model_batch_size:
                 break
         if not docs:
-            if self._epoch_seqs == 0:
-                raise DataError(f"the text source {self.cfg.dataset or 'built-in'!r} is empty")
-            self.epoch += 1
-            self._epoch_seqs = 0
-            self._texts = self._new_texts()
+            self._end_pass()
             return
         enc = self.tokenizer(
             docs,
@@ -359,11 +358,43 @@ class HFSource(ActivationSource):
             return_tensors="pt",
         )
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        kept = self._keep(ids, mask).sum(1)
         for i in range(ids.shape[0]):
             if mask[i].sum() > 0:
                 self._seq_ids.append(ids[i])
                 self._seq_mask.append(mask[i])
                 self._epoch_seqs += 1
+                self._epoch_kept += int(kept[i])
+
+    def _end_pass(self) -> None:
+        """The corpus is exhausted: start the next pass, never looping without progress.
+
+        A corpus with fewer tokens than the shuffle buffer caps the buffer at one pass
+        (``[our choice]``; passes are cycled, so tokens repeat) instead of refilling it with
+        thousands of passes.
+        """
+        name = repr(self.cfg.dataset or "built-in")
+        part = f" (its {self.part!r} part)" if self.part in ("eval", "train") else ""
+        if self._epoch_seqs == 0:
+            raise DataError(f"the text source {name}{part} is empty: give a larger corpus")
+        if self._epoch_kept == 0:
+            raise DataError(
+                f"the text source {name}{part} has no tokens left after dropping special tokens"
+                " (exclude_special): give a larger corpus"
+            )
+        if self.epoch == 0:
+            self._corpus_tokens = self._epoch_kept
+            if self.cfg.shuffle_buffer > self._corpus_tokens:
+                print(
+                    f"saekit: note: the text source {name}{part} has {self._corpus_tokens:,}"
+                    f" tokens, fewer than the shuffle buffer ({self.cfg.shuffle_buffer:,}):"
+                    " its passes are cycled (tokens repeat) and the buffer holds one pass",
+                    file=sys.stderr,
+                )
+        self.epoch += 1
+        self._epoch_seqs = 0
+        self._epoch_kept = 0
+        self._texts = self._new_texts()
 
     def _next_inputs(self) -> tuple[Tensor, Tensor]:
         s = self.cfg.model_batch_size
@@ -434,8 +465,16 @@ class HFSource(ActivationSource):
         )
 
     # --------------------------------------------------------------- buffer
-    def _fill(self, need: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
-        while self._buf.n < need:
+    def _buffer_target(self, b: int) -> int:
+        """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus
+        smaller than it, and at least ``b``."""
+        target = self.cfg.shuffle_buffer
+        if self._corpus_tokens:
+            target = min(target, self._corpus_tokens)
+        return max(target, b)
+
+    def _fill(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
+        while self._buf.n < self._buffer_target(b):
             ids, mask = self._next_inputs()
             keep = self._keep(ids, mask)
             m = int(keep.sum())
@@ -450,7 +489,7 @@ class HFSource(ActivationSource):
             self._k += 1
 
     def _take(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> tuple:
-        self._fill(max(self.cfg.shuffle_buffer, b), dry, inputs)
+        self._fill(b, dry, inputs)
         out = self._buf.take(b, self._gen)
         if self._taken and self._taken[-1][0] == b:
             self._taken[-1][1] += 1

@@ -116,8 +116,11 @@ class DownstreamGradSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         b = self.inner.next_batch(batch_size)
-        b.grads[SITE] = self.grad(b.acts[SITE])
+        b.inputs["grad"] = {SITE: self.grad(b.acts[SITE])}
         return b
+
+    def request_inputs(self, names):
+        return set(names) & {"grad"}
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -208,7 +211,7 @@ def evaluate_sae(
     mu = xs.mean(0)
     for x, codes in data:
         g = grad_src.grad(x) if grad_src is not None else None
-        out = sae(x, grad=g)
+        out = sae(x, inputs=None if g is None else {"grad": g})
         core.update(x, out.x_hat, out.codes)
         det.update(out.codes, codes)
         if grad_src is not None:
@@ -234,11 +237,12 @@ def step_ms(sae: SAE, x: Tensor, g: Tensor | None, reps: int = 3) -> float:
     """Mean wall time of one forward + backward of the training loss, in milliseconds."""
     sae.train()
     fire = sae.fire_freq.clone()
-    sae.loss(x, grad=g)[0].backward()  # warm-up
+    inputs = None if g is None else {"grad": g}
+    sae.loss(x, inputs=inputs)[0].backward()  # warm-up
     t0 = time.perf_counter()
     for _ in range(reps):
         sae.zero_grad(set_to_none=True)
-        sae.loss(x, grad=g)[0].backward()
+        sae.loss(x, inputs=inputs)[0].backward()
     sae.zero_grad(set_to_none=True)
     sae.fire_freq.copy_(fire)
     sae.eval()

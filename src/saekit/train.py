@@ -38,6 +38,7 @@ from torch import Tensor
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
+from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
@@ -183,6 +184,9 @@ class Trainer:
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         given = saes or {}
         self.slots = [self._make_slot(n, s, c, given.get(n)) for n, (s, c) in self.plan.items()]
+        # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
+        wanted = {name for s in self.slots for name in s.sae.rule.requires}
+        self.inputs = source.request_inputs(wanted) if wanted else set()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -321,9 +325,9 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.autocast_dtype, self.device)
 
-    def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
+    def _update(self, s: _Slot, x: Tensor, inputs: dict[str, Tensor], lr: float) -> SAEOutput:
         with self._autocast():
-            loss, terms, out = s.sae.loss(x, grad=g, step=self.step)
+            loss, terms, out = s.sae.loss(x, inputs=inputs, step=self.step)
         if not torch.isfinite(loss):
             vals = {k: float(v) for k, v in terms.items()}
             raise TrainingError(
@@ -361,11 +365,11 @@ class Trainer:
         outs = {}
         for s in self.slots:
             x = batch.acts[s.site].to(self.device, self.dtype)
-            g = batch.grads.get(s.site)
-            g = None if g is None else g.to(self.device, self.dtype)
+            inputs = site_inputs(batch.inputs, s.site, s.sae.rule.requires)
+            inputs = {n: t.to(self.device, self.dtype) for n, t in inputs.items()}
             if self.step == 0:
                 s.sae.init_from_data(x)
-            outs[s.name] = self._update(s, x, g, factor)
+            outs[s.name] = self._update(s, x, inputs, factor)
         self.step += 1
         self.tokens += self.cfg.batch_size
         self.cur_factor = factor

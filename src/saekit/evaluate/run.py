@@ -99,7 +99,7 @@ def eval_source(
     if data_cfg.source == "hf":
         from saekit.sources.hf import HFSource
 
-        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, with_grad=False, device=cfg.device)
+        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, inputs=[], device=cfg.device)
         notes: list[str] = []
         if _is_local_text(dc.dataset):
             part, split = "eval", dc.dataset_split

@@ -18,6 +18,7 @@ SAELens directories and Qwen-Scope ``.pt`` files.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from saekit.config import SAEConfig, from_dict, to_dict
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
 from saekit.io.integrity import check_seal, file_records, seal, verify_files
-from saekit.io.saelens import load_state, log10_density, sae_from_saelens, saelens_cfg
+from saekit.io.saelens import base_cfg, load_state, log10_density, sae_from_saelens, saelens_export
+from saekit.rules import rule_names
 from saekit.sae import SAE
 
 CFG_FILE = "cfg.json"
@@ -58,7 +60,13 @@ def save_sae(
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra_cfg or {})
     data = extra.get("data") if isinstance(extra.get("data"), dict) else {}
-    weights = sae.folded_weights()
+    site = str(extra.get("site", ""))
+    try:
+        cfg, weights = saelens_export(sae, site=site, data=data)
+        refused = None
+    except FormatError as e:  # the rule has no SAELens equivalent: saekit-only directory
+        cfg, weights, refused = base_cfg(sae, site=site, data=data), sae.folded_weights(), str(e)
+        warnings.warn(f"{run_dir}: not loadable by SAELens: {e}", stacklevel=2)
     save_tensors(run_dir / WEIGHTS_FILE, weights, metadata={"format": "pt"})
     state = {k: v for k, v in sae.state_dict().items()}
     if not sae.cfg.normalize_input:  # folded == raw bit for bit: do not store them twice
@@ -67,15 +75,17 @@ def save_sae(
     save_tensors(run_dir / STATE_FILE, state)
     dens = sae.fire_freq if density is None else density
     save_tensors(run_dir / SPARSITY_FILE, {"sparsity": log10_density(dens)})
-    cfg = saelens_cfg(sae, site=str(extra.get("site", "")), data=data)
     import saekit
 
     cfg["saekit"] = {
         "version": saekit.__version__,
         "sae": to_dict(sae.cfg),
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "rule_module": type(sae.rule).__module__,
         **extra,
     }
+    if refused is not None:
+        cfg["saekit"]["saelens_export"] = f"refused: {refused}"
     cfg["saekit"]["files"] = file_records(run_dir, (WEIGHTS_FILE, STATE_FILE, SPARSITY_FILE))
     write_json(run_dir / CFG_FILE, seal(cfg, CFG_SEAL))
     return run_dir
@@ -124,6 +134,14 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
     where = run_dir / CFG_FILE
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
         raise FormatError(f"{where}: the 'saekit' section has no 'sae' config")
+    rule = section["sae"].get("rule", "topk")
+    if isinstance(rule, str) and rule not in rule_names():
+        mod = section.get("rule_module")
+        raise ConfigError(
+            f"{where}: unknown rule {rule!r}; a rule of your own must be imported first"
+            " (saekit --plugin MODULE, SAEKIT_PLUGINS=MODULE, or import it in Python)"
+            + (f"; it was saved from module {mod!r}" if mod else "")
+        )
     sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{where} saekit.sae")
     if k is not None:
         sae_cfg.k = k

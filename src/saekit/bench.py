@@ -29,7 +29,6 @@ features compares AbsTopK with TopK where the sign matters.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -45,6 +44,7 @@ from saekit.errors import ConfigError
 from saekit.evaluate.core import CoreAccumulator
 from saekit.evaluate.ground_truth import DetectionAccumulator, dictionary_metrics
 from saekit.io import load_sae
+from saekit.io.atomic import json_safe, save_figure, write_json
 from saekit.rules import rule_names
 from saekit.sae import SAE
 from saekit.sources.base import ActivationSource, Batch
@@ -387,22 +387,12 @@ def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_json(out / "bench.json", json_safe(report))
     plot_bench(report, out / "bench.png")
     if not cfg.keep_runs:
         shutil.rmtree(out / "runs", ignore_errors=True)
         shutil.rmtree(out / "runs_signed", ignore_errors=True)
     return report
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 COLUMNS = [
@@ -504,5 +494,5 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         f" {report['size']['n_features']} features, k={report['k']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -152,13 +152,9 @@ def dataclass_from_args(
     Fields in neither take their ``cli_default`` when declared, else the library default.
     ``where`` (the JSON file and section) prefixes validation errors.
     """
-    from saekit.options import check_fields, from_dict
+    from saekit.options import check_fields, cli_defaults, from_dict
 
-    data = {
-        f.name: f.metadata["cli_default"]
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if "cli_default" in f.metadata
-    }
+    data = cli_defaults(cls)
     data.update(check_fields(cls, base or {}, where=where))  # errors here name the file
     data.update(given_args(cls, args, prefix))
     return from_dict(cls, data)

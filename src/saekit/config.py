@@ -73,7 +73,10 @@ class SAEConfig(Options):
         choices=("auto", "nmse", "mse"),
     )
     dead_tokens: int = option(
-        10_000_000, "a latent is dead after this many training tokens without firing", ge=1
+        0,
+        "a latent is dead after this many training tokens without firing (aux loss, logs,"
+        " eval); 0: auto, 5% of the run's tokens (at least one batch, at most 10M)",
+        ge=0,
     )
     apply_b_dec_to_input: bool = option(True, "encode x - b_dec (Gao et al.); False: encode x")
     init_b_dec: str = option(
@@ -203,6 +206,12 @@ class DataConfig(Options):
         "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
         " training adds the ones its rules require",
         choices=_input_names,
+    )
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
     )
     verify: bool = option(
         True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True

@@ -21,7 +21,7 @@ from saekit.config import SAEConfig
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, DataError
 from saekit.inputs import input_kind, to_sae_units
-from saekit.losses import build_aux, recon_loss
+from saekit.losses import DEAD_TOKENS_MAX, build_aux, recon_loss
 from saekit.losses.recon import check_recon
 from saekit.rules import Context, Selection, build_rule
 
@@ -289,10 +289,17 @@ class SAE(nn.Module):
         total = torch.stack(list(terms.values())).sum()
         return total, terms, out
 
+    @property
+    def dead_window(self) -> int:
+        """Training tokens without firing after which a latent is dead: ``cfg.dead_tokens``
+        (the trainer fills an automatic 0 from the run's length), else Gao et al.'s 10M."""
+        return self.cfg.dead_tokens if self.cfg.dead_tokens > 0 else DEAD_TOKENS_MAX
+
     def dead_latents(self) -> Tensor:
-        """``[d_sae]`` bool: latents that fired on none of the last ``dead_tokens`` training
-        tokens (the one definition used by the aux loss, the training logs and eval)."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens
+        """``[d_sae]`` bool: latents that fired on none of the last :attr:`dead_window`
+        training tokens: the one definition used by the aux loss, the training logs and
+        ``saekit eval`` (``dead_frac_train``)."""
+        return self.tokens_since_fired >= self.dead_window
 
     def aux_candidates(self) -> tuple[Tensor, Tensor | None]:
         """Latents the aux loss may use, and optional per-latent weights (none when off)."""

@@ -38,12 +38,14 @@ from torch import Tensor
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
+from saekit.evaluate.core import fve
 from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
+from saekit.losses import auto_dead_tokens
 from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
@@ -105,14 +107,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_start_frac: float
     if decay_start_frac < 1.0 and step >= start:
         return max(0.0, (total - step) / max(total - start, 1))
     return 1.0
-
-
-def fve(x: Tensor, x_hat: Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the batch."""
-    x, x_hat = x.float(), x_hat.float()
-    num = (x - x_hat).pow(2).sum()
-    den = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return float(1 - num / den)
 
 
 def plan_saes(
@@ -203,6 +197,8 @@ class Trainer:
             raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
+        if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
+            sae.cfg.dead_tokens = auto_dead_tokens(c.total_tokens, c.batch_size)
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
         # fused Adam (one kernel over all tensors) is ~5x cheaper than the default on CPU
         fused = sae.W_enc.device.type in ("cpu", "cuda")
@@ -381,9 +377,7 @@ class Trainer:
         for s in self.slots:
             out = outs[s.name]
             x = batch.acts[s.site].to(out.x_hat.device)
-            # dead: silent for dead_tokens, or for the whole run while it is shorter
-            window = min(s.sae.cfg.dead_tokens, int(s.sae.tokens_seen))
-            dead = s.sae.tokens_since_fired >= window
+            dead = s.sae.dead_latents()  # what the aux loss uses
             row: dict[str, Any] = {
                 "step": self.step,
                 "tokens": self.tokens,
@@ -558,7 +552,6 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "default_lr",
-    "fve",
     "lr_factor",
     "plan_saes",
     "train",

@@ -19,13 +19,14 @@ SAELens directories and Qwen-Scope ``.pt`` files.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saekit.config import SAEConfig, from_dict, to_dict
+from saekit.config import DataConfig, SAEConfig, from_dict, to_dict
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
 from saekit.io.integrity import check_seal, file_records, seal, verify_files
@@ -209,6 +210,56 @@ def load_density(run_dir: str | Path, verify: bool = True) -> Tensor:
     return density_from_log10(load_tensors(Path(run_dir) / SPARSITY_FILE)["sparsity"])
 
 
-def run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The ``saekit`` section of a run's cfg (empty for plain SAELens dirs)."""
-    return dict(read_run_config(run_dir).get("saekit") or {})
+@dataclass
+class RunInfo:
+    """What a run directory's ``cfg.json`` says about where its SAE was trained."""
+
+    run_dir: str
+    model: str = ""
+    site: str = ""
+    dataset: str = ""
+    text_field: str = "text"
+    context_len: int = 128
+    #: the ``DataConfig`` as saved (``{}`` for plain SAELens directories)
+    data: dict[str, Any] = field(default_factory=dict)
+    #: the whole ``saekit`` section (``{}`` for plain SAELens directories)
+    saekit: dict[str, Any] = field(default_factory=dict)
+
+    def data_config(self) -> DataConfig:
+        """The run's :class:`DataConfig` (validated), or FormatError when none is recorded."""
+        where = Path(self.run_dir) / CFG_FILE
+        if not isinstance(self.saekit.get("data"), dict):
+            raise FormatError(f"{where} has no saekit 'data' section: cannot rebuild its data")
+        return from_dict(DataConfig, self.saekit["data"], where=f"{where} saekit.data")
+
+
+def _find_data_cfg(sk: dict) -> dict:
+    for key in ("data", "data_cfg", "DataConfig", "data_config"):
+        if isinstance(sk.get(key), dict):
+            return sk[key]
+    return {}
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """Model, hook site and data recorded in ``run_dir/cfg.json`` (saekit or SAELens keys)."""
+    p = Path(run_dir)
+    if not (p / CFG_FILE).is_file():
+        raise MissingFileError(f"not a saekit run directory (no {CFG_FILE}): {p}")
+    cfg = read_run_config(p)
+    sk = cfg["saekit"] if isinstance(cfg.get("saekit"), dict) else {}
+    data = _find_data_cfg(sk)
+    sites = data.get("sites") or []
+    site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
+    hook = cfg.get("hook_name")
+    if not site and isinstance(hook, str) and hook.startswith("layers."):
+        site = hook
+    return RunInfo(
+        run_dir=str(p),
+        model=str(data.get("model", cfg.get("model_name", "")) or ""),
+        site=str(site),
+        dataset=str(data.get("dataset", "")),
+        text_field=str(data.get("text_field", "text")),
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+        saekit=dict(sk),
+    )

@@ -60,6 +60,10 @@ class BatchTopK(Rule):
       Adam (``ema / (1 - d^n)`` after ``n`` updates); before the start, the latest batch's
       value. An untrained SAE has ``theta = 0`` (ReLU).
 
+    Aux loss: the paper code's scaling (``aux_form = "bussmann"``, bartbussmann/BatchTopK:
+    ``aux_penalty * MSE`` of the live residual, scaled like the reconstruction loss; see
+    :mod:`saekit.losses.aux`); ``aux_options={"form": "openai"}`` gives Gao et al.'s.
+
     Every batch-global statistic goes through :meth:`Rule.batch_stat` (``ctx.comm``).
     """
 
@@ -67,6 +71,7 @@ class BatchTopK(Rule):
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
     saelens_imports = ("batchtopk",)
+    aux_form = "bussmann"
     latent_shardable = True
     calibrates = True
     optional_state = ("threshold_ema", "threshold_updates")

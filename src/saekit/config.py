@@ -23,10 +23,15 @@ def _rules() -> list[str]:
 
 
 def _aux_losses() -> tuple[str, ...]:
-    import saekit.rules  # noqa: F401  (rule modules register their aux losses)
-    from saekit.losses import aux_registry
+    from saekit.losses import aux_names
 
-    return ("auxk", "none", *aux_registry)
+    return ("none", *aux_names())
+
+
+def _input_names() -> list[str]:
+    from saekit.inputs import input_names
+
+    return input_names()
 
 
 def _sources() -> tuple[str, ...]:
@@ -58,7 +63,7 @@ class SAEConfig(Options):
     aux_k: int = option(512, "latents in the aux-k dead-latent loss (0 disables it)", ge=0)
     aux: str = option(
         "auxk",
-        "auxiliary loss: auxk (dead latents), zipf (dead + under-used), none",
+        "auxiliary loss (see saekit.losses): auxk (dead latents), zipf (dead + under-used), none",
         choices=_aux_losses,
     )
     aux_coeff: float = option(1 / 32, "weight of the aux-k / aux-zipf loss", ge=0)
@@ -84,6 +89,7 @@ class SAEConfig(Options):
     )
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
+    aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -186,7 +192,18 @@ class DataConfig(Options):
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
-    with_grad: bool = option(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    inputs: list[str] = option(
+        [],
+        "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
+        " training adds the ones its rules require",
+        choices=_input_names,
+    )
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
+    )
     verify: bool = option(
         True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
     )

@@ -35,6 +35,8 @@ from torch import Tensor
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
+from saekit.evaluate.core import fve
+from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
@@ -97,14 +99,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_start_frac: float
     if decay_start_frac < 1.0 and step >= start:
         return max(0.0, (total - step) / max(total - start, 1))
     return 1.0
-
-
-def fve(x: Tensor, x_hat: Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the batch."""
-    x, x_hat = x.float(), x_hat.float()
-    num = (x - x_hat).pow(2).sum()
-    den = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return float(1 - num / den)
 
 
 def plan_saes(
@@ -175,6 +169,9 @@ class Trainer:
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         given = saes or {}
         self.slots = [self._make_slot(n, s, c, given.get(n)) for n, (s, c) in self.plan.items()]
+        # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
+        wanted = {name for s in self.slots for name in s.sae.rule.requires}
+        self.inputs = source.request_inputs(wanted) if wanted else set()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -310,9 +307,9 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.autocast_dtype, self.device)
 
-    def _update(self, s: _Slot, x: Tensor, g: Tensor | None, lr: float) -> SAEOutput:
+    def _update(self, s: _Slot, x: Tensor, inputs: dict[str, Tensor], lr: float) -> SAEOutput:
         with self._autocast():
-            loss, terms, out = s.sae.loss(x, grad=g, step=self.step)
+            loss, terms, out = s.sae.loss(x, inputs=inputs, step=self.step)
         if not torch.isfinite(loss):
             vals = {k: float(v) for k, v in terms.items()}
             raise TrainingError(
@@ -350,11 +347,11 @@ class Trainer:
         outs = {}
         for s in self.slots:
             x = batch.acts[s.site].to(self.device, self.dtype)
-            g = batch.grads.get(s.site)
-            g = None if g is None else g.to(self.device, self.dtype)
+            inputs = site_inputs(batch.inputs, s.site, s.sae.rule.requires)
+            inputs = {n: t.to(self.device, self.dtype) for n, t in inputs.items()}
             if self.step == 0:
                 s.sae.init_from_data(x)
-            outs[s.name] = self._update(s, x, g, factor)
+            outs[s.name] = self._update(s, x, inputs, factor)
         self.step += 1
         self.tokens += self.cfg.batch_size
         self.cur_factor = factor
@@ -490,7 +487,6 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "default_lr",
-    "fve",
     "lr_factor",
     "plan_saes",
     "train",

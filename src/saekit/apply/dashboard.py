@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import nn
 
 from saekit.apply.common import decoder_directions, dense_codes, site_activations, unembedding
 from saekit.errors import ConfigError, DataError
+from saekit.io.atomic import json_safe, write_json, write_text
 from saekit.options import Options, option
 from saekit.sae import SAE
 
@@ -373,7 +373,7 @@ def build_dashboard(
                 [(tok.decode([int(i)]), float(eff[i])) for i in bot],
             )
         page = _feature_page(f, fd, cfg, rendered, nb, logits, meta, rng)
-        (out / "features" / f"{f}.html").write_text(page, encoding="utf-8")
+        write_text(out / "features" / f"{f}.html", page)
         seq, pos, val = fd.of(f)
         if len(val):
             i = int(np.argmax(np.abs(val)))
@@ -407,7 +407,7 @@ def build_dashboard(
         f"<tbody>{trs}</tbody></table>"
     )
     index = out / "index.html"
-    index.write_text(_page("SAE feature dashboard", body, _SORT_JS), encoding="utf-8")
+    write_text(index, _page("SAE feature dashboard", body, _SORT_JS))
     summary = {
         "n_tokens": col.n_tokens,
         "n_texts": len(col.tokens),
@@ -415,5 +415,5 @@ def build_dashboard(
         "density": {str(f): d for f, d, _, _ in rows},
         **{k: str(v) for k, v in meta.items()},
     }
-    (out / "dashboard.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "dashboard.json", json_safe(summary))
     return index

@@ -11,7 +11,6 @@ reached, then fills up to ``size`` with a seeded random choice of the rest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
 from saekit.errors import ConfigError, DataError
+from saekit.io.atomic import json_safe, save_figure, write_json
 from saekit.options import Options, option
 from saekit.sae import SAE
 
@@ -110,9 +110,7 @@ def plot_redundancy(R: np.ndarray, names: list[str], path: str | Path) -> Path:
             )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100)
+    p = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return p
 
@@ -193,5 +191,5 @@ def footprint_report(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["heatmap"] = str(plot_redundancy(R, names, out / "redundancy.png"))
-        (out / "footprint.json").write_text(json.dumps(report, indent=2))
+        write_json(out / "footprint.json", json_safe(report))
     return report

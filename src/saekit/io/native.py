@@ -18,17 +18,20 @@ SAELens directories and Qwen-Scope ``.pt`` files.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saekit.config import SAEConfig, from_dict, to_dict
+from saekit.config import DataConfig, SAEConfig, from_dict, to_dict
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
 from saekit.io.integrity import check_seal, file_records, seal, verify_files
-from saekit.io.saelens import load_state, log10_density, sae_from_saelens, saelens_cfg
+from saekit.io.saelens import base_cfg, load_state, log10_density, sae_from_saelens, saelens_export
+from saekit.rules import rule_names
 from saekit.sae import SAE
 
 CFG_FILE = "cfg.json"
@@ -58,7 +61,13 @@ def save_sae(
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra_cfg or {})
     data = extra.get("data") if isinstance(extra.get("data"), dict) else {}
-    weights = sae.folded_weights()
+    site = str(extra.get("site", ""))
+    try:
+        cfg, weights = saelens_export(sae, site=site, data=data)
+        refused = None
+    except FormatError as e:  # the rule has no SAELens equivalent: saekit-only directory
+        cfg, weights, refused = base_cfg(sae, site=site, data=data), sae.folded_weights(), str(e)
+        warnings.warn(f"{run_dir}: not loadable by SAELens: {e}", stacklevel=2)
     save_tensors(run_dir / WEIGHTS_FILE, weights, metadata={"format": "pt"})
     state = {k: v for k, v in sae.state_dict().items()}
     if not sae.cfg.normalize_input:  # folded == raw bit for bit: do not store them twice
@@ -67,15 +76,17 @@ def save_sae(
     save_tensors(run_dir / STATE_FILE, state)
     dens = sae.fire_freq if density is None else density
     save_tensors(run_dir / SPARSITY_FILE, {"sparsity": log10_density(dens)})
-    cfg = saelens_cfg(sae, site=str(extra.get("site", "")), data=data)
     import saekit
 
     cfg["saekit"] = {
         "version": saekit.__version__,
         "sae": to_dict(sae.cfg),
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "rule_module": type(sae.rule).__module__,
         **extra,
     }
+    if refused is not None:
+        cfg["saekit"]["saelens_export"] = f"refused: {refused}"
     cfg["saekit"]["files"] = file_records(run_dir, (WEIGHTS_FILE, STATE_FILE, SPARSITY_FILE))
     write_json(run_dir / CFG_FILE, seal(cfg, CFG_SEAL))
     return run_dir
@@ -124,6 +135,14 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
     where = run_dir / CFG_FILE
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
         raise FormatError(f"{where}: the 'saekit' section has no 'sae' config")
+    rule = section["sae"].get("rule", "topk")
+    if isinstance(rule, str) and rule not in rule_names():
+        mod = section.get("rule_module")
+        raise ConfigError(
+            f"{where}: unknown rule {rule!r}; a rule of your own must be imported first"
+            " (saekit --plugin MODULE, SAEKIT_PLUGINS=MODULE, or import it in Python)"
+            + (f"; it was saved from module {mod!r}" if mod else "")
+        )
     sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{where} saekit.sae")
     if k is not None:
         sae_cfg.k = k
@@ -191,6 +210,56 @@ def load_density(run_dir: str | Path, verify: bool = True) -> Tensor:
     return density_from_log10(load_tensors(Path(run_dir) / SPARSITY_FILE)["sparsity"])
 
 
-def run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The ``saekit`` section of a run's cfg (empty for plain SAELens dirs)."""
-    return dict(read_run_config(run_dir).get("saekit") or {})
+@dataclass
+class RunInfo:
+    """What a run directory's ``cfg.json`` says about where its SAE was trained."""
+
+    run_dir: str
+    model: str = ""
+    site: str = ""
+    dataset: str = ""
+    text_field: str = "text"
+    context_len: int = 128
+    #: the ``DataConfig`` as saved (``{}`` for plain SAELens directories)
+    data: dict[str, Any] = field(default_factory=dict)
+    #: the whole ``saekit`` section (``{}`` for plain SAELens directories)
+    saekit: dict[str, Any] = field(default_factory=dict)
+
+    def data_config(self) -> DataConfig:
+        """The run's :class:`DataConfig` (validated), or FormatError when none is recorded."""
+        where = Path(self.run_dir) / CFG_FILE
+        if not isinstance(self.saekit.get("data"), dict):
+            raise FormatError(f"{where} has no saekit 'data' section: cannot rebuild its data")
+        return from_dict(DataConfig, self.saekit["data"], where=f"{where} saekit.data")
+
+
+def _find_data_cfg(sk: dict) -> dict:
+    for key in ("data", "data_cfg", "DataConfig", "data_config"):
+        if isinstance(sk.get(key), dict):
+            return sk[key]
+    return {}
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """Model, hook site and data recorded in ``run_dir/cfg.json`` (saekit or SAELens keys)."""
+    p = Path(run_dir)
+    if not (p / CFG_FILE).is_file():
+        raise MissingFileError(f"not a saekit run directory (no {CFG_FILE}): {p}")
+    cfg = read_run_config(p)
+    sk = cfg["saekit"] if isinstance(cfg.get("saekit"), dict) else {}
+    data = _find_data_cfg(sk)
+    sites = data.get("sites") or []
+    site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
+    hook = cfg.get("hook_name")
+    if not site and isinstance(hook, str) and hook.startswith("layers."):
+        site = hook
+    return RunInfo(
+        run_dir=str(p),
+        model=str(data.get("model", cfg.get("model_name", "")) or ""),
+        site=str(site),
+        dataset=str(data.get("dataset", "")),
+        text_field=str(data.get("text_field", "text")),
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+        saekit=dict(sk),
+    )

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, register, saelens_int_k
 
 
 @dataclass
@@ -43,6 +43,7 @@ class BatchTopK(Rule):
     name = "batchtopk"
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
+    saelens_imports = ("batchtopk",)
     latent_shardable = True
 
     def __init__(self, cfg) -> None:
@@ -72,6 +73,17 @@ class BatchTopK(Rule):
 
     def export_threshold(self) -> Tensor:
         return self.threshold.clamp_min(0.0).expand(self.cfg.d_sae).clone()
+
+    @classmethod
+    def from_saelens(cls, cfg, weights):
+        """SAELens ``batchtopk``: ``k``, and the global threshold from ``topk_threshold`` or
+        ``threshold`` (first entry) when present."""
+        state = {}
+        for key in ("topk_threshold", "threshold"):
+            if key in weights:
+                state["threshold"] = weights[key].reshape(-1)[0].reshape(())
+                break
+        return {"k": saelens_int_k(cfg)}, state
 
 
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:

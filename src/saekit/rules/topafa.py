@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 
 
 @dataclass
@@ -64,6 +64,8 @@ class TopAFA(Rule):
     name = "topafa"
     Options = TopAFAOptions
     default_recon = "nmse"
+    saelens_architecture = "topk"
+    sparsity = SparsityKnob("free")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

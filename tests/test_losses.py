@@ -55,3 +55,46 @@ def test_build_aux_names_the_form() -> None:
         make("topk", aux_options={"form": "mystery"})
     rule = make("topk").rule
     assert build_aux(SAEConfig(d_in=12, d_sae=48), rule).form == rule.aux_form
+
+
+def _aux_parts(rule: str, **kw):
+    sae = make(rule, d_sae=48, k=3, aux_k=8, **kw)
+    sae.train()
+    x = torch.randn(64, 12) * 2
+    sae.init_from_data(x)
+    sae.tokens_since_fired.fill_(sae.dead_window)  # every latent dead: aux-k over all
+    total, terms, out = sae.loss(x)
+    return sae, x, terms, out
+
+
+def test_aux_form_follows_each_rules_paper_code() -> None:
+    """Fidelity 5: TopK (Gao et al.) uses NMSE of the detached residual; BatchTopK's and
+    top-AFA's code use aux_penalty * MSE of the live residual on the MSE reconstruction."""
+    assert make("topk").aux_loss.form == "openai"
+    assert make("mutual_choice").aux_loss.form == "openai"
+    assert make("batchtopk").aux_loss.form == make("topafa").aux_loss.form == "bussmann"
+    for rule in ("batchtopk", "topafa"):
+        sae, x, terms, out = _aux_parts(rule)
+        cand = torch.ones(sae.d_sae, dtype=torch.bool)
+        args = (out.x_in, sae.W_enc, sae.b_enc, sae.W_dec, out.pre, out.x - out.x_hat_n, cand, 8)
+        e_aux_sq = aux_k_loss(*args, scale_like=("mse", out.x)) * x.shape[0]  # sum of sq. err
+        var = (out.x - out.x.mean(0)).pow(2).sum()
+        # the ratio aux / recon is the paper code's: aux_penalty * sum(e_aux - e)^2 / sum(e^2)
+        torch.testing.assert_close(terms["aux"], sae.cfg.aux_coeff * e_aux_sq / var)
+        ratio = terms["aux"] / terms["recon"]
+        sq_e = (out.x - out.x_hat_n).pow(2).sum()
+        torch.testing.assert_close(ratio, sae.cfg.aux_coeff * e_aux_sq / sq_e)
+        # the residual is live: the aux term sends gradient into the main reconstruction
+        (g,) = torch.autograd.grad(terms["aux"], out.x_hat_n, allow_unused=True)
+        assert g is not None and g.abs().sum() > 0
+    # Gao et al.'s form: NMSE of the residual, detached (no b_dec gradient from aux)
+    sae, x, terms, out = _aux_parts("topk")
+    e = out.x - out.x_hat_n.detach()
+    cand = torch.ones(sae.d_sae, dtype=torch.bool)
+    want = aux_k_loss(out.x_in, sae.W_enc, sae.b_enc, sae.W_dec, out.pre, e, cand, 8)
+    torch.testing.assert_close(terms["aux"], sae.cfg.aux_coeff * want)
+    (g,) = torch.autograd.grad(terms["aux"], out.x_hat_n, allow_unused=True)
+    assert g is None
+    # the choice is an aux option for any rule
+    assert make("batchtopk", aux_options={"form": "openai"}).aux_loss.form == "openai"
+    assert make("topk", aux_options={"form": "bussmann"}).aux_loss.form == "bussmann"

@@ -80,7 +80,10 @@ class SAEConfig(Options):
         choices=("auto", "nmse", "mse"),
     )
     dead_tokens: int = option(
-        10_000_000, "a latent is dead after this many training tokens without firing", ge=1
+        0,
+        "a latent is dead after this many training tokens without firing (aux loss, logs,"
+        " eval); 0: auto, 5% of the run's tokens (at least one batch, at most 10M)",
+        ge=0,
     )
     apply_b_dec_to_input: bool = option(True, "encode x - b_dec (Gao et al.); False: encode x")
     init_b_dec: str = option(
@@ -157,6 +160,12 @@ class TrainConfig(Options):
         0.8, "lr decays linearly to 0 from this fraction of steps", ge=0, le=1
     )
     grad_clip: float = option(1.0, "max gradient norm (0 disables)", ge=0)
+    calibration_tokens: int = option(
+        -1,
+        "held-back tokens drawn after training on which batch rules calibrate their inference"
+        " thresholds (-1: 65536, at most total_tokens/4, at least 4 batches; 0: none)",
+        ge=-1,
+    )
     seed: int = option(0, "random seed", ge=0)
     log_every: int = option(10, "steps between metrics.jsonl lines", ge=1, resumable=True)
     checkpoint_every: int = option(

@@ -21,7 +21,7 @@ from saekit.config import SAEConfig
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, DataError
 from saekit.inputs import input_kind, to_sae_units
-from saekit.losses import build_aux, recon_loss
+from saekit.losses import DEAD_TOKENS_MAX, build_aux, recon_loss
 from saekit.losses.recon import check_recon
 from saekit.rules import Context, Selection, build_rule
 
@@ -160,7 +160,7 @@ class SAE(nn.Module):
         return self._encoder_input(xn) @ self.W_enc + self.b_enc
 
     def _select(
-        self, xn: Tensor, inputs: dict[str, Tensor], step: int
+        self, xn: Tensor, inputs: dict[str, Tensor], step: int, init: bool = False
     ) -> tuple[Codes, Tensor, Tensor, Selection, Context]:
         x_in = self._encoder_input(xn)
         ctx = Context(
@@ -178,7 +178,7 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x_in))
-        sel = self.rule.select(pre, ctx)
+        sel = self.rule.init_selection(pre, ctx) if init else self.rule.select(pre, ctx)
         if sel.dense is not None:
             return Codes(self.d_sae, dense=sel.dense), pre, x_in, sel, ctx
         assert sel.indices is not None
@@ -289,10 +289,17 @@ class SAE(nn.Module):
         total = torch.stack(list(terms.values())).sum()
         return total, terms, out
 
+    @property
+    def dead_window(self) -> int:
+        """Training tokens without firing after which a latent is dead: ``cfg.dead_tokens``
+        (the trainer fills an automatic 0 from the run's length), else Gao et al.'s 10M."""
+        return self.cfg.dead_tokens if self.cfg.dead_tokens > 0 else DEAD_TOKENS_MAX
+
     def dead_latents(self) -> Tensor:
-        """``[d_sae]`` bool: latents that fired on none of the last ``dead_tokens`` training
-        tokens (the one definition used by the aux loss, the training logs and eval)."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens
+        """``[d_sae]`` bool: latents that fired on none of the last :attr:`dead_window`
+        training tokens: the one definition used by the aux loss, the training logs and
+        ``saekit eval`` (``dead_frac_train``)."""
+        return self.tokens_since_fired >= self.dead_window
 
     def aux_candidates(self) -> tuple[Tensor, Tensor | None]:
         """Latents the aux loss may use, and optional per-latent weights (none when off)."""
@@ -352,15 +359,34 @@ class SAE(nn.Module):
             self.b_dec.copy_(xn.mean(0))
         elif how != "zeros":
             raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
-        # rescale the encoder so that reconstructions start with roughly the input's norm
+        # rescale the encoder so that reconstructions start with roughly the input's norm,
+        # with the codes the rule trains with (Rule.init_selection)
         was = self.training
         self.train(False)
         x_in = self._encoder_input(xn)
-        recon = self.decode_n(self._select(xn, {}, 0)[0]) - self.b_dec
+        recon = self.decode_n(self._select(xn, {}, 0, init=True)[0]) - self.b_dec
         ratio = x_in.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
         if torch.isfinite(ratio) and ratio > 0:
             self.W_enc.mul_(ratio)
         self.train(was)
+
+    # ------------------------------------------------------------------ calibration
+    def begin_calibration(self) -> None:
+        """Start the rule's calibration on held-back batches (see ``Rule.calibrates``)."""
+        self.rule.begin_calibration(self.comm)
+
+    @torch.no_grad()
+    def calibrate_batch(self, x: Tensor) -> None:
+        """Pass one held-back batch's pre-activations to ``rule.calibrate``."""
+        xn = self._to_sae_units(self._flat(x))
+        x_in = self._encoder_input(xn)
+        pre = x_in @ self.W_enc + self.b_enc
+        ctx = Context(sae=self, training=False, x=xn, x_in=x_in, comm=self.comm)
+        self.rule.calibrate(pre, ctx)
+
+    def end_calibration(self) -> None:
+        """Let the rule set its inference state from the batches it was given."""
+        self.rule.end_calibration(self.comm)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()

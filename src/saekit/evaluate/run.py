@@ -176,6 +176,10 @@ class _Evaluator:
 
     def result(self, G: Tensor | None) -> dict[str, Any]:
         r: dict[str, Any] = {"core": self.core.result()}
+        if hasattr(self.ae, "dead_latents") and int(self.ae.tokens_seen) > 0:
+            # the training-time definition (aux loss, logs), from the saved counters
+            r["core"]["dead_frac_train"] = float(self.ae.dead_latents().float().mean())
+            r["core"]["dead_tokens"] = self.ae.dead_window
         if self.afa is not None:
             r["afa"] = self.afa.result()
         if self.abl is not None:

@@ -175,7 +175,12 @@ def load_state(sae: SAE, state: dict[str, Tensor], strict: bool, where: str) -> 
     if unknown:
         raise FormatError(f"{where}: unexpected tensors {unknown}")
     if strict:
-        missing = sorted(set(own) - set(state))
+        optional = {
+            f"{mod}.{b}" if mod else b
+            for mod, m in sae.named_modules()
+            for b in getattr(m, "optional_state", ())
+        }
+        missing = sorted(set(own) - set(state) - optional)
         if missing:
             raise FormatError(f"{where}: missing tensors {missing}")
     for name, t in state.items():

@@ -6,8 +6,10 @@ import importlib
 import pkgutil
 
 from saekit.losses.aux import (
+    DEAD_TOKENS_MAX,
     AuxLoss,
     AuxOptions,
+    auto_dead_tokens,
     aux_k_loss,
     aux_names,
     build_aux,
@@ -21,9 +23,11 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = [
+    "DEAD_TOKENS_MAX",
     "RECON_LOSSES",
     "AuxLoss",
     "AuxOptions",
+    "auto_dead_tokens",
     "aux_k_loss",
     "aux_names",
     "build_aux",

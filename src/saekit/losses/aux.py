@@ -192,6 +192,20 @@ def build_aux(cfg: SAEConfig, rule: Rule) -> AuxLoss | None:
     return cls(cfg, rule)
 
 
+#: Gao et al.'s dead window (10M tokens): the cap of the automatic window, and the window of
+#: an SAE with ``dead_tokens=0`` used outside a trainer
+DEAD_TOKENS_MAX = 10_000_000
+#: the automatic window's share of the run [our choice; the bench used it before]
+DEAD_TOKENS_FRACTION = 0.05
+
+
+def auto_dead_tokens(total_tokens: int, batch_size: int) -> int:
+    """The dead window of a run with ``dead_tokens=0``: 5% of its tokens, at least one batch,
+    at most 10M [our choice]. Gao et al.'s fixed 10M never triggers in runs shorter than
+    that (saekit's default run is 2M tokens); BatchTopK's code uses 5 batches."""
+    return int(min(DEAD_TOKENS_MAX, max(batch_size, round(DEAD_TOKENS_FRACTION * total_tokens))))
+
+
 @register_aux
 class AuxK(AuxLoss):
     """aux-k (Gao et al. 2024): the candidates are the dead latents (``SAE.dead_latents``)."""

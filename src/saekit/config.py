@@ -47,6 +47,12 @@ def _sources() -> tuple[str, ...]:
     return tuple(SOURCES)
 
 
+def _trackers() -> tuple[str, ...]:
+    from saekit.tracking import TRACKERS
+
+    return TRACKERS
+
+
 def device_problem(name: str) -> str | None:
     """``check`` for device fields: None when ``name`` is a torch device string."""
     import torch
@@ -184,6 +190,13 @@ class TrainConfig(Options):
     stop_after_steps: int = option(
         0, "stop after this many steps (0: run to the end); for tests", ge=0, resumable=True
     )
+    log: str = option(
+        "none",
+        "experiment tracking: none, wandb (offline unless WANDB_MODE is set) or tensorboard",
+        choices=_trackers,
+        resumable=True,
+    )
+    log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:
@@ -212,6 +225,10 @@ class DataConfig(Options):
     dataset: str = option(
         "", "text: '' (built-in pydoc corpus), a .txt/.jsonl path or HF dataset id"
     )
+    data_files: list[str] = option(
+        [], "files (globs allowed) for an HF datasets builder: --dataset json|parquet|text|csv"
+    )
+    streaming: bool = option(True, "stream HF datasets (false: prepare the split first)")
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)

@@ -86,6 +86,11 @@ def run_cache(args: argparse.Namespace) -> int:
     data_cfg = load_run_config(args.config, {"data": given_args(DataConfig, args)}).data
     cfg = dataclass_from_args(CacheConfig, args)
     out = write_cache(data_cfg, **to_dict(cfg))
+    if cfg.format == "saelens":
+        print(f"SAELens cache written: {out} ({cfg.n_tokens:,} tokens)")
+        print(f"SAELens: cached_activations_path={str(out)!r}")
+        print(f"saekit: saekit train --source cache --cache-dir {out}")
+        return 0
     sites = ", ".join(read_manifest(out)["sites"])
     print(f"cache written: {out} ({cfg.n_tokens:,} tokens of {sites})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")

@@ -12,25 +12,32 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from saekit.config import DistConfig, SAEConfig, TrainConfig
-from saekit.distributed.launch import from_env
+from saekit.distributed.launch import from_env, rank_device
 from saekit.distributed.state import shard_range
 from saekit.distributed.strategy import DataParallel, LayerParallel, Strategy
 from saekit.sae import SAE
 from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 from saekit.train import TrainResult, train
 
-RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice"]
+RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa"]
 LATENT_RULES = ["topk", "batchtopk", "abstopk", "mutual_choice"]
 B, D, F, K = 64, 16, 51, 4  # F odd: uneven latent shards
+#: cpu (gloo) or cuda (NCCL, one GPU per rank): SAEKIT_DIST_DEVICE, as in test_distributed.py
+DEVICE = os.environ.get("SAEKIT_DIST_DEVICE", "cpu")
 
 
 def make_sae(rule: str) -> SAE:
+    return _make_sae(rule).to(rank_device(DEVICE))
+
+
+def _make_sae(rule: str) -> SAE:
     torch.manual_seed(1)
     sae = SAE(SAEConfig(d_in=D, d_sae=F, rule=rule, k=K, aux_k=8, dead_tokens=100))
     with torch.no_grad():
@@ -76,18 +83,18 @@ def train_plan(kind: str, out: Path, strategy: Strategy | None = None) -> TrainR
     }
     tc = TrainConfig(
         out_dir=str(out), total_tokens=128 * 20, batch_size=128, progress=False,
-        log_every=10, checkpoint_every=10, threads=1,
+        log_every=10, checkpoint_every=10, threads=1, device=rank_device(DEVICE),
     )  # fmt: skip
     src = SyntheticSource(SyntheticConfig(n_features=128, d=32, n_roots=4, block_size=256))
     return train(plan, tc, src, strategy=strategy)
 
 
 def main(out_dir: str) -> None:
-    lat = from_env(DistConfig(strategy="latents"))
+    lat = from_env(DistConfig(strategy="latents"), DEVICE)
     ddp = DataParallel()
     rank, world = lat.rank, lat.world
     torch.manual_seed(2)
-    x = torch.randn(B, D) * 2
+    x = (torch.randn(B, D) * 2).to(rank_device(DEVICE))
     res: dict = {"rank": rank}
     for i, rule in enumerate(RULES):
         ref = make_sae(rule)

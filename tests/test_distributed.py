@@ -134,9 +134,10 @@ def _checkpoint_step(out: Path) -> int:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, list[str]]:
-    """2-rank ddp through torchrun: TopK and BatchTopK on one stream, aux-k active."""
+    """2-rank ddp through torchrun: TopK and BatchTopK on one prefetched stream, aux-k active."""
     tmp = tmp_path_factory.mktemp("ddp")
     extra = ["--config", two_saes(tmp, ["topk", "batchtopk"]), "--total-tokens", DDP_TOKENS]
+    extra += ["--prefetch", "2"]  # each rank prefetches its own part in a thread
     out = tmp / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

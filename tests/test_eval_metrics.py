@@ -27,8 +27,10 @@ def test_core_by_hand():
     assert core.fve(x, x_hat) == pytest.approx(0.5)
     # per token: 1 - 1/5, 1 - 0/1, 1 - 4/4  -> mean (0.8 + 1 + 0) / 3
     assert core.fve_legacy(x, x_hat) == pytest.approx(1.8 / 3)
-    # sum ||x||^2 = 1 + 13 + 20 = 34
-    assert core.nmse(x, x_hat) == pytest.approx(5 / 34)
+    # OpenAI's normalised MSE is per token: (1/1 + 0/13 + 4/20) / 3 (issue 10, fidelity 10:
+    # it was the pooled 5/34 under OpenAI's name); pooled: sum ||x||^2 = 1 + 13 + 20 = 34
+    assert core.nmse(x, x_hat) == pytest.approx(1.2 / 3)
+    assert core.nmse_pooled(x, x_hat) == pytest.approx(5 / 34)
     cos = [1 / math.sqrt(2), 1.0, 4 / math.sqrt(20)]
     assert core.cosine(x, x_hat) == pytest.approx(sum(cos) / 3)
     ratios = [math.sqrt(2), 1.0, 4 / math.sqrt(20)]
@@ -81,6 +83,7 @@ def test_accumulator_matches_pure_functions_and_hist():
     assert r["n_tokens"] == 64
     assert r["fve"] == pytest.approx(core.fve(x, x_hat), rel=1e-10)
     assert r["nmse"] == pytest.approx(core.nmse(x, x_hat))
+    assert r["nmse_pooled"] == pytest.approx(core.nmse_pooled(x, x_hat))
     assert r["cos"] == pytest.approx(core.cosine(x, x_hat))
     assert r["l2_ratio"] == pytest.approx(core.l2_ratio(x, x_hat))
     assert r["rel_bias"] == pytest.approx(core.relative_reconstruction_bias(x, x_hat))

@@ -305,6 +305,23 @@ def test_probe_beats_chance_on_planted_direction():
     assert r0["top_1_test_accuracy"] < 0.8
 
 
+def test_probe_is_balanced_one_vs_rest():
+    """Issue 10, fidelity 8: on 5 classes an uninformed probe scored 0.8 ("always no")."""
+    rng = np.random.default_rng(2)
+    y = np.array(list("abcde") * 40)
+    X = rng.normal(size=(200, 6))  # no signal at all
+    r = probing.sparse_probe_accuracy(X[:150], y[:150], X[150:], y[150:], ks=(1, 2))
+    assert 0.3 < r["top_1_test_accuracy"] < 0.7  # chance on a balanced set is 0.5
+    assert r["balanced_sizes"] == {c: [60, 20] for c in "abcde"}
+    idx = probing.balanced_one_vs_rest(y, "a", np.random.default_rng(0))
+    assert (y[idx] == "a").sum() == 40 and len(idx) == 80 and len(set(idx.tolist())) == 80
+    neg = y[idx][y[idx] != "a"]
+    assert sorted(np.unique(neg, return_counts=True)[1].tolist()) == [10, 10, 10, 10]
+    few = np.array(["a"] * 10 + ["b"] * 3)
+    idx = probing.balanced_one_vs_rest(few, "a", np.random.default_rng(0))
+    assert (few[idx] == "a").sum() == 3 and len(idx) == 6  # the class is subsampled
+
+
 def test_probe_multiclass_and_bad_file(tmp_path):
     rng = np.random.default_rng(1)
     y = np.array(["a", "b", "c"] * 40)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
@@ -166,6 +167,7 @@ class Trainer:
         self.tokens = 0
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.tracker = tracking.Tracker()  # --log: opened by run()
         self.calibrated = False  # held-back calibration done (after the last step)
         self.cur_factor = 1.0
         self.finished = False  # out_dir held this run, finished: nothing to do
@@ -400,6 +402,7 @@ class Trainer:
         with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        self.tracker.log(rows)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -429,7 +432,9 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        with bar:
+        config = {**self.configs(), "train": to_dict(c)}
+        track = tracking.open_tracker(c.log, self.out_dir, config, self.step, c.log_project)
+        with bar, track as self.tracker:
             while self.step < self.total_steps:
                 try:
                     batch = self.source.next_batch(c.batch_size)

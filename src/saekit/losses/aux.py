@@ -96,6 +96,7 @@ class AuxLoss:
             signed=self.signed,
             scale_like=scale_like,
             comm=sae.comm,
+            latents=sae.rule.aux_latents(out),
         )
         return sae.cfg.aux_coeff * loss
 
@@ -113,8 +114,13 @@ def aux_k_loss(
     signed: bool = False,
     scale_like: tuple[str, Tensor] | None = None,
     comm: Comm = LOCAL,
+    latents: Tensor | None = None,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
+
+    ``latents [B, d_sae]`` (with grad; ``Rule.aux_latents``): the rule's own latent values
+    (e.g. the vSAE's sampled ``z``) from which the candidates are ranked (``|.|`` when
+    ``signed``) and taken, instead of the (ReLU'd) pre-activations.
 
     ``candidates [d_sae]`` (bool) are the latents allowed; ``weights [d_sae]`` optionally
     scale each latent's value. Returns the NMSE of the residual (``scale_like`` None: its own
@@ -127,13 +133,17 @@ def aux_k_loss(
     if n == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n)
+    ranked = (pre if latents is None else latents).detach()
     if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
-        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+        idx, mask = kernels.masked_row_topk(ranked, candidates, k, absolute=signed), None
     else:
-        score = pre.abs() if signed else pre
-        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        score = ranked.abs() if signed else ranked
+        score = torch.where(candidates, score, torch.full_like(ranked, float("-inf")))
         idx, mask = comm.topk(score, k)
-    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
+    if latents is not None:
+        vals = latents.gather(1, idx)
+    else:
+        vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:

@@ -151,6 +151,11 @@ class Rule(nn.Module):
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
 
+    def aux_latents(self, out: SAEOutput) -> Tensor | None:
+        """Dense latent values ``[B, d_sae]`` (with grad) the aux loss ranks and uses instead
+        of the pre-activations (None, the default: the pre-activations)."""
+        return None
+
     @property
     def input_norm(self) -> str:
         """Per-token input normalisation the SAE applies before encoding: "none", or

@@ -134,7 +134,7 @@ def aux_k_loss(
         return pre.new_zeros(())
     k = min(k_aux, n)
     ranked = (pre if latents is None else latents).detach()
-    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+    if comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
         idx, mask = kernels.masked_row_topk(ranked, candidates, k, absolute=signed), None
     else:
         score = ranked.abs() if signed else ranked

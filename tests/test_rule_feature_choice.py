@@ -30,7 +30,7 @@ def test_feature_choice_capacities_and_no_dead() -> None:
     sae = make("feature_choice", d_sae=d_sae, k=k)
     sae.train()
     freq = torch.rand(d_sae)
-    sae.fire_freq.copy_(freq)
+    sae.rule.rank_stat.copy_(freq)
     x = torch.randn(B, 12)
     out = sae(x)
     m = out.extras["capacity"]
@@ -64,7 +64,8 @@ def test_feature_choice_inference_thresholds() -> None:
     out = sae(x)
     dense = out.codes.to_dense().detach()
     low = torch.where(dense > 0, dense, torch.full_like(dense, math.inf)).min(0).values
-    assert torch.allclose(sae.rule.threshold, low)  # first batch: the smallest selected value
+    # before the tracking starts: the latest batch's smallest selected value
+    assert torch.allclose(sae.rule.threshold, low)
     sae.eval()
     pre = sae.encode_pre(x).detach()
     assert torch.equal(dense_codes(sae, x) != 0, pre > sae.rule.threshold)

@@ -22,6 +22,13 @@ def _rules() -> list[str]:
     return rule_names()
 
 
+def _sparsity_kind(rule: str) -> str:
+    """``"k"`` when ``SAEConfig.k`` sets the rule's L0 (see ``Rule.sparsity``)."""
+    from saekit.rules import get_rule_class
+
+    return get_rule_class(rule).sparsity.kind
+
+
 def _aux_losses() -> tuple[str, ...]:
     from saekit.losses import aux_names
 
@@ -38,6 +45,12 @@ def _sources() -> tuple[str, ...]:
     from saekit.sources import SOURCES
 
     return tuple(SOURCES)
+
+
+def _trackers() -> tuple[str, ...]:
+    from saekit.tracking import TRACKERS
+
+    return TRACKERS
 
 
 def device_problem(name: str) -> str | None:
@@ -117,7 +130,19 @@ class SAEConfig(Options):
             )
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
+        cfg.check()  # k against the resolved width
         return cfg
+
+    def check(self) -> None:
+        d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
+        if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
+            fail(
+                "SAEConfig",
+                "k",
+                self.k,
+                f"exceeds d_sae = {d_sae} (rule {self.rule!r} keeps k latents per token)",
+                f"set k <= {d_sae}, or raise d_sae / expansion",
+            )
 
 
 @dataclass
@@ -141,6 +166,12 @@ class TrainConfig(Options):
         0.8, "lr decays linearly to 0 from this fraction of steps", ge=0, le=1
     )
     grad_clip: float = option(1.0, "max gradient norm (0 disables)", ge=0)
+    calibration_tokens: int = option(
+        -1,
+        "held-back tokens drawn after training on which batch rules calibrate their inference"
+        " thresholds (-1: 65536, at most total_tokens/4, at least 4 batches; 0: none)",
+        ge=-1,
+    )
     seed: int = option(0, "random seed", ge=0)
     log_every: int = option(10, "steps between metrics.jsonl lines", ge=1, resumable=True)
     checkpoint_every: int = option(
@@ -159,6 +190,13 @@ class TrainConfig(Options):
     stop_after_steps: int = option(
         0, "stop after this many steps (0: run to the end); for tests", ge=0, resumable=True
     )
+    log: str = option(
+        "none",
+        "experiment tracking: none, wandb (offline unless WANDB_MODE is set) or tensorboard",
+        choices=_trackers,
+        resumable=True,
+    )
+    log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:
@@ -187,6 +225,10 @@ class DataConfig(Options):
     dataset: str = option(
         "", "text: '' (built-in pydoc corpus), a .txt/.jsonl path or HF dataset id"
     )
+    data_files: list[str] = option(
+        [], "files (globs allowed) for an HF datasets builder: --dataset json|parquet|text|csv"
+    )
+    streaming: bool = option(True, "stream HF datasets (false: prepare the split first)")
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)

@@ -160,7 +160,7 @@ class SAE(nn.Module):
         return self._encoder_input(xn) @ self.W_enc + self.b_enc
 
     def _select(
-        self, xn: Tensor, inputs: dict[str, Tensor], step: int
+        self, xn: Tensor, inputs: dict[str, Tensor], step: int, init: bool = False
     ) -> tuple[Codes, Tensor, Tensor, Selection, Context]:
         x_in = self._encoder_input(xn)
         ctx = Context(
@@ -178,7 +178,7 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x_in))
-        sel = self.rule.select(pre, ctx)
+        sel = self.rule.init_selection(pre, ctx) if init else self.rule.select(pre, ctx)
         if sel.dense is not None:
             return Codes(self.d_sae, dense=sel.dense), pre, x_in, sel, ctx
         assert sel.indices is not None
@@ -359,15 +359,34 @@ class SAE(nn.Module):
             self.b_dec.copy_(xn.mean(0))
         elif how != "zeros":
             raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
-        # rescale the encoder so that reconstructions start with roughly the input's norm
+        # rescale the encoder so that reconstructions start with roughly the input's norm,
+        # with the codes the rule trains with (Rule.init_selection)
         was = self.training
         self.train(False)
         x_in = self._encoder_input(xn)
-        recon = self.decode_n(self._select(xn, {}, 0)[0]) - self.b_dec
+        recon = self.decode_n(self._select(xn, {}, 0, init=True)[0]) - self.b_dec
         ratio = x_in.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
         if torch.isfinite(ratio) and ratio > 0:
             self.W_enc.mul_(ratio)
         self.train(was)
+
+    # ------------------------------------------------------------------ calibration
+    def begin_calibration(self) -> None:
+        """Start the rule's calibration on held-back batches (see ``Rule.calibrates``)."""
+        self.rule.begin_calibration(self.comm)
+
+    @torch.no_grad()
+    def calibrate_batch(self, x: Tensor) -> None:
+        """Pass one held-back batch's pre-activations to ``rule.calibrate``."""
+        xn = self._to_sae_units(self._flat(x))
+        x_in = self._encoder_input(xn)
+        pre = x_in @ self.W_enc + self.b_enc
+        ctx = Context(sae=self, training=False, x=xn, x_in=x_in, comm=self.comm)
+        self.rule.calibrate(pre, ctx)
+
+    def end_calibration(self) -> None:
+        """Let the rule set its inference state from the batches it was given."""
+        self.rule.end_calibration(self.comm)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()

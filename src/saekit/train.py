@@ -5,7 +5,9 @@ Recipe (Gao et al. 2024 defaults, all in :class:`~saekit.config.TrainConfig`): A
 ``warmup_frac`` of the steps, linear decay to 0 from ``decay_start_frac``, gradient-norm
 clipping per SAE, decoder gradient projected (``remove_parallel_grad``) before and rows
 renormalised (``normalize_decoder``) after each step; ``init_from_data`` on the first
-batch. Steps = ``total_tokens // batch_size``.
+batch. Steps = ``total_tokens // batch_size``. After the last step, rules that calibrate
+(``Rule.calibrates``: the batch rules' inference thresholds) see ``calibration_tokens`` of
+held-back batches drawn from the source (:meth:`Trainer.calibrate`).
 
 Checkpoints (``out_dir/checkpoint``, every ``checkpoint_every`` steps and at the end) hold
 the SAEs' weights and buffers, the optimizer states, the torch / Python / NumPy RNG states,
@@ -24,6 +26,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.errors import ConfigError, TrainingError
@@ -51,6 +55,10 @@ from saekit.sources.base import ActivationSource, Batch
 #: fields as ``resumable=True``)
 RESUMABLE_TRAIN_FIELDS = fields_where(TrainConfig, "resumable")
 RESUMABLE_DATA_FIELDS = fields_where(DataConfig, "resumable")
+#: held-back tokens for calibration when TrainConfig.calibration_tokens is -1 (at most a
+#: quarter of total_tokens, at least 4 batches): measured on synthetic data, 2k tokens leave
+#: the inference L0 ~4% off k, 16k ~1%
+DEFAULT_CALIBRATION_TOKENS = 65_536
 
 
 @dataclass
@@ -159,6 +167,8 @@ class Trainer:
         self.tokens = 0
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.tracker = tracking.Tracker()  # --log: opened by run()
+        self.calibrated = False  # held-back calibration done (after the last step)
         self.cur_factor = 1.0
         self.finished = False  # out_dir held this run, finished: nothing to do
         if train_cfg.threads > 0:
@@ -199,6 +209,7 @@ class Trainer:
         )
         # the loop drops each step's output, so the [B, d_sae] pre-activation buffer is reused
         sae.reuse_buffers = True
+        sae.rule.setup_training(self.total_steps)
         run_dir = self.out_dir if len(self.plan) == 1 else self.out_dir / _dir_name(name)
         return _Slot(name, site, sae, opt, base_lr, run_dir)
 
@@ -234,6 +245,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "total_steps": self.total_steps,
+            "calibrated": self.calibrated,
             "configs": self.configs(),
             "names": [s.name for s in self.slots],
             "optim": optim,
@@ -269,9 +281,10 @@ class Trainer:
             for i, s in enumerate(self.slots):
                 s.sae.load_state_dict(files[f"sae-{i}"])
             self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+            self.calibrated = bool(meta.get("calibrated", False))
             self.last_metrics = dict(meta.get("last_metrics") or {})
             self.last_ckpt_step = self.step
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps and not self.calibration_pending():
                 self.finished = rundir.is_finished([s.run_dir for s in self.slots], self.step)
                 return True
             for i, s in enumerate(self.slots):
@@ -389,6 +402,7 @@ class Trainer:
         with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        self.tracker.log(rows)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -418,7 +432,9 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        with bar:
+        config = {**self.configs(), "train": to_dict(c)}
+        track = tracking.open_tracker(c.log, self.out_dir, config, self.step, c.log_project)
+        with bar, track as self.tracker:
             while self.step < self.total_steps:
                 try:
                     batch = self.source.next_batch(c.batch_size)
@@ -442,10 +458,63 @@ class Trainer:
                     if self.last_ckpt_step != self.step:
                         self.save_checkpoint()
                     return self._result(completed=False)  # like a kill after a checkpoint
-        if self.last_ckpt_step != self.step:
+        calibrated_now = completed and self.calibrate()
+        if self.last_ckpt_step != self.step or calibrated_now:
             self.save_checkpoint()
         self.save_final()
         return self._result(completed=completed)
+
+    def calibration_batches(self) -> int:
+        """Held-back batches drawn after training for the rules that calibrate."""
+        n = self.cfg.calibration_tokens
+        if n < 0:
+            n = min(DEFAULT_CALIBRATION_TOKENS, self.cfg.total_tokens // 4)
+            n = max(4 * self.cfg.batch_size, n)
+        return -(-n // self.cfg.batch_size)
+
+    def calibration_pending(self) -> bool:
+        """Some rule calibrates and has not yet been calibrated in this run."""
+        wanted = any(s.sae.rule.calibrates for s in self.slots)
+        return wanted and not self.calibrated and self.calibration_batches() > 0
+
+    @torch.no_grad()
+    def calibrate(self) -> bool:
+        """After the last step: rules with ``calibrates`` set their inference state on
+        held-back batches drawn from the source (never trained on). True if it ran.
+
+        Nothing else changes, so a run killed here resumes from its last checkpoint and
+        draws the same batches again: the result equals an uninterrupted run.
+        """
+        if not self.calibration_pending():
+            self.calibrated = True
+            return False
+        slots = [s for s in self.slots if s.sae.rule.calibrates]
+        n = self.calibration_batches()
+        for s in slots:
+            s.sae.eval()
+            s.sae.begin_calibration()
+        got, bs = 0, self.cfg.batch_size
+        for _ in range(n):
+            try:
+                batch = self.source.next_batch(bs)
+            except StopIteration:
+                break
+            self._check_finite(batch)
+            for s in slots:
+                s.sae.calibrate_batch(batch.acts[s.site].to(self.device, self.dtype))
+            got += 1
+        for s in slots:
+            s.sae.end_calibration()
+            s.sae.train()
+            self.last_metrics.setdefault(s.name, {})["calibration_tokens"] = got * bs
+        if got == 0:
+            warnings.warn(
+                "the source had no batch left for calibration: batch rules keep the"
+                " inference thresholds tracked during training",
+                stacklevel=2,
+            )
+        self.calibrated = True
+        return True
 
     def save_final(self) -> None:
         for s in self.slots:

@@ -61,8 +61,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = train_run(rc)
     wall = time.perf_counter() - t0
-    state = "finished" if res.completed else "stopped early (resume by re-running)"
-    print(f"{state}: {res.steps} steps, {res.tokens:,} tokens in {wall:.0f} s")
+    if res.already_finished:
+        print(
+            f"already finished: {res.steps} steps, {res.tokens:,} tokens in {res.out_dir}"
+            " (nothing recomputed or rewritten; use another --out-dir or --resume false to"
+            " train again)"
+        )
+    else:
+        state = "finished" if res.completed else "stopped early (resume by re-running)"
+        print(f"{state}: {res.steps} steps, {res.tokens:,} tokens in {wall:.0f} s")
     for name, m in res.metrics.items():
         print(
             f"{res.run_dirs[name]}  L0 {m.get('l0', float('nan')):.1f}"
@@ -79,6 +86,11 @@ def run_cache(args: argparse.Namespace) -> int:
     data_cfg = load_run_config(args.config, {"data": given_args(DataConfig, args)}).data
     cfg = dataclass_from_args(CacheConfig, args)
     out = write_cache(data_cfg, **to_dict(cfg))
+    if cfg.format == "saelens":
+        print(f"SAELens cache written: {out} ({cfg.n_tokens:,} tokens)")
+        print(f"SAELens: cached_activations_path={str(out)!r}")
+        print(f"saekit: saekit train --source cache --cache-dir {out}")
+        return 0
     sites = ", ".join(read_manifest(out)["sites"])
     print(f"cache written: {out} ({cfg.n_tokens:,} tokens of {sites})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")

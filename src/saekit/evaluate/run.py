@@ -253,14 +253,18 @@ def _setup(
     data_cfg: DataConfig | None,
     k: int | None,
 ) -> _Setup:
-    """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site."""
-    from saekit.io import load_sae, read_run_info
+    """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site.
 
-    sae = load_sae(run_dir, device=cfg.device, k=k)
+    ``run_dir`` is the SAE's local path; an SAE from another library (a peer format, a hub
+    spec) gets its model and site from its metadata (:func:`saekit.io.native.info_from_meta`).
+    """
+    from saekit.io.native import info_from_meta, open_sae, read_run_info
+
+    sae, meta = open_sae(run_dir, device=cfg.device, k=k)
     sae.train(False)
-    info = read_run_info(run_dir) if run_dir.is_dir() else None
+    info = read_run_info(run_dir) if meta["format"] == "saekit" else info_from_meta(run_dir, meta)
     if data_cfg is None:
-        if info is None or not info.saekit.get("data"):
+        if not info.saekit.get("data"):
             where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
             raise FormatError(
                 f"{where} records no saekit 'data' section: cannot rebuild its data; pass"
@@ -366,7 +370,14 @@ def _splice(
 
     dc = st.data_cfg
     source: Any = src.source
-    texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
+    texts = iter_texts(
+        dc.dataset,
+        src.text_split,
+        dc.text_field,
+        part=src.text_part,
+        data_files=tuple(dc.data_files),
+        streaming=dc.streaming,
+    )
     bs = cfg.splice_batch_size or dc.model_batch_size
     batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens)
     sp = splice_metrics(source.model, st.sae, st.site, batches, base_models)
@@ -415,7 +426,21 @@ def _write(
     result = json_safe(result)
     write_text(out / "report.md", report.render(result, images))
     write_json(out / "eval.json", result)
+    from saekit import tracking
+
+    tracking.log_eval(st.run_dir, result)  # the run's --log tracker, if it has one
     return result
+
+
+def _where(run_dir: str | Path, out_dir: str | Path | None) -> tuple[Path, Path]:
+    """The SAE's local path (hub specs resolved) and the output directory."""
+    from saekit.io.hub import is_remote, resolve
+
+    if out_dir is None and is_remote(run_dir):
+        raise ConfigError(f"{run_dir} is read-only (a hub cache): pass an output directory (--out)")
+    path = resolve(run_dir).path
+    default_out = path if not path.is_file() else path.with_name(path.name + ".eval")
+    return path, Path(out_dir) if out_dir is not None else default_out
 
 
 def evaluate_run(
@@ -433,8 +458,11 @@ def evaluate_run(
 
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
     model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
-    be an SAE file (a Qwen-Scope ``.pt``); its outputs then go to ``<file>.eval/`` and
-    ``data_cfg`` (the model, site and text it reads) is required. ``k``: for such files.
+    be any SAE :func:`saekit.io.native.open_sae` reads (a peer format, a file, ``hf://`` /
+    ``saelens:``); an SAE file's outputs go to ``<file>.eval/``, a hub SAE's need
+    ``out_dir``. Without a saekit ``data`` section the model and site come from the SAE's
+    metadata, else ``data_cfg`` (the model, site and text it reads) is required. ``k``: for
+    files that do not store it.
     Phases: set-up, one streaming pass (core, AFA, ablation, ground truth, baselines),
     spliced CE/KL, probing, files.
     """
@@ -443,9 +471,7 @@ def evaluate_run(
         cfg.tokens = n_tokens
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
-    run_dir = Path(run_dir)
-    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
-    out = Path(out_dir) if out_dir is not None else default_out
+    run_dir, out = _where(run_dir, out_dir)
     st = _setup(run_dir, out, cfg, model, tokenizer, data_cfg, k)
     try:
         evals, base_models = _stream(st, cfg)

@@ -55,7 +55,8 @@ def verify_file(path: str | Path, record: dict[str, Any], verify: bool = True) -
     size = p.stat().st_size
     if "bytes" in record and size != record["bytes"]:
         raise IntegrityError(
-            f"{p} has {size} bytes, {record['bytes']} were written (truncated or changed); {_FIX}"
+            f"{p} has {size} bytes, {record['bytes']} were written (truncated or changed);"
+            " re-create it"
         )
     if verify and sha256_file(p) != record["sha256"]:
         raise IntegrityError(

@@ -17,7 +17,6 @@ knob for matched-sparsity comparisons.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -132,13 +131,10 @@ class Rule(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        try:
-            self.opts = self.Options(**cfg.rule_options)
-        except TypeError as e:
-            known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ConfigError(
-                f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
-            ) from e
+        from saekit.options import from_dict
+
+        where = f"SAEConfig.rule_options of rule {self.name!r}"
+        self.opts = from_dict(self.Options, dict(cfg.rule_options), where=where)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -154,6 +150,63 @@ class Rule(nn.Module):
     def export_threshold(self) -> Tensor | None:
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
+
+    # -------------------------------------------------------------- run hooks (trainer)
+    #: the rule calibrates its inference state on held-back batches after training: the
+    #: trainer then calls begin_calibration, calibrate (per batch) and end_calibration
+    calibrates: ClassVar[bool] = False
+
+    def setup_training(self, total_steps: int) -> None:
+        """Told the run's length before training (and again on resume); default: nothing."""
+
+    def init_selection(self, pre: Tensor, ctx: Context) -> Selection:
+        """The selection ``SAE.init_from_data`` scales the encoder with (no state change).
+
+        Default: :meth:`select` as given (inference for an untrained SAE). Rules whose
+        inference differs from training before calibration (batch rules) return codes like
+        their training ones here, so that the initial scale matches what they train with.
+        ``init_from_data`` sees the whole sample on every rank: no batch-axis collective.
+        """
+        return self.select(pre, ctx)
+
+    def begin_calibration(self, comm: Comm = LOCAL) -> None:
+        """Start a calibration pass (reset its accumulators)."""
+
+    def calibrate(self, pre: Tensor, ctx: Context) -> None:
+        """Accumulate one held-back batch's pre-activations ``[B, d_sae]`` (no grad)."""
+
+    def end_calibration(self, comm: Comm = LOCAL) -> None:
+        """Set the inference state from the accumulated batches (none: keep it as is)."""
+
+    def batch_stat(self, t: Tensor, op: str, comm: Comm = LOCAL) -> Tensor:
+        """This rule's one reduction point for batch-global statistics (no grad).
+
+        Every statistic a rule takes over "the batch" (budgets, thresholds, frequencies)
+        passes through here, so that it is taken over the global batch under
+        :mod:`saekit.distributed`: ``op`` "sum" over the batch axis (per-latent statistics,
+        token counts), "total" over every rank (a scalar partial over tokens and latent
+        shards), "min" / "max" over every rank. With one process, ``t`` itself.
+        """
+        if op == "sum":
+            return comm.batch_sum(t)
+        if op == "total":
+            return comm.latent_sum(comm.batch_sum(t))
+        if op == "min":
+            return comm.all_min(t)
+        if op == "max":
+            return comm.all_max(t)
+        raise ValueError(f"unknown reduction {op!r}; use sum, total, min or max")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # buffers added after a file was written (optional_state) load as their defaults
+        for name in self.optional_state:
+            key = prefix + name
+            if key not in state_dict and name in self._buffers:
+                state_dict[key] = self._buffers[name].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    #: buffer names that files written by older versions may lack (loaded as defaults)
+    optional_state: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ SAELens
     def saelens_export(self) -> SAELensExport:

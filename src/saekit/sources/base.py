@@ -85,6 +85,8 @@ class MemorySource(ActivationSource):
         n = {t.shape[0] for t in acts.values()}
         if len(n) != 1:
             raise DataError(f"all sites need the same number of tokens, got {sorted(n)}")
+        if min(n) < 1:
+            raise DataError("MemorySource got no tokens (0 rows): give at least one row")
         self.acts = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
         self.inputs = {name: dict(per_site) for name, per_site in (inputs or {}).items()}
         for name, per_site in self.inputs.items():

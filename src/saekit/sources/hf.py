@@ -334,6 +334,7 @@ class HFSource(ActivationSource):
         return {
             "sites": list(self.sites),
             "dataset": c.dataset,
+            **({"data_files": list(c.data_files)} if c.data_files else {}),
             "split": c.dataset_split,
             "part": self.part,
             "context_len": c.context_len,
@@ -361,7 +362,14 @@ class HFSource(ActivationSource):
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
         c = self.cfg
-        return iter_texts(c.dataset, c.dataset_split, c.text_field, part=self.part)
+        return iter_texts(
+            c.dataset,
+            c.dataset_split,
+            c.text_field,
+            part=self.part,
+            data_files=tuple(c.data_files),
+            streaming=c.streaming,
+        )
 
     def _tokenize_more(self) -> None:
         """Append the windows of the next few documents to the sequence queue."""

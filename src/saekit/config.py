@@ -22,6 +22,13 @@ def _rules() -> list[str]:
     return rule_names()
 
 
+def _sparsity_kind(rule: str) -> str:
+    """``"k"`` when ``SAEConfig.k`` sets the rule's L0 (see ``Rule.sparsity``)."""
+    from saekit.rules import get_rule_class
+
+    return get_rule_class(rule).sparsity.kind
+
+
 def _aux_losses() -> tuple[str, ...]:
     from saekit.losses import aux_names
 
@@ -123,7 +130,19 @@ class SAEConfig(Options):
             )
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
+        cfg.check()  # k against the resolved width
         return cfg
+
+    def check(self) -> None:
+        d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
+        if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
+            fail(
+                "SAEConfig",
+                "k",
+                self.k,
+                f"exceeds d_sae = {d_sae} (rule {self.rule!r} keeps k latents per token)",
+                f"set k <= {d_sae}, or raise d_sae / expansion",
+            )
 
 
 @dataclass

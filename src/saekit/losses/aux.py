@@ -24,7 +24,6 @@ To add an aux loss, write one module in this package with a ``@register_aux`` su
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,6 +34,7 @@ from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 from saekit.losses.recon import nmse, scaled_like_recon
+from saekit.options import from_dict
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -50,16 +50,8 @@ class AuxOptions:
 
 
 def parse_options(cls: type, raw: Any, what: str) -> Any:
-    """``cls(**raw)`` with a one-line :class:`ConfigError` naming ``what`` and the fields."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} must be a JSON object, got {type(raw).__name__}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        known = [f.name for f in dataclasses.fields(cls)]
-        raise ConfigError(f"bad {what}: {e}; known options: {known}") from e
+    """``raw`` as ``cls`` (names and types checked); a ConfigError names ``what``."""
+    return from_dict(cls, {} if raw is None else raw, where=what)  # types and names checked
 
 
 class AuxLoss:

@@ -17,7 +17,6 @@ knob for matched-sparsity comparisons.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -132,13 +131,10 @@ class Rule(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        try:
-            self.opts = self.Options(**cfg.rule_options)
-        except TypeError as e:
-            known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ConfigError(
-                f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
-            ) from e
+        from saekit.options import from_dict
+
+        where = f"SAEConfig.rule_options of rule {self.name!r}"
+        self.opts = from_dict(self.Options, dict(cfg.rule_options), where=where)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError

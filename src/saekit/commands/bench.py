@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from saekit.cli import _bool
+    from saekit.cli import _bool, _json_dict
 
     p = sub.add_parser(
         "bench",
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--saelens-synthetic",
-        type=_json,
+        type=_json_dict,
         default=None,
         metavar="JSON",
         help="train on a SAELens synthetic model instead (needs sae-lens), e.g."
@@ -47,18 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " 128}}'; see saekit.sources.saelens_synthetic",
     )
     p.set_defaults(func=run)
-
-
-def _json(s: str) -> dict:
-    import json
-
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object: {e}") from e
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return v
 
 
 def run(args: argparse.Namespace) -> int:

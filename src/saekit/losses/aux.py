@@ -127,7 +127,7 @@ def aux_k_loss(
     if n == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n)
-    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+    if comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
         idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
     else:
         score = pre.abs() if signed else pre

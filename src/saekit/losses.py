@@ -47,13 +47,14 @@ def aux_k_loss(
     W_enc: Tensor,
     b_enc: Tensor,
     W_dec: Tensor,
-    pre: Tensor,
+    pre: Tensor | None,
     residual: Tensor,
     candidates: Tensor,
     k_aux: int,
     weights: Tensor | None = None,
     signed: bool = False,
     comm: Comm = LOCAL,
+    chunk: int = 0,
 ) -> Tensor:
     """Gao et al.'s aux-k loss: reconstruct the residual from the top-``k_aux`` candidates.
 
@@ -61,19 +62,28 @@ def aux_k_loss(
     under-used ones for aux-zipf); ``weights [d_sae]`` optionally scale each latent's value.
     Returns NMSE(aux reconstruction, residual), 0 when there is no candidate. With ``comm``
     the candidates, the top-k and the reconstruction span every latent shard and the NMSE
-    the global batch.
+    the global batch. ``pre`` None (``SAEConfig.encoder_chunk``): the candidates'
+    pre-activations are computed ``chunk`` latents at a time.
     """
     n = int(comm.latent_sum(candidates.sum()))
     if n == 0 or k_aux <= 0:
-        return pre.new_zeros(())
+        return residual.new_zeros(())
     k = min(k_aux, n)
-    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+    sel = None
+    if pre is None:
+        cols = candidates.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            sel, idx = kernels.chunked_row_topk(
+                x_in, W_enc, b_enc, k, max(chunk, 1), cols=cols, absolute=signed
+            )
+        mask = None
+    elif comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
         idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
     else:
         score = pre.abs() if signed else pre
         score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
         idx, mask = comm.topk(score, k)
-    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
+    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:

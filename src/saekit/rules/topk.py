@@ -16,6 +16,7 @@ class TopK(Rule):
 
     name = "topk"
     latent_shardable = True
+    row_topk = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         idx, mask = ctx.comm.topk(pre, self.cfg.k)

@@ -9,10 +9,10 @@ same model, site and text for the same number of tokens with the same tokens per
   (:func:`saekit.cli.main`, the function behind the console script);
 * sparsify: its README's Python route, ``chunk_and_tokenize`` then
   ``Trainer(TrainConfig(SaeConfig(...)), dataset, model).fit()`` (hookpoint ``h.L``,
-  ``optimizer="adam"``; sequences per step = B / context);
+  ``optimizer="adam"``, saekit's warm-up steps; sequences per step = B / context);
 * SAELens: its README's ``LanguageModelSAETrainingRunner(LanguageModelSAERunnerConfig(
   sae=TopKTrainingSAEConfig(...), model_class_name="AutoModelForCausalLM", ...)).run()``
-  (hook ``transformer.h.L``, the text as a local dataset directory).
+  (hook ``transformer.h.L``, the text as a local dataset directory, saekit's warm-up).
 
 Each run is a fresh subprocess (``--worker``) timed from the library call to its end (model
 load, tokenisation, model forwards, SAE steps, saving), with peak memory measured there (CPU:
@@ -168,6 +168,11 @@ class Meter:
 
 
 # ---------------------------------------------------------------------- the three runs
+def _warmup_steps(s: dict[str, Any]) -> int:
+    """saekit's warm-up (``warmup_frac`` 0.02 of the steps), given to the peers too."""
+    return round(0.02 * (s["tokens"] // s["B"]))
+
+
 def run_saekit(s: dict[str, Any], out: Path) -> Path:
     from saekit.cli import main
 
@@ -201,6 +206,7 @@ def run_sparsify(s: dict[str, Any], out: Path) -> Path:
         batch_size=s["B"] // s["ctx"],
         optimizer="adam",
         lr=s["lr"],
+        lr_warmup_steps=_warmup_steps(s),  # its default, 1000, outlasts a short run
         auxk_alpha=1 / 32,
         hookpoints=[f"h.{s['layer']}"],
         log_to_wandb=False,
@@ -233,6 +239,7 @@ def run_saelens(s: dict[str, Any], out: Path) -> Path:
         train_batch_size_tokens=s["B"],
         training_tokens=s["tokens"],
         lr=s["lr"],
+        lr_warm_up_steps=_warmup_steps(s),
         device=s["device"],
         logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=str(out / "checkpoints"),

@@ -24,3 +24,23 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip(CUDA_SKIP)
     return torch.device(request.param)
+
+
+@pytest.fixture
+def plugin():
+    """The plugin module tests/plugin_rules.py (user-defined rules, an aux loss, a named
+    input); everything it registers is unregistered afterwards. Import it yourself."""
+    import sys
+
+    from saekit import plugins
+    from saekit.inputs import _KINDS
+    from saekit.losses.aux import _AUX
+    from saekit.rules.base import _REGISTRY
+
+    before = (dict(_REGISTRY), dict(_AUX), dict(_KINDS))
+    yield "plugin_rules"
+    for reg, old in zip((_REGISTRY, _AUX, _KINDS), before):
+        reg.clear()
+        reg.update(old)
+    plugins._loaded.pop("plugin_rules", None)
+    sys.modules.pop("plugin_rules", None)

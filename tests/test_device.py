@@ -110,7 +110,7 @@ def test_every_rule_trains_on_device(device: torch.device, rule: str) -> None:
     g = torch.randn_like(x)  # gradient-aware rules read it; others ignore it
     res = []
     for model, xx in ((ref, x), (sae, x.to(device))):
-        loss, _, out = model.loss(xx, grad=g.to(xx.device))
+        loss, _, out = model.loss(xx, inputs={"grad": g.to(xx.device)})
         loss.backward()
         grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
         res.append((loss.detach().cpu(), out.codes.to_dense().detach().cpu(), grads))

@@ -22,17 +22,35 @@ def _rules() -> list[str]:
     return rule_names()
 
 
-def _aux_losses() -> tuple[str, ...]:
-    import saekit.rules  # noqa: F401  (rule modules register their aux losses)
-    from saekit.losses import aux_registry
+def _sparsity_kind(rule: str) -> str:
+    """``"k"`` when ``SAEConfig.k`` sets the rule's L0 (see ``Rule.sparsity``)."""
+    from saekit.rules import get_rule_class
 
-    return ("auxk", "none", *aux_registry)
+    return get_rule_class(rule).sparsity.kind
+
+
+def _aux_losses() -> tuple[str, ...]:
+    from saekit.losses import aux_names
+
+    return ("none", *aux_names())
+
+
+def _input_names() -> list[str]:
+    from saekit.inputs import input_names
+
+    return input_names()
 
 
 def _sources() -> tuple[str, ...]:
     from saekit.sources import SOURCES
 
     return tuple(SOURCES)
+
+
+def _trackers() -> tuple[str, ...]:
+    from saekit.tracking import TRACKERS
+
+    return TRACKERS
 
 
 def device_problem(name: str) -> str | None:
@@ -58,7 +76,7 @@ class SAEConfig(Options):
     aux_k: int = option(512, "latents in the aux-k dead-latent loss (0 disables it)", ge=0)
     aux: str = option(
         "auxk",
-        "auxiliary loss: auxk (dead latents), zipf (dead + under-used), none",
+        "auxiliary loss (see saekit.losses): auxk (dead latents), zipf (dead + under-used), none",
         choices=_aux_losses,
     )
     aux_coeff: float = option(1 / 32, "weight of the aux-k / aux-zipf loss", ge=0)
@@ -68,7 +86,10 @@ class SAEConfig(Options):
         choices=("auto", "nmse", "mse"),
     )
     dead_tokens: int = option(
-        10_000_000, "a latent is dead after this many training tokens without firing", ge=1
+        0,
+        "a latent is dead after this many training tokens without firing (aux loss, logs,"
+        " eval); 0: auto, 5% of the run's tokens (at least one batch, at most 10M)",
+        ge=0,
     )
     apply_b_dec_to_input: bool = option(True, "encode x - b_dec (Gao et al.); False: encode x")
     init_b_dec: str = option(
@@ -84,6 +105,7 @@ class SAEConfig(Options):
     )
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
+    aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
     encoder_chunk: int = option(
         0,
         "latents per encoder chunk for per-token TopK rules: no [tokens, d_sae] pre-activations"
@@ -114,7 +136,19 @@ class SAEConfig(Options):
             )
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
+        cfg.check()  # k against the resolved width
         return cfg
+
+    def check(self) -> None:
+        d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
+        if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
+            fail(
+                "SAEConfig",
+                "k",
+                self.k,
+                f"exceeds d_sae = {d_sae} (rule {self.rule!r} keeps k latents per token)",
+                f"set k <= {d_sae}, or raise d_sae / expansion",
+            )
 
 
 @dataclass
@@ -138,6 +172,12 @@ class TrainConfig(Options):
         0.8, "lr decays linearly to 0 from this fraction of steps", ge=0, le=1
     )
     grad_clip: float = option(1.0, "max gradient norm (0 disables)", ge=0)
+    calibration_tokens: int = option(
+        -1,
+        "held-back tokens drawn after training on which batch rules calibrate their inference"
+        " thresholds (-1: 65536, at most total_tokens/4, at least 4 batches; 0: none)",
+        ge=-1,
+    )
     seed: int = option(0, "random seed", ge=0)
     log_every: int = option(10, "steps between metrics.jsonl lines", ge=1, resumable=True)
     checkpoint_every: int = option(
@@ -156,6 +196,13 @@ class TrainConfig(Options):
     stop_after_steps: int = option(
         0, "stop after this many steps (0: run to the end); for tests", ge=0, resumable=True
     )
+    log: str = option(
+        "none",
+        "experiment tracking: none, wandb (offline unless WANDB_MODE is set) or tensorboard",
+        choices=_trackers,
+        resumable=True,
+    )
+    log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:
@@ -184,6 +231,10 @@ class DataConfig(Options):
     dataset: str = option(
         "", "text: '' (built-in pydoc corpus), a .txt/.jsonl path or HF dataset id"
     )
+    data_files: list[str] = option(
+        [], "files (globs allowed) for an HF datasets builder: --dataset json|parquet|text|csv"
+    )
+    streaming: bool = option(True, "stream HF datasets (false: prepare the split first)")
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)
@@ -192,7 +243,21 @@ class DataConfig(Options):
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
-    with_grad: bool = option(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    inputs: list[str] = option(
+        [],
+        "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
+        " training adds the ones its rules require",
+        choices=_input_names,
+    )
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
+    )
+    verify: bool = option(
+        True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

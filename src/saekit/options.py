@@ -147,6 +147,15 @@ def fields_where(cls: type, key: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
 
 
+def cli_defaults(cls: type) -> dict[str, Any]:
+    """``{field: cli_default}`` for the fields of ``cls`` that declare one."""
+    return {
+        f.name: f.metadata["cli_default"]
+        for f in dataclasses.fields(cls)
+        if "cli_default" in f.metadata
+    }
+
+
 def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
     """The CLI flag of a field, ``--[prefix-]name-with-dashes``."""
     base = f.metadata.get("flag") or f.name.replace("_", "-")
@@ -403,8 +412,9 @@ def check_fields(cls: type, data: Any, where: str = "") -> dict[str, Any]:
         for k in unknown:
             near = difflib.get_close_matches(str(k), list(fmap), n=1)
             hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        known = ", ".join(fmap) or "(none)"
         raise ConfigError(
-            f"{pre}unknown {cls.__name__} field(s) {', '.join(hints)}; known: {', '.join(fmap)}"
+            f"{pre}unknown {cls.__name__} field(s) {', '.join(hints)}; known options: {known}"
         )
     try:
         return {k: check_value(cls, fmap[k], v) for k, v in data.items()}
@@ -473,6 +483,7 @@ __all__ = [
     "Options",
     "check_fields",
     "check_value",
+    "cli_defaults",
     "choices_of",
     "default_of",
     "describe",

@@ -27,6 +27,7 @@ from torch import nn
 
 from saekit.compress.lowrank import LowRankLinear, set_module
 from saekit.errors import ConfigError, FormatError, MissingFileError
+from saekit.io.atomic import read_json
 
 FORMAT = "saekit-lowrank"
 WEIGHTS = "model.safetensors"
@@ -77,9 +78,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     p = Path(path) / META
     if not p.is_file():
         raise MissingFileError(f"{p} not found: not a directory written by save_compressed")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != FORMAT:
-        raise FormatError(f"{p}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_json(p)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{p}: format is {got!r}, expected {FORMAT!r}")
     return meta
 
 

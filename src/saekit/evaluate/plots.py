@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.evaluate.afa import ZF_BOUNDS
+from saekit.io.atomic import save_figure
 
 
 def _plt():
@@ -20,6 +21,14 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, save atomically and close ``fig``."""
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def density_histogram(hist: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Bar plot of the log10 feature-density histogram (dead latents in the title)."""
     plt = _plt()
@@ -30,10 +39,7 @@ def density_histogram(hist: dict[str, Any], path: str | Path, title: str = "") -
     ax.set_xlabel("log10 feature density (fraction of tokens with a_f != 0)")
     ax.set_ylabel("latents")
     ax.set_title(f"{title} feature density ({hist['dead']} dead latents)".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def l0_histogram(l0_hist: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
@@ -44,10 +50,7 @@ def l0_histogram(l0_hist: dict[str, list[int]], path: str | Path, title: str = "
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("tokens")
     ax.set_title(f"{title} L0 distribution".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def zf_plot(
@@ -78,10 +81,7 @@ def zf_plot(
     ax.set_ylabel("‖f̃‖ (decoder-norm-scaled code + ‖b_dec‖)")
     ax.set_title(f"{title} ZF plot".strip())
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def frontier(
@@ -103,7 +103,4 @@ def frontier(
     ax.set_ylabel(y)
     ax.set_title(title or f"{y} vs {x}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -23,7 +23,8 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
     ``seed`` seeds the data order (HF shuffle buffer, cache read order, synthetic sample
     stream; the synthetic *dictionary* is fixed by ``synthetic["seed"]``). For ``cache``,
     ``data_cfg.sites`` selects cached sites, except that the untouched default site list
-    means "all cached sites". ``kwargs`` go to the source class (e.g. a preloaded
+    means "all cached sites"; a SAELens ``CacheActivationsRunner`` cache is read too
+    (:mod:`saekit.sources.saelens_cache`). ``kwargs`` go to the source class (e.g. a preloaded
     ``model=``/``tokenizer=`` for ``hf``).
     """
     kind = data_cfg.source
@@ -36,14 +37,17 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
 
         return SyntheticSource(SyntheticConfig.from_dict(dict(data_cfg.synthetic)), seed, **kwargs)
     if kind == "cache":
-        from saekit.sources.cache import CacheSource, read_manifest
+        from saekit.sources.cache import CacheSource
+        from saekit.sources.saelens_cache import SAELensCacheSource, is_saelens_cache
 
         if not data_cfg.cache_dir:
             raise ConfigError("source=cache needs DataConfig.cache_dir")
+        cls = SAELensCacheSource if is_saelens_cache(data_cfg.cache_dir) else CacheSource
         sites: list[str] | None = list(data_cfg.sites) or None
         if sites == DataConfig().sites and not set(sites) <= set(
-            read_manifest(data_cfg.cache_dir)["sites"]
+            cls.cached_sites(data_cfg.cache_dir)
         ):
             sites = None
-        return CacheSource(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
+        kwargs.setdefault("verify", data_cfg.verify)
+        return cls(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
     raise ConfigError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")

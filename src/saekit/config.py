@@ -286,9 +286,33 @@ class DataConfig(Options):
                     fail("DataConfig", "sites", self.sites, f"has a {e}", "fix that site name")
 
 
+@dataclass
+class DistConfig(Options):
+    """How a run launched by torchrun splits its work (ignored in one process)."""
+
+    strategy: str = option(
+        "ddp",
+        "under torchrun: ddp (data parallel), layers (each rank trains some of the SAEs) or"
+        " latents (each SAE's latents split over the ranks)",
+        choices=("ddp", "layers", "latents"),
+    )
+    dist_backend: str = option(
+        "auto",
+        "torch.distributed backend: auto (nccl on CUDA, else gloo)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    dist_timeout: float = option(
+        600.0, "seconds a rank waits for the others before stopping", gt=0, resumable=True
+    )
+    latent_shards: int = option(
+        0, "latents: ranks one SAE is split over (0: all; a divisor: data x latents)", ge=0
+    )
+
+
 __all__ = [
     "DTYPES",
     "DataConfig",
+    "DistConfig",
     "SAEConfig",
     "TrainConfig",
     "device_problem",

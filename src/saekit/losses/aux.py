@@ -138,7 +138,7 @@ def aux_k_loss(
                 x_in, W_enc, b_enc, k, max(chunk, 1), cols=cols, absolute=signed
             )
         mask = None
-    elif comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+    elif comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
         idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
     else:
         score = pre.abs() if signed else pre

@@ -106,6 +106,12 @@ class SAEConfig(Options):
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
     aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
+    encoder_chunk: int = option(
+        0,
+        "latents per encoder chunk for per-token TopK rules: no [tokens, d_sae] pre-activations"
+        " for very wide SAEs (0: one dense matmul)",
+        ge=0,
+    )
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""

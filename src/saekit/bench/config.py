@@ -78,6 +78,13 @@ class BenchConfig(Options):
     progress: bool = option(False, "show training progress bars", switch=True)
     quiet: bool = option(False, "no progress lines while it runs", switch=True)
     keep_runs: bool = option(True, "keep the trained run directories under OUT/runs")
+    saelens: dict = option(
+        {},
+        "train on a SAELens synthetic model instead (needs sae-lens), e.g."
+        ' {"model": "synthsaebench-16k", "overrides": {"num_features": 1024, "hidden_dim":'
+        " 128}}; widths follow the model; see saekit.sources.saelens_synthetic",
+        flag="saelens-synthetic",
+    )
 
     def sized(self) -> BenchSize:
         """The size with ``tokens`` / ``signed_tokens`` / ``eval_tokens`` overrides applied."""

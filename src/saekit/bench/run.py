@@ -28,6 +28,7 @@ from saekit.bench.report import aggregate, plot_bench
 from saekit.bench.variants import pick_matched, rule_of, variants
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.errors import ConfigError
+from saekit.inputs import site_inputs
 from saekit.io import load_sae
 from saekit.io.atomic import json_safe, write_json
 from saekit.rules import rule_names
@@ -105,7 +106,7 @@ def eval_row(run_dir: Path, size: BenchSize) -> dict[str, Any]:
 
 def _train_and_eval(
     cfgs: dict[str, SAEConfig],
-    syn: SyntheticSource,
+    syn: Any,
     size: BenchSize,
     tokens: int,
     out_dir: Path,
@@ -134,21 +135,22 @@ def _train_and_eval(
         torch.manual_seed(seed)
         saes[n] = SAE(c.resolved(syn.d_in(SITE)))
     # recorded in each run's cfg.json, so that `saekit eval RUN` rebuilds the ground truth
-    data_cfg = DataConfig(source="synthetic", sites=[SITE], synthetic=to_dict(syn.cfg))
+    if hasattr(syn, "data_config"):  # a SAELens synthetic model
+        data_cfg = syn.data_config()
+    else:
+        data_cfg = DataConfig(source="synthetic", sites=[SITE], synthetic=to_dict(syn.cfg))
     log(f"  training {len(cfgs)} SAEs together on {tokens:,} tokens ({', '.join(cfgs)})")
     t0 = time.perf_counter()
     result = train({n: (SITE, c) for n, c in cfgs.items()}, tc, syn, data_cfg=data_cfg, saes=saes)
     train_s = time.perf_counter() - t0
     log(f"  trained in {train_s:.0f} s; evaluating on {size.eval_tokens:,} held-out tokens")
-    probe = SyntheticSource(syn.cfg, stream_seed=syn.stream_seed + 1)
-    probe.request_inputs({"grad"})
-    b = probe.next_batch(size.batch_size)
+    b = syn.next_batch(size.batch_size)  # after training: a batch to time one step on
     res: dict[str, dict[str, Any]] = {}
     for name in cfgs:
         run_dir = result.run_dirs[name]
         r = eval_row(run_dir, size)
         sae = load_sae(run_dir)
-        ins = {"grad": b.inputs["grad"][SITE]} if sae.rule.requires else {}
+        ins = site_inputs(b.inputs, SITE, sae.rule.requires)
         r.update(
             rule=rule_of(name),
             options=dict(cfgs[name].rule_options),
@@ -161,6 +163,15 @@ def _train_and_eval(
         log(f"    {name:28s} L0 {r['l0']:7.2f}  FVE {r['fve']:.3f}  MCC {r['mcc']:.3f}")
     meta = {"train_s": train_s, "steps": result.steps, "tokens": result.tokens}
     return res, meta
+
+
+def _source(cfg: BenchConfig, size: BenchSize, seed: int) -> Any:
+    """The training stream of one seed: saekit's generator, or a SAELens synthetic model."""
+    if cfg.saelens:
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        return SAELensSyntheticSource(cfg.saelens, seed=seed + DATA_SEED_OFFSET)
+    return SyntheticSource(synthetic_config(size, seed))
 
 
 def _stderr(msg: str) -> None:
@@ -195,7 +206,9 @@ def _run(cfg: BenchConfig, names: list[str], log: Log) -> dict[str, Any]:
     seeds: dict[str, dict[str, Any]] = {}
     tables, signed_tables = [], []
     for i, seed in enumerate(cfg.seeds):
-        syn = SyntheticSource(synthetic_config(size, seed))
+        syn = _source(cfg, size, seed)
+        if cfg.saelens:  # the widths follow the model
+            size = replace(size, n_features=syn.dictionary.shape[0], d=syn.dictionary.shape[1])
         k = max(1, round(syn.expected_l0))
         log(
             f"seed {seed} ({i + 1}/{len(cfg.seeds)}): expected true L0 {syn.expected_l0:.2f}, k={k}"
@@ -218,7 +231,7 @@ def _run(cfg: BenchConfig, names: list[str], log: Log) -> dict[str, Any]:
             "sweeps": sweeps,
         }
         signed_rules = [r for r in cfg.signed_rules if r in names]
-        if cfg.signed and signed_rules:
+        if cfg.signed and signed_rules and not cfg.saelens:
             syn_s = SyntheticSource(synthetic_config(size, seed + 1, signed_frac=1.0))
             k_s = max(1, round(syn_s.expected_l0))
             log(f"  signed features: {', '.join(signed_rules)} at k={k_s}")

@@ -222,7 +222,7 @@ def _run(cfg: BenchConfig, names: list[str], log: Log) -> dict[str, Any]:
         tables.append(table)
         entry: dict[str, Any] = {
             "sae": to_dict(base),
-            "synthetic": to_dict(syn.cfg),
+            "synthetic": dict(cfg.saelens) or to_dict(syn.cfg),
             "expected_l0": syn.expected_l0,
             "k": k,
             "train": meta,

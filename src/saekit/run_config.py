@@ -113,8 +113,11 @@ def load_run_config(
 def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
     """Build ``rc.data``'s source (prefetched when ``rc.data.prefetch``), train, close it."""
     from saekit.sources import build_source
-    from saekit.train import train
+    from saekit.train import finished_run, train
 
+    done = finished_run(rc.plan, rc.train, rc.data)  # before any model is loaded
+    if done is not None:
+        return done
     source = build_source(rc.data, rc.train.seed)
     try:
         if rc.data.prefetch > 0:

@@ -146,15 +146,14 @@ def saekit_config_from_saelens(
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise FormatError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
     fields, rule_state = cls.from_saelens(cfg if k is None else {**cfg, "k": k}, weights or {})
-    sae_cfg = SAEConfig(
-        d_in=cfg["d_in"],
-        d_sae=cfg["d_sae"],
-        rule=cls.name,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        unit_norm_decoder=False,  # the loaded decoder is used as is
-    )
-    for name, v in fields.items():
-        setattr(sae_cfg, name, v)
+    base = {
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "rule": cls.name,
+        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+        "unit_norm_decoder": False,  # the loaded decoder is used as is
+    }
+    sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 
 

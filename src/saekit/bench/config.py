@@ -66,7 +66,9 @@ class BenchConfig(Options):
         "per rule, the values of its sparsity option to try instead of the rule's own grid,"
         ' e.g. {"relu": [3, 5]}',
     )
-    signed: bool = option(True, "also compare signed_rules on bidirectional features")
+    signed: bool = option(
+        True, "also compare signed_rules on bidirectional features (when all of them run)"
+    )
     signed_rules: list[str] = option(
         ["topk", "abstopk"], "rules compared on bidirectional (signed) features", choices=_rules
     )

@@ -230,8 +230,8 @@ def _run(cfg: BenchConfig, names: list[str], log: Log) -> dict[str, Any]:
             "all_variants": results,
             "sweeps": sweeps,
         }
-        signed_rules = [r for r in cfg.signed_rules if r in names]
-        if cfg.signed and signed_rules and not cfg.saelens:
+        signed_rules = list(cfg.signed_rules)
+        if cfg.signed and signed_rules and set(signed_rules) <= set(names) and not cfg.saelens:
             syn_s = SyntheticSource(synthetic_config(size, seed + 1, signed_frac=1.0))
             k_s = max(1, round(syn_s.expected_l0))
             log(f"  signed features: {', '.join(signed_rules)} at k={k_s}")

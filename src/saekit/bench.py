@@ -461,22 +461,22 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
 
     require("matplotlib.ticker", "the bench plot")
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from saekit.evaluate.labels import label_points, log_ticks
+
     rows = report["table"]
     names = list(rows)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    ax = axes[0, 0]
+    scatter = ax = axes[0, 0]
     for n in names:
         ax.scatter(rows[n]["l0"], rows[n]["fve"])
-        ax.annotate(n, (rows[n]["l0"], rows[n]["fve"]), fontsize=7)
     ax.axvline(report["k"], color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    log_ticks(ax.xaxis)
+    ax.margins(x=0.25, y=0.12)
     ax.set_xlabel("L0 (eval)")
     ax.set_ylabel("FVE")
     ax.set_title("reconstruction vs sparsity")
@@ -507,5 +507,6 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         f" {report['size']['n_features']} features, k={report['k']}"
     )
     fig.tight_layout()
+    label_points(scatter, [rows[n]["l0"] for n in names], [rows[n]["fve"] for n in names], names)
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -60,3 +60,20 @@ def test_neuronpedia_batches(tmp_path: Path) -> None:
             assert max(top["values"]) == top["bin_max"] and len(top["tokens"]) == len(top["values"])
             quant = [a for a in f["activations"] if a["bin_min"] != -1]
             assert quant and all(0 < a["bin_contains"] <= 1 for a in quant)
+
+
+def test_index_lists_features_by_density(tmp_path: Path) -> None:
+    """The README's claim: the dashboard index is in density order (it was in id order)."""
+    import re
+
+    texts = [f"the object {w} is returned when the key {w} is missing" for w in "abcdefgh"] * 3
+    tok = word_tokenizer(texts, 64)
+    model = tiny_gpt2(len(tok), n_layer=2, n_embd=32, seed=0)
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, rule="topk", k=4)).eval()
+    col = collect(sae, model, tok, "layers.1.resid_post", texts, max_len=16)
+    build_dashboard(sae, col, tmp_path, DashboardConfig(feature_ids=list(range(20))), model, tok)
+    html = (tmp_path / "index.html").read_text()
+    rows = re.findall(r"<tr><td data-v='(\d+)'>.*?<td data-v='([0-9.e+-]+)'>", html)
+    dens = [float(d) for _, d in rows]
+    assert len(rows) == 20 and dens == sorted(dens, reverse=True)
+    assert [int(f) for f, _ in rows] != sorted(int(f) for f, _ in rows)  # not id order here

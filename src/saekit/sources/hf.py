@@ -48,6 +48,7 @@ from saekit.config import DataConfig
 from saekit.device import resolve_device
 from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.paths import reading
+from saekit.sources.backends import adapt_model
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
 from saekit.sources.text import check_dataset, iter_texts
@@ -259,6 +260,8 @@ class HFSource(ActivationSource):
         #: (rank, world): this source reads every world-th document from the rank-th on
         self.doc_shard = (0, 1)
         self.grad_reduction = grad_reduction
+        if model is not None:  # TransformerLens / nnsight models (saekit.sources.backends)
+            model, tokenizer = adapt_model(model, tokenizer)
         if model is None:
             model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, tokenizer=tokenizer)
         elif tokenizer is None:

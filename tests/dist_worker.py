@@ -6,7 +6,8 @@
    ``{rank}.json`` with the largest differences.
 2. Training through :func:`saekit.train.train` with the ``latents`` and ``layers``
    strategies into ``latents/`` and ``layers/`` (the test trains the same plans in one
-   process with :func:`train_plan`).
+   process with :func:`train_plan`), and each again stopped after step 10 and resumed by
+   the same launch into ``<kind>-resumed/`` (the test asks for the same bits).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ PLANS = {
 }
 
 
-def train_plan(kind: str, out: Path, strategy: Strategy | None = None) -> TrainResult:
-    """Train ``PLANS[kind]`` for 20 steps of 128 tokens (aux-k active: short dead window)."""
+def train_plan(
+    kind: str, out: Path, strategy: Strategy | None = None, stop_after: int = 0
+) -> TrainResult:
+    """Train ``PLANS[kind]`` for 20 steps of 128 tokens (aux-k active: short dead window);
+    ``stop_after``: stop there (a checkpoint is written), as a killed run would."""
     plan = {
         r: ("synthetic", SAEConfig(rule=r, d_sae=129, k=4, aux_k=16, dead_tokens=256))
         for r in PLANS[kind]
@@ -84,6 +88,7 @@ def train_plan(kind: str, out: Path, strategy: Strategy | None = None) -> TrainR
     tc = TrainConfig(
         out_dir=str(out), total_tokens=128 * 20, batch_size=128, progress=False,
         log_every=10, checkpoint_every=10, threads=1, device=rank_device(DEVICE),
+        stop_after_steps=stop_after,
     )  # fmt: skip
     src = SyntheticSource(SyntheticConfig(n_features=128, d=32, n_roots=4, block_size=256))
     return train(plan, tc, src, strategy=strategy)
@@ -134,8 +139,14 @@ def main(out_dir: str) -> None:
         }
         res[rule] = r
     Path(out_dir, f"{rank}.json").write_text(json.dumps(res, indent=1))
-    train_plan("latents", Path(out_dir, "latents"), lat)
-    train_plan("layers", Path(out_dir, "layers"), LayerParallel())
+    layers = LayerParallel()
+    for kind, st in (("latents", lat), ("layers", layers)):
+        train_plan(kind, Path(out_dir, kind), st)
+        stopped = train_plan(kind, Path(out_dir, f"{kind}-resumed"), st, stop_after=10)
+        Path(out_dir, f"{kind}-stopped-{rank}.json").write_text(
+            json.dumps({"steps": stopped.steps, "completed": stopped.completed})
+        )
+        train_plan(kind, Path(out_dir, f"{kind}-resumed"), st)  # resumes from step 10
     lat.close()
 
 

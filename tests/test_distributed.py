@@ -114,6 +114,22 @@ def assert_close(a: Path, b: Path, exact: bool = False) -> None:
                 torch.testing.assert_close(t, wb[name][k], rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
 
 
+def assert_same_layout(ref: Path, out: Path) -> None:
+    """``out`` holds the one-process run's SAE directories with the same files and the same
+    SAELens config: one whole SAE each in SAELens's layout, whatever the strategy."""
+    dirs = sorted(str(f.parent.relative_to(ref)) for f in ref.rglob("sae_weights.safetensors"))
+    assert dirs and dirs == sorted(weights(out))
+    for d in dirs:
+        assert sorted(p.name for p in (ref / d).iterdir()) == sorted(
+            p.name for p in (out / d).iterdir()
+        ), d
+        a, b = (json.loads((run / d / "cfg.json").read_text()) for run in (ref, out))
+        ours_a, ours_b = a.pop("saekit"), b.pop("saekit")
+        assert a == b, d  # everything SAELens reads
+        assert ours_b.pop("dist")["world_size"] > 1 and "dist" not in ours_a
+        assert ours_a.keys() == ours_b.keys(), d
+
+
 def one_process(out: Path, extra: list[str]) -> Path:
     assert cli_main([*BASE, *extra, "--out-dir", str(out)]) == 0
     return out
@@ -151,6 +167,7 @@ def test_ddp_equals_one_process(ddp_run, tmp_path: Path) -> None:
     out, extra = ddp_run
     ref = one_process(tmp_path / "one", extra)
     assert_close(ref, out)
+    assert_same_layout(ref, out)
     # the logged metrics are those of the global batch
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
@@ -226,6 +243,7 @@ def test_latents_training_equals_one_process(worker_run: Path, tmp_path: Path) -
 
     res = train_plan("latents", tmp_path / "one")
     assert_close(tmp_path / "one", worker_run / "latents")
+    assert_same_layout(tmp_path / "one", worker_run / "latents")
     assert weights(worker_run / "latents")["topk"]["W_enc"].shape == (32, 129)  # saved whole
     assert res.metrics["topk"]["aux"] > 0
 
@@ -235,6 +253,24 @@ def test_layers_equals_one_process(worker_run: Path, tmp_path: Path) -> None:
 
     train_plan("layers", tmp_path / "one")
     assert_close(tmp_path / "one", worker_run / "layers", exact=True)  # each SAE on one rank
+    assert_same_layout(tmp_path / "one", worker_run / "layers")
+
+
+@pytest.mark.parametrize("kind", ["latents", "layers"])
+def test_stopped_and_resumed_at_the_same_world_size_to_the_bit(worker_run: Path, kind: str) -> None:
+    """Stopped at step 10 and resumed by a 2-rank launch: the uninterrupted run's bits (the
+    latent shards and their Adam states went through one whole checkpoint)."""
+    resumed = worker_run / f"{kind}-resumed"
+    for rank in range(2):
+        stopped = json.loads((worker_run / f"{kind}-stopped-{rank}.json").read_text())
+        assert stopped == {"steps": 10, "completed": False}
+    assert _checkpoint_step(resumed) == 20
+    assert_close(worker_run / kind, resumed, exact=True)
+    strip = lambda run: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert strip(resumed) == strip(worker_run / kind)
 
 
 # ---------------------------------------------------------------------- one process

@@ -129,5 +129,6 @@ class TopAFA(Rule):
         # the global batch's per-element variance (the NMSE denominator over B * d_in)
         n = ctx.comm.n_tokens(x.shape[0]) * x.shape[1]
         var = (nmse_denominator(x.detach(), ctx.comm) / n).clamp_min(1e-12)
-        afa = (f_norm - x.norm(dim=1)).pow(2).mean() / var
+        sq = ctx.comm.batch_sum((f_norm - x.norm(dim=1)).pow(2).sum())  # over the global batch
+        afa = sq / ctx.comm.n_tokens(x.shape[0]) / var
         return {"afa": self.opts.afa_coeff * afa}

@@ -149,3 +149,25 @@ def test_method_configs_are_the_keyword_options_of_their_functions() -> None:
     for cls, names in params.items():
         fields = {f.name for f in dataclasses.fields(cls)}
         assert fields <= names, (cls.__name__, fields - names)
+
+
+#: flags written by hand on purpose: the JSON file a command reads first, and the global
+#: plugin loader (parsed before any command's options exist)
+NOT_FIELDS = {"help", "config", "plugin"}
+#: commands whose options their owners are converting (issue 10 seam 6: the bench moves into
+#: a subpackage; issue 16: compress); remove an entry when it is converted
+PENDING_COMMANDS = {"bench", "compress"}
+
+
+def test_every_flag_of_every_command_is_a_declared_field() -> None:
+    from saekit.cli import declared_by
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    by_hand = []
+    for name, p in sub.choices.items():
+        if name in PENDING_COMMANDS:
+            continue
+        for a in p._actions:
+            if a.dest not in NOT_FIELDS and declared_by(p, a) is None:
+                by_hand.append(f"saekit {name} {'/'.join(a.option_strings) or a.dest}")
+    assert by_hand == []

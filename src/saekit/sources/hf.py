@@ -49,7 +49,7 @@ from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.paths import reading
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
-from saekit.sources.text import check_dataset, iter_texts
+from saekit.sources.text import check_dataset, config_texts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -361,15 +361,7 @@ class HFSource(ActivationSource):
 
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
-        c = self.cfg
-        return iter_texts(
-            c.dataset,
-            c.dataset_split,
-            c.text_field,
-            part=self.part,
-            data_files=tuple(c.data_files),
-            streaming=c.streaming,
-        )
+        return config_texts(self.cfg, part=self.part)
 
     def _tokenize_more(self) -> None:
         """Append the windows of the next few documents to the sequence queue."""

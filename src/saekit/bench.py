@@ -96,6 +96,10 @@ class BenchConfig:
     threads: int = 1  # the bench's matrices are small: one thread avoids sync overhead
     progress: bool = False
     keep_runs: bool = True  # keep the trained run directories under out/runs
+    #: non-empty: train on a SAELens synthetic model (SynthSAEBench; options of
+    #: saekit.sources.saelens_synthetic, e.g. {"model": "synthsaebench-16k"}) instead of
+    #: saekit's generator; the widths follow the model (d_sae = its number of features)
+    saelens: dict = field(default_factory=dict)
 
 
 class DownstreamGradSource(ActivationSource):
@@ -281,7 +285,10 @@ def _train_and_eval(
         torch.manual_seed(cfg.seed)
         saes[n] = SAE(c.resolved(source.d_in(SITE)))
     # recorded in each run's cfg.json, so that `saekit eval RUN` rebuilds the ground truth
-    data_cfg = DataConfig(source="synthetic", sites=[SITE], synthetic=to_dict(syn.cfg))
+    if hasattr(syn, "data_config"):  # a SAELens synthetic model
+        data_cfg = syn.data_config()
+    else:
+        data_cfg = DataConfig(source="synthetic", sites=[SITE], synthetic=to_dict(syn.cfg))
     plan = {n: (SITE, c) for n, c in cfgs.items()}
     result = train(plan, tc, source, data_cfg=data_cfg, saes=saes)
     train_s = time.perf_counter() - t0
@@ -348,7 +355,13 @@ def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
-    syn = SyntheticSource(synthetic_config(size, cfg.seed))
+    if cfg.saelens:
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        syn = SAELensSyntheticSource(cfg.saelens, seed=cfg.seed + 1000)
+        size = replace(size, n_features=syn.dictionary.shape[0], d=syn.dictionary.shape[1])
+    else:
+        syn = SyntheticSource(synthetic_config(size, cfg.seed))
     k = max(1, round(syn.expected_l0))
     gw = torch.Generator().manual_seed(cfg.seed + 1)
     weights = torch.exp(torch.randn(size.n_features, generator=gw))
@@ -360,7 +373,7 @@ def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
     table, sweeps = pick_matched(results, k)
 
     signed: dict[str, Any] = {}
-    if cfg.signed and {"topk", "abstopk"} <= set(names):
+    if cfg.signed and not cfg.saelens and {"topk", "abstopk"} <= set(names):
         syn_s = SyntheticSource(synthetic_config(size, cfg.seed + 1, signed_frac=1.0))
         k_s = max(1, round(syn_s.expected_l0))
         base_s = base_sae_config(size, k_s, dead_tokens=max(size.signed_tokens // 20, 1))
@@ -374,7 +387,7 @@ def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
     report = {
         "config": to_dict(cfg),
         "size": to_dict(size),
-        "synthetic": to_dict(synthetic_config(size, cfg.seed)),
+        "synthetic": dict(cfg.saelens) or to_dict(synthetic_config(size, cfg.seed)),
         "expected_l0": syn.expected_l0,
         "k": k,
         "sae": to_dict(base),

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "saekit.commands.apply",  # saekit steer, ablate, classify, footprint, dashboard
     "saekit.commands.compress",  # saekit compress
     "saekit.commands.info",  # saekit rules
+    "saekit.commands.convert",  # saekit convert
     "saekit.commands.doctor",  # saekit doctor
 ]
 

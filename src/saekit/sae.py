@@ -83,7 +83,7 @@ class SAEOutput:
 
     x_hat: Tensor
     codes: Codes
-    pre: Tensor
+    pre: Tensor | None  # None with SAEConfig.encoder_chunk (never formed)
     x: Tensor  # input in SAE units
     x_in: Tensor  # encoder input in SAE units
     x_hat_n: Tensor  # reconstruction in SAE units
@@ -172,6 +172,9 @@ class SAE(nn.Module):
             step=step,
             comm=self.comm,
         )
+        chunk = self.cfg.encoder_chunk
+        if 0 < chunk < self.d_sae and self.rule.row_topk and self.comm.is_local:
+            return self._select_chunked(xn, x_in, ctx, chunk)
         dense_grad = self.rule.needs_dense_grad or not torch.is_grad_enabled()
         if dense_grad:
             pre = x_in @ self.W_enc + self.b_enc
@@ -194,6 +197,23 @@ class SAE(nn.Module):
         if sel.mask is not None:
             values = values * sel.mask.to(values.dtype)
         return Codes(self.d_sae, values=values, indices=sel.indices), pre, x_in, sel, ctx
+
+    def _select_chunked(
+        self, xn: Tensor, x_in: Tensor, ctx: Context, chunk: int
+    ) -> tuple[Codes, None, Tensor, Selection, Context]:
+        """:meth:`_select` for ``row_topk`` rules, ``chunk`` latents at a time: the dense
+        pre-activations are never formed (``SAEOutput.pre`` is None) [our choice]."""
+        with torch.no_grad():
+            v, idx = kernels.chunked_row_topk(x_in, self.W_enc, self.b_enc, self.cfg.k, chunk)
+        sel = Selection(indices=idx)
+        if self.cfg.apply_b_dec_to_input:
+            pre_sel = kernels.sparse_encode_centered(
+                xn, self.b_dec, self.W_enc, self.b_enc, idx, selected=v
+            )
+        else:
+            pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, idx, selected=v)
+        values = self.rule.activate(pre_sel, sel, ctx)
+        return Codes(self.d_sae, values=values, indices=idx), None, x_in, sel, ctx
 
     def _pre_buffer(self, x_in: Tensor) -> Tensor | None:
         """The reused ``[N, d_sae]`` pre-activation buffer, or None (see ``reuse_buffers``)."""

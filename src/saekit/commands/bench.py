@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from saekit.cli import _bool
+    from saekit.cli import _bool, _json_dict
 
     p = sub.add_parser(
         "bench",
@@ -37,6 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-runs", type=_bool, default=True, metavar="BOOL", help="keep OUT/runs (default on)"
     )
+    p.add_argument(
+        "--saelens-synthetic",
+        type=_json_dict,
+        default=None,
+        metavar="JSON",
+        help="train on a SAELens synthetic model instead (needs sae-lens), e.g."
+        ' \'{"model": "synthsaebench-16k", "overrides": {"num_features": 1024, "hidden_dim":'
+        " 128}}'; see saekit.sources.saelens_synthetic",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=args.progress,
         keep_runs=args.keep_runs,
+        saelens=dict(args.saelens_synthetic or {}),
     )
     report = run_bench(cfg)
     print(report_text(report))

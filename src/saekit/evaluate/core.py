@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import DataError
 from saekit.sae import Codes
 
@@ -49,11 +50,16 @@ def as_codes(codes: Codes | Tensor) -> Codes:
 
 
 # ---------------------------------------------------------------------- pure functions
-def fve(x: Tensor, x_hat: Tensor) -> float:
-    """Pooled, mean-centred fraction of variance explained over all rows of ``x``."""
+def fve(x: Tensor, x_hat: Tensor, comm: Comm = LOCAL) -> float:
+    """Pooled, mean-centred fraction of variance explained over all rows of ``x`` (with
+    ``comm``: of the global batch, this rank holding some of its rows)."""
     x, x_hat = _f64(x), _f64(x_hat)
-    den = (x - x.mean(0)).pow(2).sum()
-    return float(1 - (x - x_hat).pow(2).sum() / den.clamp_min(1e-300))
+    if comm.batch_world == 1:
+        den = (x - x.mean(0)).pow(2).sum()
+        return float(1 - (x - x_hat).pow(2).sum() / den.clamp_min(1e-300))
+    mean = comm.batch_sum(x.sum(0)) / comm.n_tokens(x.shape[0])
+    den = comm.batch_sum((x - mean).pow(2).sum())
+    return float(1 - comm.batch_sum((x - x_hat).pow(2).sum()) / den.clamp_min(1e-300))
 
 
 def fve_legacy(x: Tensor, x_hat: Tensor) -> float:

@@ -97,6 +97,13 @@ def eval_source(
         src = SyntheticSource(scfg, stream_seed=stream)
         desc = f"synthetic ({scfg.n_features} features, d={scfg.d}), stream seed {stream}"
         return _Src(src, desc, True, "synthetic")
+    if data_cfg.source == "saelens_synthetic":  # a fresh sample stream of the same model
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        opts = dict(data_cfg.synthetic)
+        opts["seed"] = EVAL_STREAM_OFFSET + int(opts.get("seed", 0)) + cfg.seed
+        src = SAELensSyntheticSource(opts)
+        return _Src(src, f"SAELens synthetic model, stream seed {opts['seed']}", True, "synthetic")
     if data_cfg.source == "hf":
         from saekit.sources.hf import HFSource
 

@@ -82,7 +82,7 @@ class AuxLoss:
             residual, scale_like = out.x - out.x_hat_n.detach(), None
         else:
             residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
-        pre = out.pre if out.pre.requires_grad else out.pre.detach()
+        pre = None if out.pre is None else out.pre if out.pre.requires_grad else out.pre.detach()
         loss = aux_k_loss(
             out.x_in,
             sae.W_enc,
@@ -96,6 +96,7 @@ class AuxLoss:
             signed=self.signed,
             scale_like=scale_like,
             comm=sae.comm,
+            chunk=sae.cfg.encoder_chunk,
         )
         return sae.cfg.aux_coeff * loss
 
@@ -105,7 +106,7 @@ def aux_k_loss(
     W_enc: Tensor,
     b_enc: Tensor,
     W_dec: Tensor,
-    pre: Tensor,
+    pre: Tensor | None,
     residual: Tensor,
     candidates: Tensor,
     k_aux: int,
@@ -113,6 +114,7 @@ def aux_k_loss(
     signed: bool = False,
     scale_like: tuple[str, Tensor] | None = None,
     comm: Comm = LOCAL,
+    chunk: int = 0,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
 
@@ -121,19 +123,28 @@ def aux_k_loss(
     variance as denominator), or ``sum((e_aux - residual)^2)`` scaled as ``recon_loss(kind,
     ., x)`` scales (``scale_like = (kind, x)``); 0 without candidates. With ``comm`` the
     candidates, the top-k and the reconstruction span every latent shard and the sums the
-    global batch.
+    global batch. ``pre`` None (``SAEConfig.encoder_chunk``): the candidates'
+    pre-activations are computed ``chunk`` latents at a time.
     """
     n = int(comm.latent_sum(candidates.sum()))
     if n == 0 or k_aux <= 0:
-        return pre.new_zeros(())
+        return residual.new_zeros(())
     k = min(k_aux, n)
-    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+    sel = None
+    if pre is None:
+        cols = candidates.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            sel, idx = kernels.chunked_row_topk(
+                x_in, W_enc, b_enc, k, max(chunk, 1), cols=cols, absolute=signed
+            )
+        mask = None
+    elif comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
         idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
     else:
         score = pre.abs() if signed else pre
         score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
         idx, mask = comm.topk(score, k)
-    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
+    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:

@@ -127,6 +127,9 @@ class Rule(nn.Module):
     #: selection, activation and loss terms are exact when latents are sharded across ranks
     #: (they reach other latents only through ``ctx.comm``)
     latent_shardable: ClassVar[bool] = False
+    #: ``select`` is the per-token top-``cfg.k`` of ``pre`` (mask None), so that the SAE may
+    #: compute it chunk by chunk without the dense pre-activations (``encoder_chunk``)
+    row_topk: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

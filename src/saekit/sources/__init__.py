@@ -12,7 +12,7 @@ from saekit.config import DataConfig
 from saekit.errors import ConfigError
 from saekit.sources.base import ActivationSource, Batch, MemorySource
 
-SOURCES = ("hf", "synthetic", "cache")
+SOURCES = ("hf", "synthetic", "cache", "saelens_synthetic")
 
 __all__ = ["SOURCES", "ActivationSource", "Batch", "MemorySource", "build_source"]
 
@@ -36,6 +36,10 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
         from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 
         return SyntheticSource(SyntheticConfig.from_dict(dict(data_cfg.synthetic)), seed, **kwargs)
+    if kind == "saelens_synthetic":  # SAELens's SynthSAEBench models (needs sae_lens)
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        return SAELensSyntheticSource(dict(data_cfg.synthetic), seed, **kwargs)
     if kind == "cache":
         from saekit.sources.cache import CacheSource
         from saekit.sources.saelens_cache import SAELensCacheSource, is_saelens_cache

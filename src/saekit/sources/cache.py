@@ -469,11 +469,15 @@ class CacheSource(ActivationSource):
         return t.float() if t.is_floating_point() else t
 
     def next_batch(self, batch_size: int) -> Batch:
+        return self.next_batch_part(batch_size, 0, batch_size)
+
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
+        """Rows ``[lo, hi)`` of the next batch: only those rows are read from disk."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         pos0 = self.pos
         try:
-            rows = self._rows(batch_size)
+            rows = self._rows(batch_size)[lo:hi]
         except StopIteration:
             self.pos = pos0
             raise

@@ -90,8 +90,12 @@ def _get_path(mod: nn.Module, path: str) -> nn.Module | None:
 
 
 def resolve_site(model: nn.Module, name: str) -> Site:
-    """Resolve ``layers.3.resid_post`` etc. to a module on ``model``."""
+    """Resolve ``layers.3.resid_post`` etc. to a module on ``model``; a model with
+    TransformerLens hook points (``hook_dict``) resolves to the hook point itself."""
     layer, kind = parse_site(name)
+    hooks = getattr(model, "hook_dict", None)
+    if isinstance(hooks, dict) and transformer_lens_name(name) in hooks:
+        return Site(name, layer, kind, hooks[transformer_lens_name(name)], pre=False)
     blocks = find_blocks(model)
     if layer >= len(blocks):
         raise ConfigError(

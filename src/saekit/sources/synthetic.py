@@ -246,19 +246,24 @@ class SyntheticSource(ActivationSource):
         return x, codes
 
     def next_batch(self, batch_size: int) -> Batch:
+        return self.next_batch_part(batch_size, 0, batch_size)
+
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
+        """Samples ``[lo, hi)`` of the next batch: only the blocks they fall in are generated."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         bs = self.cfg.block_size
         xs, cs = [], []
-        end = self.pos + batch_size
-        while self.pos < end:
-            block, off = divmod(self.pos, bs)
+        pos, end = self.pos + lo, self.pos + hi
+        while pos < end:
+            block, off = divmod(pos, bs)
             if self._block is None or self._block[0] != block:
                 self._block = (block, *self.sample_block(block))
-            take = min(end - self.pos, bs - off)
+            take = min(end - pos, bs - off)
             xs.append(self._block[1][off : off + take])
             cs.append(self._block[2][off : off + take])
-            self.pos += take
+            pos += take
+        self.pos += batch_size
         meta: dict[str, Any] = {}
         if self.cfg.return_codes:
             meta["codes"] = torch.cat(cs)

@@ -33,14 +33,17 @@ PROBES: list[tuple[str, str]] = [
     ("--lr nan", "cli('--lr nan'); lr()"),
     ("--expansion 0", "cli('--expansion 0'); sae()"),
     ('{"train": {"resume": "false"}} on a run', "resume_probe()"),
-    ('{"data": {"sites": "layers.3.resid_post"}}', "from_json('data', {'sites': 'layers.3.resid_post'})"),
+    (
+        '{"data": {"sites": "layers.3.resid_post"}}',
+        "from_json('data', {'sites': 'layers.3.resid_post'})",
+    ),
     ('{"sae": {"k": "32"}}', "from_json('sae', {'k': '32'})"),
     ('{"train": {"total_tokens": 1e5}}', "from_json('train', {'total_tokens': 1e5})"),
     ("SAEConfig(k=0) in Python", "from saekit.config import SAEConfig; print(SAEConfig(k=0))"),
     ("rule_options {'k_max': '8'}", "rule_opts()"),
 ]
 
-PRELUDE = r'''
+PRELUDE = r"""
 import json, sys, subprocess, os, pathlib
 OUT = pathlib.Path(os.environ["PROBE_TMP"])
 def cli(flags):
@@ -53,7 +56,8 @@ def cli(flags):
 def sae():
     from saekit.io import load_sae
     s = load_sae(OUT / "run")
-    print(f"trained: k={s.cfg.k} d_sae={s.d_sae} L0={float(s.encode(__import__('torch').randn(64, 8)).l0().float().mean()):.1f}")
+    l0 = float(s.encode(__import__("torch").randn(64, 8)).l0().float().mean())
+    print(f"trained: k={s.cfg.k} d_sae={s.d_sae} L0={l0:.1f}")
 def lr():
     m = [json.loads(l) for l in (OUT / "run" / "metrics.jsonl").read_text().splitlines()]
     print(f"trained with lr={m[-1]['lr']:.3g} (step {m[-1]['step']})")
@@ -73,7 +77,7 @@ def rule_opts():
     from saekit import SAE, SAEConfig
     s = SAE(SAEConfig(d_in=8, d_sae=16, k=4, rule="topafa", rule_options={"k_max": "8"}))
     print(f"accepted: k_max={s.rule.opts.k_max!r}")
-'''
+"""
 
 
 def run_probe(src: Path, code: str) -> str:

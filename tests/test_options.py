@@ -154,9 +154,9 @@ def test_method_configs_are_the_keyword_options_of_their_functions() -> None:
 #: flags written by hand on purpose: the JSON file a command reads first, and the global
 #: plugin loader (parsed before any command's options exist)
 NOT_FIELDS = {"help", "config", "plugin"}
-#: commands whose options their owners are converting (issue 10 seam 6: the bench moves into
-#: a subpackage; issue 16: compress); remove an entry when it is converted
-PENDING_COMMANDS = {"bench", "compress"}
+#: commands whose options their owner is converting (issue 16: compress); remove an entry
+#: when it is converted
+PENDING_COMMANDS = {"compress"}
 
 
 def test_every_flag_of_every_command_is_a_declared_field() -> None:

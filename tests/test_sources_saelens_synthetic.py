@@ -43,11 +43,11 @@ res["eval_rc"] = main(["eval", str(out / "run"), "--tokens", "2048", "--baseline
 ev = json.loads((out / "run" / "eval.json").read_text())
 res["mcc"] = ev["sae"].get("ground_truth", {}).get("mcc")
 res["fresh"] = ev["data"]["fresh"]
-res["bench_rc"] = main(["bench", "--size", "tiny", "--rules", "topk", "batchtopk",
+res["bench_rc"] = main(["bench", "--size", "tiny", "--rules", "topk", "batchtopk", "--seeds", "0",
     "--saelens-synthetic", opts, "--out", str(out / "bench"), "--keep-runs", "false"])
 bench = json.loads((out / "bench" / "bench.json").read_text())
 res["bench_rules"] = sorted(bench["table"])
-res["bench_mcc"] = {n: r["mcc"] for n, r in bench["table"].items()}
+res["bench_mcc"] = {n: r["mcc"]["mean"] for n, r in bench["table"].items()}
 print(json.dumps(res))
 """
 

@@ -35,6 +35,7 @@ from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
+from saekit.inputs import site_inputs
 from saekit.io.atomic import json_safe, read_json, write_json, write_text
 from saekit.io.paths import check_writable_dir
 from saekit.options import Options, option
@@ -56,6 +57,12 @@ class EvalConfig(Options):
     )
     splice_batch_size: int = option(
         0, "sequences per spliced forward (0: the run's model batch)", ge=0
+    )
+    splice_special: bool = option(
+        False,
+        "splice the reconstruction at special tokens (BOS, ...) too and count them; default:"
+        " they keep their activation and leave the averages (SAEBench's"
+        " exclude_special_tokens_from_reconstruction), as training drops them",
     )
     pca_fit_tokens: int = option(16_384, "first eval tokens used to fit the PCA baseline", ge=1)
     baselines: bool = option(True, "also evaluate the random-decoder SAE and PCA baselines")
@@ -155,9 +162,15 @@ class _Evaluator:
     """All streaming accumulators of one autoencoder (SAE or baseline)."""
 
     def __init__(
-        self, ae: Any, cfg: EvalConfig, gt: tuple[Tensor, Tensor] | None, full: bool
+        self,
+        ae: Any,
+        cfg: EvalConfig,
+        gt: tuple[Tensor, Tensor] | None,
+        full: bool,
+        metric: Tensor | None = None,
     ) -> None:
         self.ae, self.full = ae, full
+        self.down = DownstreamAccumulator(metric) if metric is not None else None
         self.core = CoreAccumulator(ae.d_in, ae.d_sae, cfg.dense_threshold)
         self.afa = afa.AFAAccumulator(ae, center=cfg.afa_center) if full else None
         self.abl = independence.AblationAccumulator(ae) if full else None
@@ -169,9 +182,11 @@ class _Evaluator:
             self.absorb = ground_truth.AbsorptionAccumulator(self.W, G, parent)
 
     @torch.no_grad()
-    def update(self, x: Tensor, true_codes: Tensor | None) -> None:
-        out = self.ae(x)
+    def update(self, x: Tensor, true_codes: Tensor | None, inputs: dict[str, Tensor]) -> None:
+        out = self.ae(x, inputs=inputs) if inputs else self.ae(x)
         self.core.update(x, out.x_hat, out.codes)
+        if self.down is not None:
+            self.down.update(x, out.x_hat)
         if self.afa is not None:
             z = out.x_in if self.afa.center else out.x
             self.afa.update_from(z, out.codes)
@@ -187,6 +202,8 @@ class _Evaluator:
             # the training-time definition (aux loss, logs), from the saved counters
             r["core"]["dead_frac_train"] = float(self.ae.dead_latents().float().mean())
             r["core"]["dead_tokens"] = self.ae.dead_window
+        if self.down is not None:
+            r["downstream"] = self.down.result()
         if self.afa is not None:
             r["afa"] = self.afa.result()
         if self.abl is not None:
@@ -200,6 +217,30 @@ class _Evaluator:
         if self.absorb is not None and self.absorb.n:
             r["absorption"] = self.absorb.result()
         return r
+
+
+class DownstreamAccumulator:
+    """``fvu_down = sum_t e_t M e_t / sum_t (x_t - mu) M (x_t - mu)``: the reconstruction error
+    under a downstream loss's metric ``M`` (synthetic data with a known downstream loss),
+    ``e = x - x_hat`` and ``mu`` the mean over all eval tokens (streaming-exact)."""
+
+    def __init__(self, metric: Tensor) -> None:
+        self.M = metric.double()
+        self.err = self.xmx = 0.0
+        self.sum_x = torch.zeros(metric.shape[0], dtype=torch.float64)
+        self.n = 0
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x, e = x.double().cpu(), (x - x_hat).double().cpu()
+        self.err += float(((e @ self.M) * e).sum())
+        self.xmx += float(((x @ self.M) * x).sum())
+        self.sum_x += x.sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, Any]:
+        mu = self.sum_x / max(self.n, 1)
+        var = self.xmx - self.n * float(mu @ self.M @ mu)
+        return {"fvu_down": self.err / var if var > 0 else float("nan"), "n_tokens": self.n}
 
 
 @dataclass
@@ -251,6 +292,9 @@ def _setup(
     if src.source.d_in(site) != sae.d_in:
         src.source.close()
         raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+    wanted = set(getattr(sae.rule, "requires", ()))
+    if wanted:  # named inputs the rule reads (gtopk: "grad"), when the source has them
+        src.source.request_inputs(wanted)
     G = getattr(src.source, "dictionary", None)
     parent = getattr(src.source, "parent", None)
     gt = None
@@ -268,6 +312,10 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
     def xs(b: Batch) -> tuple[Tensor, Tensor | None]:
         return b.acts[st.site].to(cfg.device).float(), b.meta.get("codes")
 
+    def inputs(b: Batch) -> dict[str, Tensor]:
+        got = site_inputs(b.inputs, st.site, getattr(st.sae.rule, "requires", ()))
+        return {n: t.to(cfg.device).float() for n, t in got.items()}
+
     stream = _take(st.src, cfg.batch_size, cfg.tokens)
     buffered: list[Batch] = []
     n_buf, fit_tokens = 0, min(cfg.pca_fit_tokens, cfg.tokens)
@@ -280,18 +328,21 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
         raise DataError(f"the evaluation source yielded no tokens for site {st.site!r}")
     sae = st.sae
     with torch.no_grad():
-        l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
-    evals = {"sae": _Evaluator(sae, cfg, st.gt, full=True)}
+        l0s = [sae.encode(xs(b)[0], inputs(b)).l0().double() for b in buffered]
+        l0_est = float(torch.cat(l0s).mean())
+    metric = getattr(st.src.source, "downstream_metric", None)
+    evals = {"sae": _Evaluator(sae, cfg, st.gt, full=True, metric=metric)}
     base_models: dict[str, Any] = {}
     if cfg.baselines:
         base_models["random"] = baselines.random_sae(sae, seed=cfg.seed, l0=l0_est).to(cfg.device)
         base_models["pca"] = baselines.fit_pca([xs(b)[0] for b in buffered], sae.d_in, l0_est)
         for name, m in base_models.items():
-            evals[name] = _Evaluator(m, cfg, st.gt, full=False)
+            evals[name] = _Evaluator(m, cfg, st.gt, full=False, metric=metric)
     for b in itertools.chain(buffered, stream):  # the rest of the stream is never held
         x, codes = xs(b)
+        named = inputs(b)
         for e in evals.values():
-            e.update(x, codes)
+            e.update(x, codes, named if hasattr(e.ae, "rule") else {})  # SAEs take inputs
     return evals, base_models
 
 
@@ -334,8 +385,12 @@ def _splice(
     source: Any = src.source
     texts = config_texts(dc, split=src.text_split, part=src.text_part)
     bs = cfg.splice_batch_size or dc.model_batch_size
-    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens)
-    sp = splice_metrics(source.model, st.sae, st.site, batches, base_models)
+    special = getattr(source.tokenizer, "all_special_ids", None) or []
+    counted = [] if cfg.splice_special else special
+    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens, counted)
+    sp = splice_metrics(
+        source.model, st.sae, st.site, batches, base_models, special, cfg.splice_special
+    )
     for name, r in sp.pop("baselines", {}).items():
         result["baselines"][name]["splice"] = r
     result["sae"]["splice"] = sp

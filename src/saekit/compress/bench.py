@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from saekit.compress.config import METHODS
 from saekit.compress.core import CompressConfig, aces_agreement, compress_model
-from saekit.compress.factor import METHODS
 from saekit.compress.lowrank import count_params
 from saekit.compress.metrics import layer_output_errors, perplexity
 

@@ -91,17 +91,18 @@ def test_cli_sweep_section(tmp_path: Path, capsys) -> None:
 
 def test_cli_errors(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", str(tmp_path / "missing.json")]) == 1
-    assert "config file not found" in capsys.readouterr().err
+    assert f"not found: {tmp_path / 'missing.json'}" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sae": {}, "optim": {}}))
     assert main(["train", "--config", str(bad)]) == 1
     assert "unknown section" in capsys.readouterr().err
     cfg = write_config(tmp_path / "c.json", tmp_path / "r")
     assert main(["train", "--config", str(cfg), "--rule", "nosuch"]) == 1
-    assert "unknown rule 'nosuch'" in capsys.readouterr().err
+    assert "SAEConfig.rule = 'nosuch' is not one of" in capsys.readouterr().err
     bad.write_text(json.dumps({"sae": {"kk": 3}}))
     assert main(["train", "--config", str(bad)]) == 1
-    assert "unknown SAEConfig field(s): kk" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "section 'sae': unknown SAEConfig field(s) 'kk'" in err and str(bad) in err
 
 
 def test_cli_cache_then_train_on_it(tmp_path: Path, capsys) -> None:
@@ -120,5 +121,5 @@ def test_cli_cache_then_train_on_it(tmp_path: Path, capsys) -> None:
 
 def test_demo_defaults_are_shown_in_help() -> None:
     helps = {a.dest: a.help for a in _train_parser()._actions}
-    assert "default here: 300000" in helps["total_tokens"]
-    assert "default here: 1024" in helps["batch_size"]
+    assert "default: 300000; library default 2000000" in helps["total_tokens"]
+    assert "default: 1024; library default 4096" in helps["batch_size"]

@@ -169,7 +169,7 @@ def test_wrong_d_in_and_unknown_rule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"W_enc has shape \(8, 24\).*d_in=9"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: c["saekit"]["sae"].update(d_in=8, rule="nosuchrule"))
-    with pytest.raises(ValueError, match="unknown rule 'nosuchrule'"):
+    with pytest.raises(ValueError, match="cfg.json saekit.sae: SAEConfig.rule = 'nosuchrule' is"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="gated")))
     with pytest.raises(ValueError, match="unsupported SAELens architecture 'gated'"):

@@ -72,7 +72,7 @@ def test_jumprelu_threshold_and_ste_gradient():
 
 
 def test_unknown_rule_and_bad_width():
-    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+    with pytest.raises(ValueError, match="SAEConfig.rule = 'nope' is not one of"):
         make("nope")
     sae = make()
     with pytest.raises(ValueError, match="expects d_in=12"):

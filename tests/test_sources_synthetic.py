@@ -80,9 +80,9 @@ def test_independent_siblings_and_no_hierarchy() -> None:
 
 
 def test_bad_config_and_site() -> None:
-    with pytest.raises(ValueError, match="hierarchy needs"):
-        SyntheticConfig(n_features=10, n_roots=4).validate()
-    with pytest.raises(ValueError, match="unknown synthetic option"):
+    with pytest.raises(ValueError, match="needs 84 features in the hierarchy"):
+        SyntheticConfig(n_features=10, n_roots=4)
+    with pytest.raises(ValueError, match="synthetic options: unknown SyntheticConfig field"):
         SyntheticConfig.from_dict({"n_feat": 3})
     with pytest.raises(ValueError, match="unknown site"):
         make().d_in("layers.0.resid_post")
@@ -91,7 +91,7 @@ def test_bad_config_and_site() -> None:
 def test_build_source_dispatch() -> None:
     src = build_source(DataConfig(source="synthetic", synthetic=dict(SMALL)), seed=3)
     assert isinstance(src, SyntheticSource) and src.stream_seed == 3 and src.d_in("synthetic") == 32
-    with pytest.raises(ValueError, match="hf, synthetic, cache"):
+    with pytest.raises(ValueError, match=r"not one of \['hf', 'synthetic', 'cache'\]"):
         build_source(DataConfig(source="parquet"), seed=0)
 
 

@@ -215,9 +215,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
     src = MemorySource({"a": data()})
     with pytest.raises(ValueError, match="site 'b' is not produced"):
         train({"x": ("b", SAEConfig())}, tcfg(tmp_path), src)
-    with pytest.raises(ValueError, match="d_in=9 but the data has width 8"):
+    with pytest.raises(ValueError, match="d_in = 9 does not match the data's width 8"):
         train(SAEConfig(d_in=9), tcfg(tmp_path), src)
-    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+    with pytest.raises(ValueError, match="SAEConfig.rule = 'nope'"):
         train(SAEConfig(rule="nope"), tcfg(tmp_path), src)
     with pytest.raises(ValueError, match="batch_size"):
         train(SAEConfig(), tcfg(tmp_path, total_tokens=8), src)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.errors import ConfigError
 from saekit.evaluate.core import CoreAccumulator
 from saekit.evaluate.ground_truth import DetectionAccumulator, dictionary_metrics
 from saekit.io import load_sae
@@ -322,12 +323,12 @@ def pick_matched(
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Train, save, load and evaluate every variant; write ``bench.json`` and ``bench.png``."""
     if cfg.size not in SIZES:
-        raise ValueError(f"unknown bench size {cfg.size!r}; use {', '.join(SIZES)}")
+        raise ConfigError(f"unknown bench size {cfg.size!r}; use {', '.join(SIZES)}")
     known = rule_names()
     names = list(cfg.rules) or known
     bad = [r for r in names if r not in known]
     if bad:
-        raise ValueError(f"unknown rule(s) {bad}; known rules: {', '.join(known)}")
+        raise ConfigError(f"unknown rule(s) {bad}; known rules: {', '.join(known)}")
     threads = torch.get_num_threads()
     try:
         return _run_bench(cfg, names)

@@ -40,32 +40,82 @@ def _bool(s: str) -> bool:
 def add_dataclass_args(
     parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()
 ) -> None:
-    """One ``--prefix-field`` flag per dataclass field; defaults are None (= not given)."""
-    group = parser.add_argument_group(cls.__name__)
+    """One flag per field of the options dataclass ``cls``, derived from its declaration.
+
+    Name: :func:`saekit.options.flag_name` (``--[prefix-]field-name`` or the field's
+    ``flag``); type from the annotation; static ``choices``; help with the default (the
+    ``cli_default`` where one is declared). Flags default to None (= not given), so that
+    :func:`dataclass_from_args` can layer them over a JSON config. Fields with ``cli=False``
+    or in ``skip`` get no flag.
+    """
+    from saekit import options
+
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("cli", True):
             continue
-        flag = "--" + (prefix + "-" if prefix else "") + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{help_} (default: {json.dumps(default)})"
-        kw: dict[str, Any] = {"default": None, "help": help_, "dest": _dest(prefix, f.name)}
-        if isinstance(default, bool):
-            kw.update(type=_bool, metavar="BOOL")
-        elif isinstance(default, int):
-            kw["type"] = int
-        elif isinstance(default, float):
-            kw["type"] = float
-        elif isinstance(default, list):
-            kw.update(nargs="+")
-        elif isinstance(default, dict):
-            kw.update(type=_json_dict, metavar="JSON")
+        md = f.metadata
+        default = options.default_of(f)
+        shown = md.get("cli_default", default)
+        help_ = md.get("help", "")
+        if shown is not dataclasses.MISSING:
+            help_ += f" (default: {json.dumps(shown)}"
+            if "cli_default" in md:
+                help_ += f"; library default {json.dumps(default)}"
+            help_ += ")"
+        kw: dict[str, Any] = {"help": help_.replace("%", "%%")}
+        if md.get("metavar"):
+            kw["metavar"] = md["metavar"]
+        tp = options.field_type(cls, f)
+        kw.update(_flag_type(tp, md))
+        ch = md.get("choices")
+        if ch is not None and not callable(ch):
+            kw["choices"] = list(ch)
+        if md.get("positional"):
+            kw["metavar"] = kw.get("metavar") or f.name.upper()
+            if default is not dataclasses.MISSING:
+                kw.update(nargs="?", default=default)
+            group.add_argument(_dest(prefix, f), **kw)
+            continue
+        kw.update(dest=_dest(prefix, f), default=None)
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+        group.add_argument(options.flag_name(f, prefix), **kw)
+
+
+def _flag_type(tp: Any, md: Any) -> dict[str, Any]:
+    """argparse keywords (type / nargs / action) for a field annotated ``tp``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:  # X | None: a flag of type X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _flag_type(args[0], md)
+    if md.get("switch"):
+        return {"action": "store_const", "const": True}
+    if tp is list or origin is list:
+        (elem,) = typing.get_args(tp) or (str,)
+        kw: dict[str, Any] = {"type": _scalar(elem)}
+        if md.get("repeat"):
+            kw["action"] = "append"
         else:
-            kw["type"] = str
-        group.add_argument(flag, **kw)
+            kw["nargs"] = md.get("nargs", "+")
+        return kw
+    if tp is dict or origin is dict:
+        return {"type": _json_dict, "metavar": md.get("metavar", "JSON")}
+    if tp is bool:
+        return {"type": _bool, "metavar": md.get("metavar", "BOOL")}
+    return {"type": _scalar(tp)}
 
 
-def _dest(prefix: str, name: str) -> str:
+def _scalar(tp: Any) -> Any:
+    return {bool: _bool, int: int, float: float}.get(tp, str)
+
+
+def _dest(prefix: str, f: dataclasses.Field) -> str:
+    name = (f.metadata.get("flag") or f.name).replace("-", "_")
     return f"{prefix}__{name}" if prefix else name
 
 
@@ -79,17 +129,37 @@ def _json_dict(s: str) -> dict:
     return v
 
 
-def dataclass_from_args(
-    cls: type[C], args: argparse.Namespace, prefix: str = "", base: dict | None = None
-) -> C:
-    """Build ``cls`` from ``base`` (e.g. a JSON config) overridden by the flags given."""
-    from saekit.config import from_dict
-
-    data = dict(base or {})
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        v = getattr(args, _dest(prefix, f.name), None)
+def given_args(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` given as flags (not None) in ``args``, by field name."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, _dest(prefix, f), None)
         if v is not None:
-            data[f.name] = v
+            out[f.name] = v
+    return out
+
+
+def dataclass_from_args(
+    cls: type[C],
+    args: argparse.Namespace,
+    prefix: str = "",
+    base: dict | None = None,
+    where: str = "",
+) -> C:
+    """Build ``cls`` from ``base`` (e.g. a JSON config section) overridden by the flags given.
+
+    Fields in neither take their ``cli_default`` when declared, else the library default.
+    ``where`` (the JSON file and section) prefixes validation errors.
+    """
+    from saekit.options import check_fields, from_dict
+
+    data = {
+        f.name: f.metadata["cli_default"]
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if "cli_default" in f.metadata
+    }
+    data.update(check_fields(cls, base or {}, where=where))  # errors here name the file
+    data.update(given_args(cls, args, prefix))
     return from_dict(cls, data)
 
 
@@ -110,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors (:class:`~saekit.errors.SaekitError`, and OSErrors that
+    mean a full disk, a read-only filesystem or a missing permission) print one line
+    ``saekit CMD: error: ...`` and return 1; every other exception keeps its traceback."""
+    from saekit.errors import SaekitError
+    from saekit.io.paths import path_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -117,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except SaekitError as e:
         print(f"saekit {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        err = path_error(e, only_env=True)
+        if err is None:
+            raise
+        print(f"saekit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"saekit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

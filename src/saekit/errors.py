@@ -26,12 +26,33 @@ class FormatError(SaekitError, ValueError):
     """A file that is missing, unreadable, of an unknown layout or corrupt."""
 
 
+class MissingFileError(FormatError, FileNotFoundError):
+    """A file or directory the user named (or that a run/cache must hold) does not exist."""
+
+
 class IntegrityError(FormatError):
     """A file whose checksum does not match the one recorded for it."""
 
 
+class CheckpointError(FormatError):
+    """A checkpoint that cannot be used (corrupt, incomplete or from another run)."""
+
+
 class EnvironmentProblem(SaekitError, RuntimeError):
     """The environment cannot do what was asked (no CUDA in this torch, a missing extra)."""
+
+
+class PathError(SaekitError, OSError):
+    """A user's path cannot be written or read: a file where a directory should be, a
+    read-only filesystem, a full disk, missing permission."""
+
+
+class OutputExistsError(ConfigError, FileExistsError):
+    """The output path exists and the command would not overwrite it."""
+
+
+class TrainingError(SaekitError, RuntimeError):
+    """Training cannot continue (non-finite activations, loss or gradients)."""
 
 
 class LockedError(SaekitError, RuntimeError):
@@ -39,11 +60,16 @@ class LockedError(SaekitError, RuntimeError):
 
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "EnvironmentProblem",
     "FormatError",
     "IntegrityError",
     "LockedError",
+    "MissingFileError",
+    "OutputExistsError",
+    "PathError",
     "SaekitError",
+    "TrainingError",
 ]

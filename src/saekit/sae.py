@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from saekit import kernels, losses
 from saekit.config import SAEConfig
+from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError, DataError
 from saekit.rules import Context, Selection, build_rule
 
 
@@ -109,7 +111,7 @@ class SAE(nn.Module):
         self.rule = build_rule(cfg)
         recon = cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
         if recon not in ("mse", "nmse"):
-            raise ValueError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
+            raise ConfigError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
         self.recon_kind = recon
         #: keep the dense pre-activations of the sparse training path in one buffer reused
         #: by the next forward pass (no fresh [N, d_sae] allocation and page faults per step,
@@ -117,6 +119,9 @@ class SAE(nn.Module):
         #: Off by default; a training loop that drops each step's output can turn it on.
         self.reuse_buffers = False
         self._pre_buf: Tensor | None = None
+        #: batch-global reductions and cross-shard selections; a strategy sets it while
+        #: training on several ranks (saekit.distributed), else one process
+        self.comm: Comm = LOCAL
 
     # ------------------------------------------------------------------ shapes and units
     @property
@@ -129,7 +134,7 @@ class SAE(nn.Module):
 
     def _flat(self, x: Tensor, name: str = "x") -> Tensor:
         if x.shape[-1] != self.d_in:
-            raise ValueError(
+            raise DataError(
                 f"{name} has width {x.shape[-1]} but this SAE expects d_in={self.d_in}"
                 f" (shape {tuple(x.shape)})"
             )
@@ -139,7 +144,7 @@ class SAE(nn.Module):
         return x * self.input_scale if self.cfg.normalize_input else x
 
     def _encoder_input(self, xn: Tensor) -> Tensor:
-        return xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        return xn - self.comm.latent_input(self.b_dec) if self.cfg.apply_b_dec_to_input else xn
 
     # ------------------------------------------------------------------ encode / decode
     def encode_pre(self, x: Tensor) -> Tensor:
@@ -151,7 +156,9 @@ class SAE(nn.Module):
         self, xn: Tensor, grad: Tensor | None, step: int
     ) -> tuple[Codes, Tensor, Tensor, Selection, Context]:
         x_in = self._encoder_input(xn)
-        ctx = Context(sae=self, training=self.training, x=xn, x_in=x_in, grad=grad, step=step)
+        ctx = Context(
+            sae=self, training=self.training, x=xn, x_in=x_in, grad=grad, step=step, comm=self.comm
+        )
         dense_grad = self.rule.needs_dense_grad or not torch.is_grad_enabled()
         if dense_grad:
             pre = x_in @ self.W_enc + self.b_enc
@@ -166,7 +173,7 @@ class SAE(nn.Module):
             pre_sel = pre.gather(1, sel.indices)
         elif self.cfg.apply_b_dec_to_input:  # b_dec's encoder gradient as one matvec
             pre_sel = kernels.sparse_encode_centered(
-                xn, self.b_dec, self.W_enc, self.b_enc, sel.indices, pre
+                xn, self.comm.latent_input(self.b_dec), self.W_enc, self.b_enc, sel.indices, pre
             )
         else:
             pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, sel.indices, pre)
@@ -208,7 +215,7 @@ class SAE(nn.Module):
             out = kernels.sparse_decode(codes.indices, codes.values, self.W_dec)
         else:
             out = kernels.dense_decode(codes.dense, self.W_dec)  # type: ignore[arg-type]
-        return out + self.b_dec
+        return self.comm.latent_sum(out) + self.b_dec
 
     def decode(self, codes: Codes) -> Tensor:
         """Reconstruction in raw units, ``[N, d_in]``."""
@@ -244,9 +251,16 @@ class SAE(nn.Module):
         """Total loss, its named terms and the forward output, in SAE units."""
         out = self(x, grad=grad, step=step)
         ctx = Context(
-            sae=self, training=self.training, x=out.x, x_in=out.x_in, grad=grad, step=step
+            sae=self,
+            training=self.training,
+            x=out.x,
+            x_in=out.x_in,
+            grad=grad,
+            step=step,
+            comm=self.comm,
         )
-        terms: dict[str, Tensor] = {"recon": losses.recon_loss(self.recon_kind, out.x_hat_n, out.x)}
+        recon = losses.recon_loss(self.recon_kind, out.x_hat_n, out.x, self.comm)
+        terms: dict[str, Tensor] = {"recon": recon}
         terms.update(self.rule.loss_terms(out, ctx))
         if self.rule.uses_aux and self.cfg.aux != "none" and self.cfg.aux_coeff > 0:
             terms["aux"] = self.cfg.aux_coeff * self._aux_loss(out)
@@ -262,7 +276,7 @@ class SAE(nn.Module):
         try:
             fn = aux_registry[self.cfg.aux]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown aux loss {self.cfg.aux!r}; known: auxk, none, {', '.join(aux_registry)}"
             ) from None
         return fn(self)
@@ -282,12 +296,17 @@ class SAE(nn.Module):
             self.cfg.aux_k,
             weights,
             signed=self.rule.signed,
+            comm=self.comm,
         )
 
     @torch.no_grad()
     def observe(self, codes: Codes, n_tokens: int, ema: float = 0.99) -> None:
-        """Update dead-latent counters and the firing-frequency EMA after a training step."""
-        counts = codes.fire_counts()
+        """Update dead-latent counters and the firing-frequency EMA after a training step.
+
+        ``n_tokens``: tokens of ``codes``; counts and tokens are those of the global batch.
+        """
+        counts = self.comm.batch_sum(codes.fire_counts())
+        n_tokens = self.comm.n_tokens(n_tokens)
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[counts > 0] = 0
         rate = counts.to(self.fire_freq.dtype) / max(n_tokens, 1)
@@ -317,8 +336,11 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """Set ``input_scale``, ``b_dec`` and the encoder scale from a sample of inputs."""
-        x = self._flat(x).float()
+        """Set ``input_scale``, ``b_dec`` and the encoder scale from a sample of inputs.
+
+        ``x``: this rank's part of the sample; every rank uses the whole sample.
+        """
+        x = self.comm.gather_batch(self._flat(x)).float()
         if self.cfg.normalize_input:
             self.input_scale.fill_(float((self.d_in / x.pow(2).sum(-1).mean()).sqrt()))
         xn = self._to_sae_units(x)
@@ -328,7 +350,7 @@ class SAE(nn.Module):
         elif how == "mean":
             self.b_dec.copy_(xn.mean(0))
         elif how != "zeros":
-            raise ValueError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
+            raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
         # rescale the encoder so that reconstructions start with roughly the input's norm
         was = self.training
         self.train(False)

@@ -32,28 +32,19 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
+from saekit.errors import ConfigError, TrainingError
 from saekit.io import checkpoint as ckpt
 from saekit.io.atomic import write_bytes
 from saekit.io.native import save_sae
+from saekit.io.paths import check_writable_dir, user_path
+from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
 
-#: TrainConfig fields that may change between a checkpoint and its resumption
-RESUMABLE_TRAIN_FIELDS = (
-    "out_dir",
-    "progress",
-    "threads",
-    "resume",
-    "stop_after_steps",
-    "checkpoint_every",
-    "log_every",
-    "device",
-)
-RESUMABLE_DATA_FIELDS = ("device", "model_batch_size")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite activations, loss or gradients)."""
+#: config fields that may change between a checkpoint and its resumption (declared on the
+#: fields as ``resumable=True``)
+RESUMABLE_TRAIN_FIELDS = fields_where(TrainConfig, "resumable")
+RESUMABLE_DATA_FIELDS = fields_where(DataConfig, "resumable")
 
 
 @dataclass
@@ -72,7 +63,7 @@ class TrainResult:
     def sae(self) -> SAE:
         """The SAE, when only one was trained."""
         if len(self.saes) != 1:
-            raise ValueError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
+            raise ConfigError(f"{len(self.saes)} SAEs were trained; use .saes[name]")
         return next(iter(self.saes.values()))
 
 
@@ -123,7 +114,7 @@ def plan_saes(
     if isinstance(sae_cfgs, SAEConfig):
         return {s: (s, sae_cfgs) for s in sites}
     if not isinstance(sae_cfgs, dict) or not sae_cfgs:
-        raise ValueError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
+        raise ConfigError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
     plan: dict[str, tuple[str, SAEConfig]] = {}
     for name, v in sae_cfgs.items():
         if isinstance(v, SAEConfig):
@@ -131,9 +122,9 @@ def plan_saes(
         elif isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[1], SAEConfig):
             site, cfg = v
         else:
-            raise ValueError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
+            raise ConfigError(f"sae_cfgs[{name!r}] must be a SAEConfig or (site, SAEConfig)")
         if site not in sites:
-            raise ValueError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
+            raise ConfigError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
         plan[name] = (site, cfg)
     return plan
 
@@ -153,16 +144,15 @@ class Trainer:
         data_cfg: DataConfig | None = None,
         saes: dict[str, SAE] | None = None,
     ) -> None:
+        if not isinstance(train_cfg, TrainConfig):
+            raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
         if data_cfg is not None and not isinstance(data_cfg, DataConfig):
-            raise ValueError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+            raise ConfigError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+        # fields are checked on assignment; this also sees in-place edits of lists / dicts
+        validate(train_cfg)
+        if data_cfg is not None:
+            validate(data_cfg)
         self.cfg, self.source, self.data_cfg = train_cfg, source, data_cfg
-        if train_cfg.batch_size <= 0 or train_cfg.total_tokens < train_cfg.batch_size:
-            raise ValueError(
-                f"need 0 < batch_size <= total_tokens, got batch_size={train_cfg.batch_size},"
-                f" total_tokens={train_cfg.total_tokens}"
-            )
-        if train_cfg.autocast not in ("none", "bfloat16"):
-            raise ValueError(f"autocast must be none or bfloat16, got {train_cfg.autocast!r}")
         self.out_dir = Path(train_cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoint"
         self.total_steps = train_cfg.total_tokens // train_cfg.batch_size
@@ -175,9 +165,7 @@ class Trainer:
             torch.set_num_threads(train_cfg.threads)
         self._seed(train_cfg.seed)
         self.device = torch.device(train_cfg.device)
-        self.dtype = getattr(torch, train_cfg.dtype, None)
-        if not isinstance(self.dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {train_cfg.dtype!r}")
+        self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         given = saes or {}
         self.slots = [self._make_slot(n, s, c, given.get(n)) for n, (s, c) in self.plan.items()]
@@ -194,7 +182,7 @@ class Trainer:
         if sae is None:
             sae = SAE(cfg.resolved(d_in))
         elif sae.d_in != d_in:
-            raise ValueError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
+            raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
@@ -391,8 +379,8 @@ class Trainer:
         return rows
 
     def _write_metrics(self, rows: list[dict]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        path = self.out_dir / "metrics.jsonl"
+        with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
@@ -401,6 +389,7 @@ class Trainer:
         """Train to the end (or ``stop_after_steps``) and save the final SAE(s)."""
         from tqdm.auto import tqdm
 
+        check_writable_dir(self.out_dir, "out_dir")
         self.maybe_resume()
         c = self.cfg
         completed = True

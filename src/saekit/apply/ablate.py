@@ -24,6 +24,7 @@ from saekit.apply.common import (
     pad_batch,
 )
 from saekit.apply.steer import top_features
+from saekit.errors import DataError
 from saekit.sae import SAE, Codes
 from saekit.sources.sites import hook_site, resolve_site
 
@@ -68,7 +69,7 @@ def mean_loss(model: nn.Module, tok: Any, texts: list[str], max_len: int = 128) 
     dev = model_device(model)
     ids = [x for x in encode_texts(tok, texts, max_len) if len(x) > 1]
     if not ids:
-        raise ValueError("every text is shorter than 2 tokens: no next-token loss")
+        raise DataError("every text is shorter than 2 tokens: no next-token loss")
     total, count = 0.0, 0
     for b in range(0, len(ids), 8):
         chunk = ids[b : b + 8]
@@ -98,14 +99,14 @@ def ablation_effects(
     per-feature list is sorted by ``delta`` (largest loss increase first).
     """
     if not texts:
-        raise ValueError("no texts given")
+        raise DataError("no texts given")
     if features is None:
         ranked = top_features(sae, model, tok, site, texts, n=top_n, by="mean", max_len=max_len)
         feats = [r["feature"] for r in ranked]
     else:
         feats = check_features(sae, features)
     if not feats:
-        raise ValueError("no features to ablate (none fired on the texts)")
+        raise DataError("no features to ablate (none fired on the texts)")
     clean = mean_loss(model, tok, texts, max_len)
     rows = []
     for f in feats:

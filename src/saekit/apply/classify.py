@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE
 
 
@@ -41,7 +42,7 @@ def pooled_codes(
 ) -> np.ndarray:
     """One pooled code vector per text, ``[n_texts, d_sae]`` (special tokens skipped)."""
     if pool not in ("max", "mean"):
-        raise ValueError(f"unknown pooling {pool!r}; use max or mean")
+        raise ConfigError(f"unknown pooling {pool!r}; use max or mean")
     recs = site_activations(model, tok, site, texts, max_len=max_len, batch_size=batch_size)
     out = np.zeros((len(recs), sae.d_sae), dtype=np.float32)
     for i, r in enumerate(recs):
@@ -57,10 +58,10 @@ def pooled_codes(
 def rank_features(X: np.ndarray, y: np.ndarray, by: str = "rate") -> np.ndarray:
     """Per-feature score, higher = more active on the positive class (``y == 1``)."""
     if by not in ("rate", "mean"):
-        raise ValueError(f"unknown ranking {by!r}; use rate or mean")
+        raise ConfigError(f"unknown ranking {by!r}; use rate or mean")
     pos, neg = X[y == 1], X[y == 0]
     if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("both classes are needed to rank features")
+        raise DataError("both classes are needed to rank features")
     if by == "rate":
         return (pos != 0).mean(0) - (neg != 0).mean(0)
     return (pos.mean(0) - neg.mean(0)) / (X.std(0) + 1e-8)
@@ -185,11 +186,11 @@ def fit_classifiers(
 
     y = np.asarray(y).astype(int)
     if set(np.unique(y)) != {0, 1}:
-        raise ValueError("labels must contain both classes (positive and negative)")
+        raise DataError("labels must contain both classes (positive and negative)")
     if not 0 < test_size < 1:
-        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+        raise ConfigError(f"test_size must be in (0, 1), got {test_size}")
     if probe not in ("topk", "l1"):
-        raise ValueError(f"unknown probe {probe!r}; use topk or l1")
+        raise ConfigError(f"unknown probe {probe!r}; use topk or l1")
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=y)
     Xtr, Xte, ytr, yte = X[tr], X[te], y[tr], y[te]
@@ -241,13 +242,13 @@ def binarize(labels: list[str], positive: str | None = None) -> tuple[np.ndarray
     (one-vs-rest)."""
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"need at least two labels, found {names}")
+        raise DataError(f"need at least two labels, found {names}")
     if positive is None:
         if len(names) > 2:
-            raise ValueError(f"{len(names)} labels {names}: say which is positive (--positive)")
+            raise ConfigError(f"{len(names)} labels {names}: say which is positive (--positive)")
         positive = names[-1]
     if positive not in names:
-        raise ValueError(f"positive label {positive!r} not among the labels {names}")
+        raise ConfigError(f"positive label {positive!r} not among the labels {names}")
     return np.array([lab == positive for lab in labels], dtype=int), positive
 
 
@@ -265,7 +266,7 @@ def classify_texts(
 ) -> ClassifyResult:
     """Pool codes of ``texts`` at ``site`` and run :func:`fit_classifiers`."""
     if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     y, pos = binarize(labels, positive)
     X = pooled_codes(sae, model, tok, site, texts, pool=pool, max_len=max_len)
     return fit_classifiers(X, y, positive=pos, pool=pool, **kw)

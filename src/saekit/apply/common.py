@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.atomic import read_json
 from saekit.sae import SAE
 from saekit.sources import text as text_source
@@ -52,7 +53,7 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     p = Path(run_dir)
     cfg_path = p / "cfg.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"not a saekit run directory (no cfg.json): {p}")
+        raise MissingFileError(f"not a saekit run directory (no cfg.json): {p}")
     cfg = read_json(cfg_path)
     data = _find_data_cfg(cfg)
     sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
@@ -92,7 +93,7 @@ def load_model(
     from saekit.sources.hf import load_model as hf_load
 
     if causal and not name_or_path:
-        raise ValueError(
+        raise ConfigError(
             "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
         )
     return hf_load(name_or_path, device=device, dtype=dtype, causal=causal)
@@ -114,7 +115,7 @@ def read_texts(
         if limit and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"no texts found in {dataset or 'the built-in corpus'!r}")
+        raise DataError(f"no texts found in {dataset or 'the built-in corpus'!r}")
     return out
 
 
@@ -136,7 +137,7 @@ def model_device(model: nn.Module) -> torch.device:
 def encode_texts(tok: Any, texts: list[str], max_len: int) -> list[list[int]]:
     """Token ids of each text (with the tokenizer's special tokens), truncated to ``max_len``."""
     if max_len <= 0:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        raise ConfigError(f"max_len must be positive, got {max_len}")
     out = []
     for t in texts:
         ids = tok(t, truncation=True, max_length=max_len)["input_ids"]
@@ -209,7 +210,7 @@ def site_activations(
     The forward stops at the site (``StopForward``), so later layers are not computed.
     """
     if not texts:
-        raise ValueError("no texts given")
+        raise DataError("no texts given")
     s = resolve_site(model, site)
     dev = model_device(model)
     special = set(getattr(tok, "all_special_ids", []) or [])
@@ -271,7 +272,7 @@ def check_features(sae: SAE, features: Iterable[int]) -> list[int]:
     idx = [int(f) for f in features]
     bad = [f for f in idx if not 0 <= f < sae.d_sae]
     if bad:
-        raise ValueError(f"feature index out of range 0..{sae.d_sae - 1}: {bad}")
+        raise ConfigError(f"feature index out of range 0..{sae.d_sae - 1}: {bad}")
     return idx
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from saekit.apply.common import decoder_directions, dense_codes, site_activations, unembedding
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE
 
 
@@ -109,7 +110,7 @@ def collect(
         vals.append(codes[p, f].numpy())
         n += int(keep.sum())
     if n == 0:
-        raise ValueError("no tokens to collect (empty texts?)")
+        raise DataError("no tokens to collect (empty texts?)")
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return Collected(
         tokens,
@@ -316,14 +317,14 @@ def _choose(cfg: DashboardConfig, fired: np.ndarray, counts: np.ndarray, d_sae: 
     if cfg.feature_ids:
         bad = [f for f in cfg.feature_ids if not 0 <= f < d_sae]
         if bad:
-            raise ValueError(f"feature index out of range 0..{d_sae - 1}: {bad}")
+            raise ConfigError(f"feature index out of range 0..{d_sae - 1}: {bad}")
         return list(dict.fromkeys(int(f) for f in cfg.feature_ids))
     if cfg.n_features <= 0:
-        raise ValueError(f"n_features must be positive, got {cfg.n_features}")
+        raise ConfigError(f"n_features must be positive, got {cfg.n_features}")
     if cfg.select == "dense":
         return [int(i) for i in np.argsort(-counts, kind="stable")[: cfg.n_features]]
     if cfg.select != "random":
-        raise ValueError(f"unknown feature selection {cfg.select!r}; use random or dense")
+        raise ConfigError(f"unknown feature selection {cfg.select!r}; use random or dense")
     pool = np.flatnonzero(fired)
     rng = np.random.default_rng(cfg.seed)
     take = rng.choice(pool, size=min(cfg.n_features, len(pool)), replace=False)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE
 
 
@@ -36,7 +37,7 @@ def sample_features(
 ) -> np.ndarray:
     """``[n_samples, d_sae]`` bool: which features each sample activates."""
     if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+        raise ConfigError(f"threshold must be >= 0, got {threshold}")
     recs = site_activations(model, tok, site, texts, max_len=max_len, batch_size=batch_size)
     out = np.zeros((len(recs), sae.d_sae), dtype=bool)
     for i, r in enumerate(recs):
@@ -48,7 +49,7 @@ def sample_features(
 def footprint(active: np.ndarray, min_samples: int = 1) -> np.ndarray:
     """``[d_sae]`` bool: features activated by at least ``min_samples`` samples."""
     if min_samples < 1:
-        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        raise ConfigError(f"min_samples must be >= 1, got {min_samples}")
     return active.sum(0) >= min_samples
 
 
@@ -108,7 +109,7 @@ def coverage_subsample(
     """Indices of ``size`` samples that cover the footprint greedily, then random fill."""
     n = active.shape[0]
     if not 0 < size <= n:
-        raise ValueError(f"size must be in 1..{n}, got {size}")
+        raise ConfigError(f"size must be in 1..{n}, got {size}")
     target = footprint(active, min_samples)
     uncovered = target.copy()
     chosen: list[int] = []
@@ -147,7 +148,7 @@ def footprint_report(
     ``subsample > 0`` picks that many samples of each dataset (fewer when it is smaller).
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise DataError("no datasets given")
     names = list(datasets)
     active = {
         n: sample_features(sae, model, tok, site, t, threshold, max_len)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.apply.common import check_features, dense_codes, site_activations
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE
 from saekit.sources.sites import get_hidden, resolve_site
 
@@ -49,7 +50,7 @@ def sasft_loss(
             device=pre_acts.device,
         )
         if idx.numel() == 0:
-            raise ValueError("no SASFT features given")
+            raise ConfigError("no SASFT features given")
         pre = pre_acts.index_select(-1, idx)
     else:
         pre = pre_acts
@@ -60,7 +61,7 @@ def sasft_loss(
         m = torch.ones(pre.shape[:-1], dtype=pre.dtype, device=pre.device)
     else:
         if token_mask.shape != pre.shape[:-1]:
-            raise ValueError(
+            raise DataError(
                 f"token_mask has shape {tuple(token_mask.shape)}, expected {tuple(pre.shape[:-1])}"
             )
         m = token_mask.to(pre.dtype)
@@ -73,7 +74,7 @@ def selected_pre_acts(sae: SAE, h: Tensor, features: Iterable[int]) -> Tensor:
     """Pre-activations of ``features`` for ``h [..., d_in]`` (grad flows into h, not the SAE)."""
     idx = check_features(sae, features)
     if h.shape[-1] != sae.d_in:
-        raise ValueError(f"hidden width {h.shape[-1]} but the SAE expects d_in={sae.d_in}")
+        raise DataError(f"hidden width {h.shape[-1]} but the SAE expects d_in={sae.d_in}")
     W = sae.W_enc.detach()[:, idx].to(h.dtype)
     b = sae.b_enc.detach()[idx].to(h.dtype)
     x = h * sae.input_scale.detach().to(h.dtype) if sae.cfg.normalize_input else h
@@ -103,7 +104,7 @@ class SASFTRegularizer:
         self.model, self.sae, self.site_name = model, sae, site
         self.features = check_features(sae, features)
         if not self.features:
-            raise ValueError("no SASFT features given")
+            raise ConfigError("no SASFT features given")
         self.ref = ref
         self.lam = lam
         self.site = resolve_site(model, site)
@@ -166,7 +167,7 @@ class SASFTTrainerMixin:
 
     def __init__(self, *args: Any, sasft: SASFTRegularizer | None = None, **kwargs: Any) -> None:
         if sasft is None:
-            raise ValueError("SASFTTrainerMixin needs sasft=SASFTRegularizer(...)")
+            raise ConfigError("SASFTTrainerMixin needs sasft=SASFTRegularizer(...)")
         self.sasft = sasft.attach()
         super().__init__(*args, **kwargs)
 
@@ -225,7 +226,7 @@ def group_mean_codes(
 def monolinguality(means: dict[str, Tensor]) -> dict[str, Tensor]:
     """ν_j^L = μ_j^L − mean_{L'≠L} μ_j^{L'} for every group L."""
     if len(means) < 2:
-        raise ValueError("monolinguality needs at least two groups")
+        raise DataError("monolinguality needs at least two groups")
     names = list(means)
     stack = torch.stack([means[n] for n in names])
     total = stack.sum(0)

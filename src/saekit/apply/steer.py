@@ -27,6 +27,7 @@ from saekit.apply.common import (
     model_device,
     site_activations,
 )
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE
 from saekit.sources.sites import hook_site, resolve_site
 
@@ -51,7 +52,7 @@ def parse_feature_spec(spec: str) -> FeatureEdit:
             return FeatureEdit(int(parts[0]), float(parts[1]))
     except ValueError:
         pass
-    raise ValueError(f"bad feature spec {spec!r}: expected INDEX:VALUE, e.g. 12:4.0 or 7:-2")
+    raise ConfigError(f"bad feature spec {spec!r}: expected INDEX:VALUE, e.g. 12:4.0 or 7:-2")
 
 
 EditsLike = dict[int, float] | Iterable[FeatureEdit] | Iterable[tuple[int, float]]
@@ -69,10 +70,10 @@ def as_edits(edits: EditsLike) -> list[FeatureEdit]:
 def steering_fn(sae: SAE, edits: EditsLike, mode: str = "add") -> Callable[[Tensor], Tensor]:
     """The hidden-state transform ``h -> h'`` for ``edits`` (see the module doc)."""
     if mode not in MODES:
-        raise ValueError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
     ed = as_edits(edits)
     if not ed:
-        raise ValueError("no features to steer")
+        raise ConfigError("no features to steer")
     idx = check_features(sae, [e.feature for e in ed])
     dirs = decoder_directions(sae, idx)  # [n, d]
     vals = torch.tensor([0.0 if mode == "ablate" else e.value for e in ed])
@@ -110,12 +111,12 @@ def steer(
 def generate(model: nn.Module, tok: Any, prompt: str, max_new_tokens: int = 20) -> str:
     """Greedy (deterministic) continuation of ``prompt``; only the new text is returned."""
     if not hasattr(model, "generate"):
-        raise ValueError(f"{type(model).__name__} cannot generate: a causal LM is needed")
+        raise ConfigError(f"{type(model).__name__} cannot generate: a causal LM is needed")
     dev = model_device(model)
     enc = tok(prompt, return_tensors="pt")
     input_ids = enc["input_ids"].to(dev)
     if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty after tokenization")
+        raise DataError("the prompt is empty after tokenization")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(
         input_ids=input_ids,
@@ -167,12 +168,12 @@ def top_features(
     ``|f_i|`` over tokens. ``max`` keeps the sign of the extreme value (signed rules).
     """
     if by not in ("max", "mean"):
-        raise ValueError(f"unknown ranking {by!r}; use max or mean")
+        raise ConfigError(f"unknown ranking {by!r}; use max or mean")
     texts = [text] if isinstance(text, str) else list(text)
     recs = site_activations(model, tok, site, texts, max_len=max_len)
     acts = torch.cat([r.acts[r.keep] for r in recs])
     if acts.shape[0] == 0:
-        raise ValueError("the text has no non-special tokens")
+        raise DataError("the text has no non-special tokens")
     codes = dense_codes(sae, acts)
     a = codes.abs()
     amax, arg = a.max(0)

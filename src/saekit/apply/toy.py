@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from saekit.apply.common import encode_texts, pad_batch
+from saekit.errors import DataError
 
 _WORD = re.compile(r"\w+|[^\w\s]+")
 
@@ -90,7 +91,7 @@ def train_tiny_lm(
     flat = [t for x in ids for t in x + [tok.eos_token_id]]
     chunks = [flat[i : i + context_len] for i in range(0, len(flat) - context_len, context_len)]
     if not chunks:
-        raise ValueError("not enough text to train on")
+        raise DataError("not enough text to train on")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

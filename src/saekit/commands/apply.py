@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saekit.errors import ConfigError
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory with cfg.json + weights")
@@ -109,7 +111,7 @@ def _setup(args: argparse.Namespace, causal: bool | None = None) -> tuple[Any, .
     model_name = info.model if args.model is None else args.model
     site = args.site or info.site
     if not site:
-        raise ValueError(f"{args.run_dir} does not record a single hook site: pass --site")
+        raise ConfigError(f"{args.run_dir} does not record a single hook site: pass --site")
     model, tok = load_model(model_name, causal=causal, device=args.device, dtype=args.dtype)
     max_len = args.max_len or info.context_len
     return sae, info, model, tok, site, max_len
@@ -124,7 +126,7 @@ def run_steer(args: argparse.Namespace) -> int:
 
     edits = [parse_feature_spec(s) for s in args.feature]
     if not edits and not args.top:
-        raise ValueError("give at least one --feature I:V (or --top N to list features)")
+        raise ConfigError("give at least one --feature I:V (or --top N to list features)")
     sae, info, model, tok, site, max_len = _setup(args, causal=True)
     results = []
     for prompt in args.prompt:
@@ -162,7 +164,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     if args.data:
         texts += read_texts(args.data, args.text_field, args.limit)
     if not texts:
-        raise ValueError("give --text or --data")
+        raise ConfigError("give --text or --data")
     sae, info, model, tok, site, max_len = _setup(args, causal=True)
     rep = ablation_effects(
         model, tok, sae, site, texts, args.features, args.top_n, args.keep_error, max_len
@@ -234,7 +236,7 @@ def _named_datasets(specs: list[str]) -> list[tuple[str, str]]:
         out.append((name, path))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"dataset names must be unique, got {names}: use NAME=PATH")
+        raise ConfigError(f"dataset names must be unique, got {names}: use NAME=PATH")
     return out
 
 

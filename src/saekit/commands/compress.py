@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from saekit.errors import ConfigError, MissingFileError
+from saekit.io.paths import reading
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from saekit.cli import add_dataclass_args
@@ -48,16 +51,18 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: str = "", device: 
 
     path = Path(model_path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {model_path!r} is not a directory")
+        raise MissingFileError(f"--model {model_path!r} is not a directory")
     if (path / META).is_file():
         model = load_compressed(path, device=device)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        with reading(path, "model"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(path)
         model = model.float().to(device).eval()  # CPU default fp32
     tok_path = Path(tokenizer_path or model_path)
     if not tok_path.is_dir():
-        raise FileNotFoundError(f"--tokenizer {str(tok_path)!r} is not a directory")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
+        raise MissingFileError(f"--tokenizer {str(tok_path)!r} is not a directory")
+    with reading(tok_path, "tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
     return model, tokenizer
 
 
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out / 'table.json'}")
         return 0
     if out is None:
-        raise ValueError("--out is required (or use --table)")
+        raise ConfigError("--out is required (or use --table)")
     import copy
 
     from saekit.compress.core import compress_model

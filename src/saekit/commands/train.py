@@ -1,15 +1,16 @@
 """``saekit train`` (and ``saekit cache``): every config field is a flag.
 
-Flags: SAEConfig and TrainConfig fields as ``--field-name``; DataConfig fields likewise,
-except its ``device`` / ``dtype`` (which would collide with TrainConfig's), which are
-``--model-device`` / ``--model-dtype``. ``--config run.json`` reads
-``{"sae": {...}, "train": {...}, "data": {...}}`` first and flags override it; an optional
-``"saes": {name: {"site": ..., <SAEConfig fields>}}`` trains several SAEs on one
-activation stream (sweeps, several layers), each starting from ``"sae"`` and the flags.
+Flags: every SAEConfig, TrainConfig and DataConfig field as ``--field-name`` (DataConfig's
+``device`` / ``dtype`` are ``--model-device`` / ``--model-dtype``, as their fields declare).
+``--config run.json`` reads ``{"sae": {...}, "train": {...}, "data": {...}}`` first and
+flags override it; an optional ``"saes": {name: {"site": ..., <SAEConfig fields>}}`` trains
+several SAEs on one activation stream (sweeps, several layers), each starting from ``"sae"``
+and the flags.
 
-The command's defaults are the config defaults except ``total_tokens`` (300,000) and
-``batch_size`` (1,024): a demo that trains in a few minutes on 2 CPU cores (MiniLM layer 3,
-built-in pydoc text, TopK k=32, 3072 latents; FVE about 0.8).
+The command's defaults are the config defaults except where a field declares a
+``cli_default`` (``total_tokens`` 300,000 and ``batch_size`` 1,024): a demo that trains in
+a few minutes on 2 CPU cores (MiniLM layer 3, built-in pydoc text, TopK k=32, 3072 latents;
+FVE about 0.8).
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import dataclasses
 import importlib.util
 import time
 
-from saekit.cli import add_dataclass_args, dataclass_from_args
-from saekit.config import DataConfig, SAEConfig, TrainConfig, from_dict, load_json
-
-DATA_SKIP = ("device", "dtype")
-#: TrainConfig values of the command that differ from the library defaults (a quick demo)
-CLI_TRAIN_DEFAULTS = {"total_tokens": 300_000, "batch_size": 1024}
+from saekit.cli import add_dataclass_args, dataclass_from_args, given_args
+from saekit.config import DataConfig, SAEConfig, TrainConfig, from_dict
+from saekit.errors import ConfigError
+from saekit.io.atomic import read_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,14 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "--cache-dtype", default="float32", choices=["float32", "float16"], help="stored dtype"
         )
         c.add_argument("--overwrite", action="store_true", help="replace an existing cache")
-        add_dataclass_args(c, DataConfig, skip=DATA_SKIP)
-        _add_model_device_args(c)
+        add_dataclass_args(c, DataConfig)
         c.set_defaults(func=run_cache)
-
-
-def _add_model_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-device", dest="model_device", help="DataConfig.device (default cpu)")
-    p.add_argument("--model-dtype", dest="model_dtype", help="DataConfig.dtype (default float32)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -69,65 +62,68 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
     add_dataclass_args(p, SAEConfig)
     add_dataclass_args(p, TrainConfig)
-    add_dataclass_args(p, DataConfig, skip=DATA_SKIP)
-    _add_model_device_args(p)
-    for action in p._actions:
-        if action.dest in CLI_TRAIN_DEFAULTS and action.help:
-            head = action.help.rsplit(" (default:", 1)[0]
-            action.help = f"{head} (default here: {CLI_TRAIN_DEFAULTS[action.dest]})"
+    add_dataclass_args(p, DataConfig)
 
 
-def _section(cfg: dict, key: str) -> dict:
+def _section(cfg: dict, key: str, where: str) -> dict:
     v = cfg.get(key, {})
     if not isinstance(v, dict):
-        raise ValueError(f"config section {key!r} must be a JSON object")
+        raise ConfigError(f"{where}: section {key!r} must be a JSON object")
     return v
+
+
+def _at(path: str | None, section: str) -> str:
+    return f"{path}, section {section!r}" if path else ""
+
+
+def _read_config(path: str | None) -> dict:
+    base = read_json(path) if path else {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: expected a JSON object with sae/saes/train/data sections")
+    return base
 
 
 def load_configs(
     args: argparse.Namespace,
 ) -> tuple[SAEConfig | dict[str, tuple[str | None, SAEConfig]], TrainConfig, DataConfig]:
     """The SAE config(s), TrainConfig and DataConfig from ``--config`` and the flags."""
-    base = load_json(args.config) if getattr(args, "config", None) else {}
-    if not isinstance(base, dict):
-        raise ValueError(f"{args.config}: expected a JSON object")
+    path = getattr(args, "config", None)
+    base = _read_config(path)
     unknown = sorted(set(base) - {"sae", "saes", "train", "data"})
     if unknown:
-        raise ValueError(f"{args.config}: unknown section(s) {unknown}; use sae, saes, train, data")
-    data_cfg = _data_config(args, _section(base, "data"))
-    train_base = {**CLI_TRAIN_DEFAULTS, **_section(base, "train")}
-    train_cfg = dataclass_from_args(TrainConfig, args, base=train_base)
-    sae_cfg = dataclass_from_args(SAEConfig, args, base=_section(base, "sae"))
-    saes = _section(base, "saes")
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; use sae, saes, train, data")
+    data_cfg = _data_config(args, base, path)
+    train_cfg = dataclass_from_args(
+        TrainConfig, args, base=_section(base, "train", path), where=_at(path, "train")
+    )
+    sae_cfg = dataclass_from_args(
+        SAEConfig, args, base=_section(base, "sae", path), where=_at(path, "sae")
+    )
+    saes = _section(base, "saes", path)
     if not saes:
         return sae_cfg, train_cfg, data_cfg
     plan: dict[str, tuple[str | None, SAEConfig]] = {}
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAEConfig)}
+    given = given_args(SAEConfig, args)
     for name, spec in saes.items():
         if not isinstance(spec, dict):
-            raise ValueError(f"saes.{name} must be a JSON object")
+            raise ConfigError(f"{path}: saes.{name} must be a JSON object")
         spec = dict(spec)
         site = spec.pop("site", None)  # None: the source's only site
-        merged = {**dataclasses.asdict(sae_cfg), **spec}
-        merged.update({k: v for k, v in given.items() if v is not None})
-        plan[name] = (site, from_dict(SAEConfig, merged))
+        merged = {**dataclasses.asdict(sae_cfg), **spec, **given}
+        plan[name] = (site, from_dict(SAEConfig, merged, where=_at(path, f"saes.{name}")))
     return plan, train_cfg, data_cfg
 
 
-def _data_config(args: argparse.Namespace, base: dict) -> DataConfig:
-    data = dataclass_from_args(DataConfig, args, base=base)
-    if getattr(args, "model_device", None):
-        data.device = args.model_device
-    if getattr(args, "model_dtype", None):
-        data.dtype = args.model_dtype
-    return data
+def _data_config(args: argparse.Namespace, base: dict, path: str | None) -> DataConfig:
+    section = _section(base, "data", path)
+    return dataclass_from_args(DataConfig, args, base=section, where=_at(path, "data"))
 
 
 def _site(name: str, site: str | None, sites: list[str]) -> str:
     if site is not None:
         return site
     if len(sites) != 1:
-        raise ValueError(f"saes.{name} needs a 'site': the source has several {sites}")
+        raise ConfigError(f"saes.{name} needs a 'site': the source has several {sites}")
     return sites[0]
 
 
@@ -164,10 +160,7 @@ def run(args: argparse.Namespace) -> int:
 def run_cache(args: argparse.Namespace) -> int:
     from saekit.sources.cache import write_cache
 
-    base = load_json(args.config) if args.config else {}
-    if not isinstance(base, dict):
-        raise ValueError(f"{args.config}: expected a JSON object")
-    data_cfg = _data_config(args, _section(base, "data"))
+    data_cfg = _data_config(args, _read_config(args.config), args.config)
     out = write_cache(
         data_cfg,
         args.out,

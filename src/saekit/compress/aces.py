@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
+
 
 def retained_energy(G: Tensor, r: int) -> float:
     """ρ = Σ_{i≤r} σ_i²(G) / ‖G‖²_F (1.0 for a zero matrix)."""
@@ -168,11 +170,11 @@ def aces_beta(
     β (a guardrail, 1 = off); ρ is reported at the final β.
     """
     if not 0.0 <= beta_max < 1.0:
-        raise ValueError(f"beta_max must be in [0, 1) (β = α/(1+α)), got {beta_max}")
+        raise ConfigError(f"beta_max must be in [0, 1) (β = α/(1+α)), got {beta_max}")
     if not 0.0 <= shrink <= 1.0:
-        raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+        raise ConfigError(f"shrink must be in [0, 1], got {shrink}")
     if method not in ("exact", "closed_form"):
-        raise ValueError(f"ACES method must be 'exact' or 'closed_form', got {method!r}")
+        raise ConfigError(f"ACES method must be 'exact' or 'closed_form', got {method!r}")
     rho = RhoCurve(G0, G1, r)
     cf = closed_form_beta(G0, G1, r, beta_max)
     beta = cf

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError, DataError
+
 HELDOUT_EVERY = 8
 
 
@@ -29,7 +31,7 @@ def _fallback_builtin(split: str) -> list[str]:
 def builtin_texts(split: str = "train") -> list[str]:
     """Built-in corpus documents, ``split`` in ``{"train", "test", "all"}`` (test = held out)."""
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        raise ConfigError(f"split must be 'train', 'test' or 'all', got {split!r}")
     return load_texts("", split)
 
 
@@ -40,7 +42,7 @@ def load_texts(dataset: str = "", split: str = "train", text_field: str = "text"
         from saekit.sources.text import iter_texts
     except ImportError:  # pragma: no cover - only without saekit.sources.text
         if dataset:
-            raise ValueError(f"reading dataset {dataset!r} needs saekit.sources.text") from None
+            raise ConfigError(f"reading dataset {dataset!r} needs saekit.sources.text") from None
         return _fallback_builtin(split)
     return list(iter_texts(dataset, split=split, text_field=text_field))
 
@@ -60,12 +62,12 @@ def chunk_batches(ids: Tensor, seq_len: int, batch_size: int, max_seqs: int = 0)
     """Cut a 1-D token stream into non-overlapping ``[batch, seq_len]`` batches (no padding;
     a trailing partial sequence is dropped). ``max_seqs > 0`` keeps only the first ones."""
     if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+        raise ConfigError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
     n = ids.numel() // seq_len
     if max_seqs > 0:
         n = min(n, max_seqs)
     if n == 0:
-        raise ValueError(f"only {ids.numel()} tokens: not one sequence of length {seq_len}")
+        raise DataError(f"only {ids.numel()} tokens: not one sequence of length {seq_len}")
     seqs = ids[: n * seq_len].view(n, seq_len)
     return list(seqs.split(batch_size))
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from saekit.compress.aces import AcesResult, aces_beta, grid_beta, retained_energy
+from saekit.errors import ConfigError, DataError
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
@@ -30,7 +31,7 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     removed), clipped to ``[1, min(m, n)]``; ``ratio = 0`` gives ``min(m, n)`` (no
     truncation: the layer stays dense, see :func:`saves_params`)."""
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio is the fraction of parameters removed, in [0, 1); got {ratio}")
+        raise ConfigError(f"ratio is the fraction of parameters removed, in [0, 1); got {ratio}")
     if ratio == 0.0:
         return min(m, n)
     r = math.floor(m * n * (1.0 - ratio) / (m + n))
@@ -108,7 +109,7 @@ def cholesky(
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
-        raise ValueError(f"H{f' of {name}' if name else ''} has non-finite entries")
+        raise DataError(f"H{f' of {name}' if name else ''} has non-finite entries")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H + ridge_value(H, ridge) * eye)
     if int(info) == 0:
@@ -252,7 +253,7 @@ def saes_factor(
     info = SaesInfo(beta=0.0, rho=0.0, rho0=0.0, ridge=used)
     if isinstance(beta, str):
         if beta not in ("aces", "grid"):
-            raise ValueError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
+            raise ConfigError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
         if G1 is not None and (grid or beta == "grid"):
             info.beta_grid, info.rho_grid = grid_beta(G0, G1, r, beta_max, grid or 21)
         if G1 is not None and beta == "aces":
@@ -263,7 +264,7 @@ def saes_factor(
     else:
         info.beta = float(beta)
         if not 0.0 <= info.beta < 1.0:
-            raise ValueError(f"β = α/(1+α) must be in [0, 1), got {info.beta}")
+            raise ConfigError(f"β = α/(1+α) must be in [0, 1), got {info.beta}")
     G = G0 if G1 is None or info.beta == 0.0 else G0 + info.beta * G1
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     A, Bw = _split(U, S, Vh, r)

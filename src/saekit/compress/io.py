@@ -32,7 +32,7 @@ from torch import nn
 
 from saekit.compress import remote
 from saekit.compress.lowrank import LowRankLinear, set_module
-from saekit.errors import FormatError
+from saekit.errors import FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, write_bytes, write_json
 
 FORMAT = "saekit-lowrank"
@@ -129,7 +129,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     """The ``compression.json`` of a saved compressed model."""
     p = Path(path) / META
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: not a directory written by save_compressed")
+        raise MissingFileError(f"{p} not found: not a directory written by save_compressed")
     meta = read_json(p)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{p}: format is {meta.get('format')!r}, expected {FORMAT!r}")
@@ -144,7 +144,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     elif (path / WEIGHTS_V1).is_file():  # version 1 directories
         files = [WEIGHTS_V1]
     else:
-        raise FileNotFoundError(f"no {WEIGHTS} (or {INDEX}) in {path}")
+        raise MissingFileError(f"no {WEIGHTS} (or {INDEX}) in {path}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_tensors(path / f))

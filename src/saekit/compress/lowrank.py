@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError
+
 
 class LowRankLinear(nn.Module):
     """``y = x Bᵀ Aᵀ + bias`` with ``A [out, r]``, ``B [r, in]``: a rank-r ``nn.Linear``."""
@@ -27,7 +29,7 @@ class LowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+            raise ConfigError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.A = nn.Parameter(torch.zeros(out_features, rank, **kw))
@@ -157,7 +159,7 @@ def compression_groups(names: list[str], order: str = "block") -> list[list[str]
     if order == "layer":
         return [[n] for n in names]
     if order != "block":
-        raise ValueError(f"order must be 'block' or 'layer', got {order!r}")
+        raise ConfigError(f"order must be 'block' or 'layer', got {order!r}")
     groups: list[list[str]] = []
     blocks: dict[str, tuple[list[str], list[str]]] = {}
     for n in names:

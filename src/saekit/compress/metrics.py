@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.compress.lowrank import get_module
+from saekit.errors import DataError
 
 
 def _logits(out: object) -> Tensor:
@@ -31,7 +32,7 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor]) -> float:
         nll += float(loss)
         n += ids[:, 1:].numel()
     if n == 0:
-        raise ValueError("perplexity needs at least one batch with 2+ tokens")
+        raise DataError("perplexity needs at least one batch with 2+ tokens")
     return math.exp(nll / n)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.compress.lowrank import block_of
+from saekit.errors import ConfigError
 
 _TF_TUPLE_BLOCKS: bool | None = None
 
@@ -50,14 +51,14 @@ def find_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[str]]:
     """The ``nn.ModuleList`` of numbered blocks holding ``names``: (its name, block names)."""
     parents = {block_of(n).rpartition(".")[0] for n in names}  # type: ignore[union-attr]
     if len(parents) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"layers to compress lie in {len(parents)} block stacks {sorted(parents)}; "
             "streaming needs one stack of numbered blocks (use include/exclude to pick one)"
         )
     stack = parents.pop()
     mods = model.get_submodule(stack)
     if not isinstance(mods, nn.ModuleList):
-        raise ValueError(f"{stack} is a {type(mods).__name__}, not an nn.ModuleList of blocks")
+        raise ConfigError(f"{stack} is a {type(mods).__name__}, not an nn.ModuleList of blocks")
     return stack, [f"{stack}.{i}" for i in range(len(mods))]
 
 
@@ -67,7 +68,7 @@ class ActivationCache:
 
     def __init__(self, where: str = "cpu", device: torch.device | str = "cpu", root: str = ""):
         if where not in ("cpu", "disk", "device"):
-            raise ValueError(f"cache must be 'cpu', 'disk' or 'device', got {where!r}")
+            raise ConfigError(f"cache must be 'cpu', 'disk' or 'device', got {where!r}")
         self.where, self.device = where, torch.device(device)
         self._items: dict[int, Tensor] = {}
         self._tmp = tempfile.TemporaryDirectory(dir=root or None) if where == "disk" else None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import DataError
 from saekit.evaluate.core import as_codes
 from saekit.sae import Codes
 
@@ -43,7 +44,7 @@ def f_tilde_sq_norm(
 def eps_lbo(z_sq: Tensor, f_sq: Tensor, h: int) -> Tensor:
     """Per token |‖z‖² − ‖f̃‖²| / ((h−1)‖f̃‖²)."""
     if h < 2:
-        raise ValueError(f"eps_LBO needs a width h >= 2, got {h}")
+        raise DataError(f"eps_LBO needs a width h >= 2, got {h}")
     return (z_sq - f_sq).abs() / ((h - 1) * f_sq.clamp_min(1e-300))
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
+from saekit.errors import ConfigError, DataError
 from saekit.sae import SAE, Codes
 
 
@@ -36,7 +37,7 @@ def random_sae(sae: SAE, seed: int = 0, l0: float | None = None) -> SAE:
     cfg: SAEConfig = dataclasses.replace(sae.cfg, rule_options=dict(sae.cfg.rule_options))
     if _rule_has_state(sae):
         if l0 is None:
-            raise ValueError(f"rule {cfg.rule!r} has learned state: pass the measured l0")
+            raise ConfigError(f"rule {cfg.rule!r} has learned state: pass the measured l0")
         cfg = dataclasses.replace(cfg, rule="topk", k=max(1, round(l0)), rule_options={})
     base = SAE(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +64,7 @@ class PCABaseline:
 
     def __init__(self, d_in: int, r: int) -> None:
         if not 1 <= r <= d_in:
-            raise ValueError(f"PCA rank must be in [1, {d_in}], got {r}")
+            raise ConfigError(f"PCA rank must be in [1, {d_in}], got {r}")
         self.d_in, self.r = d_in, r
         self.n = 0
         self.sum_x = torch.zeros(d_in, dtype=torch.float64)
@@ -86,7 +87,7 @@ class PCABaseline:
     @torch.no_grad()
     def finish(self) -> PCABaseline:
         if self.n < 2:
-            raise ValueError("PCA needs at least two fit tokens")
+            raise DataError("PCA needs at least two fit tokens")
         mu = self.sum_x / self.n
         cov = (self.sum_xx - self.n * torch.outer(mu, mu)) / (self.n - 1)
         evals, evecs = torch.linalg.eigh(cov)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import DataError
 from saekit.sae import Codes
 
 #: edges of the log10-density histogram (dead latents are counted apart)
@@ -41,7 +42,7 @@ def as_codes(codes: Codes | Tensor) -> Codes:
     if isinstance(codes, Codes):
         return codes
     if codes.dim() != 2:
-        raise ValueError(f"dense codes must be [N, d_sae], got shape {tuple(codes.shape)}")
+        raise DataError(f"dense codes must be [N, d_sae], got shape {tuple(codes.shape)}")
     return Codes(codes.shape[1], dense=codes)
 
 
@@ -145,12 +146,12 @@ class CoreAccumulator:
         """Add a batch: ``x``, ``x_hat`` ``[N, d_in]`` (any leading shape), codes ``[N, ...]``."""
         x, x_hat = _f64(x).cpu(), _f64(x_hat).cpu()
         if x.shape != x_hat.shape or x.shape[1] != self.d_in:
-            raise ValueError(
+            raise DataError(
                 f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must both be [N, {self.d_in}]"
             )
         c = as_codes(codes)
         if c.d_sae != self.d_sae:
-            raise ValueError(f"codes have d_sae={c.d_sae}, expected {self.d_sae}")
+            raise DataError(f"codes have d_sae={c.d_sae}, expected {self.d_sae}")
         n = x.shape[0]
         if n == 0:
             return

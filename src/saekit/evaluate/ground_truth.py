@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from saekit.errors import DataError
 from saekit.evaluate.core import as_codes
 from saekit.sae import Codes
 
@@ -36,7 +37,7 @@ from saekit.sae import Codes
 def abs_cos(W: Tensor, G: Tensor) -> Tensor:
     """``[d_sae, n_features]`` |cos| between the rows of ``W`` and ``G``."""
     if W.shape[1] != G.shape[1]:
-        raise ValueError(f"decoder width {W.shape[1]} != true dictionary width {G.shape[1]}")
+        raise DataError(f"decoder width {W.shape[1]} != true dictionary width {G.shape[1]}")
     Wn = W.detach().double() / W.detach().double().norm(dim=1, keepdim=True).clamp_min(1e-12)
     Gn = G.detach().double() / G.detach().double().norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (Wn @ Gn.T).abs()
@@ -136,7 +137,7 @@ class AbsorptionAccumulator:
     ) -> None:
         parent = torch.as_tensor(np.asarray(parent), dtype=torch.long)
         if parent.shape[0] != G.shape[0]:
-            raise ValueError(f"parent has {parent.shape[0]} entries, expected {G.shape[0]}")
+            raise DataError(f"parent has {parent.shape[0]} entries, expected {G.shape[0]}")
         r, k = hungarian(abs_cos(W, G))
         latent_of = torch.full((G.shape[0],), -1, dtype=torch.long)
         latent_of[torch.as_tensor(k)] = torch.as_tensor(r)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import DataError
 from saekit.sources.text import read_labelled
 
 DEFAULT_KS = (1, 2, 5)
@@ -35,7 +36,7 @@ def read_labelled_jsonl(
     """(texts, labels as strings, splits or None) from a JSONL file."""
     texts, labels, splits = read_labelled(path, text_field, label_field)
     if len(set(labels)) < 2:
-        raise ValueError(f"{path}: probing needs at least two distinct labels")
+        raise DataError(f"{path}: probing needs at least two distinct labels")
     use_split = all(s in ("train", "test") for s in splits)
     return texts, labels, (splits if use_split else None)
 
@@ -76,7 +77,7 @@ def sparse_probe_accuracy(
     ytr, yte = np.asarray(y_train), np.asarray(y_test)
     classes = sorted(set(ytr.tolist()))
     if len(classes) < 2:
-        raise ValueError("the train split needs at least two classes")
+        raise DataError("the train split needs at least two classes")
     targets = classes[1:] if len(classes) == 2 else classes
     mu, sd = X_train.mean(0), X_train.std(0)
     sd = np.where(sd > 0, sd, 1.0)

@@ -31,35 +31,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.config import DataConfig, from_dict
+from saekit.config import DataConfig, device_problem
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
+from saekit.options import Options, from_dict, option
 from saekit.sources.base import ActivationSource, Batch
 
 EVAL_STREAM_OFFSET = 1_000_003
 
 
-def _h(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """What ``saekit eval`` measures and on how many tokens."""
 
-    tokens: int = _h(65_536, "eval tokens for the core / AFA / ground-truth / ablation metrics")
-    batch_size: int = _h(1024, "tokens per SAE batch")
-    splice_tokens: int = _h(8192, "real tokens for spliced CE / KL (decoder LMs only)")
-    splice_batch_size: int = _h(0, "sequences per spliced forward (0: the run's model batch)")
-    pca_fit_tokens: int = _h(16_384, "first eval tokens used to fit the PCA baseline")
-    baselines: bool = _h(True, "also evaluate the random-decoder SAE and PCA baselines")
-    plots: bool = _h(True, "write PNG plots")
-    probe_data: str = _h("", "labelled JSONL (text, label) for sparse probing ('' : skip)")
-    eval_split: str = _h("", "HF dataset split for evaluation ('' : the training split)")
-    afa_center: bool = _h(False, "AFA with z = x - b_dec and no bias atom (paper: False)")
-    dense_threshold: float = _h(0.1, "a latent is dense when its density exceeds this")
-    seed: int = _h(0, "seed of the evaluation stream and the random baseline")
-    device: str = _h("cpu", "device of the SAE during evaluation")
+    tokens: int = option(
+        65_536, "eval tokens for the core / AFA / ground-truth / ablation metrics", ge=1
+    )
+    batch_size: int = option(1024, "tokens per SAE batch", ge=1)
+    splice_tokens: int = option(
+        8192, "real tokens for spliced CE / KL (decoder LMs only; 0: skip)", ge=0
+    )
+    splice_batch_size: int = option(
+        0, "sequences per spliced forward (0: the run's model batch)", ge=0
+    )
+    pca_fit_tokens: int = option(16_384, "first eval tokens used to fit the PCA baseline", ge=1)
+    baselines: bool = option(True, "also evaluate the random-decoder SAE and PCA baselines")
+    plots: bool = option(True, "write PNG plots")
+    probe_data: str = option("", "labelled JSONL (text, label) for sparse probing ('' : skip)")
+    eval_split: str = option("", "HF dataset split for evaluation ('' : the training split)")
+    afa_center: bool = option(False, "AFA with z = x - b_dec and no bias atom (paper: False)")
+    dense_threshold: float = option(
+        0.1, "a latent is dense when its density exceeds this", ge=0, le=1
+    )
+    seed: int = option(0, "seed of the evaluation stream and the random baseline", ge=0)
+    device: str = option("cpu", "device of the SAE during evaluation", check=device_problem)
 
 
 @dataclass
@@ -217,8 +223,6 @@ def evaluate_run(
         cfg.tokens = n_tokens
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
-    if cfg.tokens < 1:
-        raise ValueError(f"tokens must be positive, got {cfg.tokens}")
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,7 @@ def evaluate_run(
     sae.train(False)
     info = run_info(run_dir)
     if not isinstance(info.get("data"), dict):
-        raise ValueError(
+        raise FormatError(
             f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
         )
     data_cfg = from_dict(DataConfig, info["data"])
@@ -235,7 +239,7 @@ def evaluate_run(
     if site not in src.source.sites:
         site = src.source.sites[0]
     if src.source.d_in(site) != sae.d_in:
-        raise ValueError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+        raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
     G = getattr(src.source, "dictionary", None)
     parent = getattr(src.source, "parent", None)
     gt = (
@@ -259,7 +263,7 @@ def evaluate_run(
         if n_buf >= fit_tokens:
             break
     if not buffered:
-        raise ValueError(f"the evaluation source yielded no tokens for site {site!r}")
+        raise DataError(f"the evaluation source yielded no tokens for site {site!r}")
     with torch.no_grad():
         l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
     evals = {"sae": _Evaluator(sae, cfg, gt, full=True)}
@@ -326,7 +330,7 @@ def evaluate_run(
     # ---- sparse probing
     if cfg.probe_data:
         if src.kind != "hf":
-            raise ValueError("sparse probing needs a run on an HF model (source 'hf')")
+            raise ConfigError("sparse probing needs a run on an HF model (source 'hf')")
         from saekit.evaluate.probing import probe_run
 
         result["sae"]["probing"] = probe_run(
@@ -369,7 +373,7 @@ def load_eval(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     p = p if p.suffix == ".json" else p / "eval.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: run `saekit eval {p.parent}` first")
+        raise MissingFileError(f"{p} not found: run `saekit eval {p.parent}` first")
     return json.loads(p.read_text())
 
 
@@ -381,7 +385,7 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Table of several runs (evaluating those without ``eval.json``) + frontier PNGs."""
     if not run_dirs:
-        raise ValueError("compare needs at least one run directory")
+        raise ConfigError("compare needs at least one run directory")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, names = [], []
@@ -389,7 +393,7 @@ def compare_runs(
         p = Path(rd)
         if not (p / "eval.json").is_file():
             if not evaluate_missing:
-                raise FileNotFoundError(f"{p / 'eval.json'} not found")
+                raise MissingFileError(f"{p / 'eval.json'} not found")
             evaluate_run(p, cfg=cfg)
         results.append(load_eval(p))
         names.append(p.name or str(p))

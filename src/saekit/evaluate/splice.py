@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError
 from saekit.sources.sites import resolve_site
 
 
@@ -34,7 +35,7 @@ def _logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     out = model(input_ids=ids, attention_mask=mask)
     logits = getattr(out, "logits", None)
     if logits is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} returns no logits: spliced CE/KL needs a causal LM"
         )
     return logits.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from saekit.errors import FormatError, MissingFileError
+from saekit.io.paths import user_path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,23 +42,33 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and move it to ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched. A full
+    disk, a read-only filesystem or a missing permission raise a :class:`PathError`
+    naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with user_path(path.parent, "write into"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with user_path(path, only_env=True):
+            yield tmp
+            os.chmod(tmp, 0o644)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _as_os_error(e: SafetensorError, path: Path) -> OSError | None:
+    """The OSError behind a safetensors I/O error (its message ends ``(os error N)``)."""
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m.group(1)), str(e), str(path)) if m else None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -74,40 +88,43 @@ def save_tensors(
     """Atomically write ``tensors`` (made contiguous, moved to CPU) as safetensors."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
+        try:
+            save_file(clean, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise (_as_os_error(e, tmp) or e) from e
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
     """Read a safetensors file; a missing file or a corrupt one gives a clear error."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"file not found: {p}")
+        raise MissingFileError(f"file not found: {p}")
     try:
         return load_file(str(p), device=device)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{p} is not a readable safetensors file (corrupt?): {e}") from e
+        raise FormatError(f"{p} is not a readable safetensors file (corrupt?): {e}") from e
 
 
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; a missing file or invalid JSON gives a clear error."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"file not found: {p}")
+        raise MissingFileError(f"file not found: {p}")
     try:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not valid JSON (corrupt?): {e}") from e
+        raise FormatError(f"{p} is not valid JSON (corrupt?): {e}") from e
 
 
 def torch_load_tensors(path: str | Path) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never pickles."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"file not found: {p}")
+        raise MissingFileError(f"file not found: {p}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
-        raise ValueError(
+        raise FormatError(
             f"refusing to load {p}: it is not a plain tensor file readable with"
             f" torch.load(weights_only=True) (saekit never unpickles arbitrary objects): {e}"
         ) from e

@@ -24,14 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit.errors import CheckpointError, MissingFileError
 from saekit.io.atomic import _fsync_dir, load_tensors, read_json, save_tensors, write_json
 
 STATE_JSON = "state.json"
 FORMAT = "saekit-checkpoint-1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (corrupt, incomplete or from another run)."""
 
 
 # ---------------------------------------------------------------------- nested state codec
@@ -137,6 +134,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]
     sj = path / STATE_JSON
     try:
         meta = read_json(sj)
+    except MissingFileError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"corrupt checkpoint: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig, from_dict, to_dict
+from saekit.errors import FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
 from saekit.io.saelens import load_state, log10_density, sae_from_saelens, saelens_cfg
 from saekit.sae import SAE
@@ -80,13 +81,13 @@ def read_run_config(run_dir: str | Path) -> dict:
     """The parsed ``cfg.json`` of a run directory."""
     cfg = read_json(Path(run_dir) / CFG_FILE)
     if not isinstance(cfg, dict):
-        raise ValueError(f"{Path(run_dir) / CFG_FILE}: expected a JSON object")
+        raise FormatError(f"{Path(run_dir) / CFG_FILE}: expected a JSON object")
     return cfg
 
 
 def _refuse_pickles(run_dir: Path) -> None:
     found = sorted(p.name for p in run_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{run_dir / WEIGHTS_FILE} not found"
         + (
             f"; found {found}, which need unpickling: saekit only reads safetensors"
@@ -100,15 +101,15 @@ def _refuse_pickles(run_dir: Path) -> None:
 def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SAE:
     section = cfg["saekit"]
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
-        raise ValueError(f"{run_dir / CFG_FILE}: the 'saekit' section has no 'sae' config")
-    sae_cfg = from_dict(SAEConfig, section["sae"])
+        raise FormatError(f"{run_dir / CFG_FILE}: the 'saekit' section has no 'sae' config")
+    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{run_dir / CFG_FILE} saekit.sae")
     if k is not None:
         sae_cfg.k = k
     with torch.random.fork_rng(devices=[]):
         sae = SAE(sae_cfg)
     dtype = getattr(torch, section.get("dtype", "float32"), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{run_dir / CFG_FILE}: unknown dtype {section.get('dtype')!r}")
+        raise FormatError(f"{run_dir / CFG_FILE}: unknown dtype {section.get('dtype')!r}")
     sae.to(dtype)
     weights = load_tensors(run_dir / WEIGHTS_FILE)
     state = load_tensors(run_dir / STATE_FILE)
@@ -128,7 +129,7 @@ def load_sae(
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"SAE not found: {p}")
+        raise MissingFileError(f"SAE not found: {p}")
     if p.is_file():
         if p.name == CFG_FILE or p.suffix == ".safetensors":
             return load_sae(p.parent, device, k, train)

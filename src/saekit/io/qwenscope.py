@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
+from saekit.errors import ConfigError, FormatError
 from saekit.io.atomic import torch_load_tensors
 from saekit.io.saelens import load_state
 from saekit.sae import SAE
@@ -34,19 +35,19 @@ def load_qwenscope(path: str | Path, k: int | None = None) -> SAE:
     obj = torch_load_tensors(path)
     if not isinstance(obj, dict) or not all(isinstance(obj.get(n), Tensor) for n in KEYS):
         have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a dict with tensors {list(KEYS)}, got {have}")
+        raise FormatError(f"{path}: expected a dict with tensors {list(KEYS)}, got {have}")
     W_enc, b_enc, W_dec, b_dec = (obj[n] for n in KEYS)
     if W_enc.dim() != 2 or W_dec.dim() != 2:
-        raise ValueError(f"{path}: W_enc and W_dec must be 2-D")
+        raise FormatError(f"{path}: W_enc and W_dec must be 2-D")
     F, d = W_enc.shape
     if tuple(W_dec.shape) != (d, F):
-        raise ValueError(
+        raise FormatError(
             f"{path}: W_enc is {tuple(W_enc.shape)} [F, d] so W_dec should be {(d, F)} [d, F],"
             f" got {tuple(W_dec.shape)}"
         )
     k = k if k is not None else k_from_path(path)
     if k is None:
-        raise ValueError(f"{path}: k is not stored in Qwen-Scope files; pass k (e.g. 50 or 100)")
+        raise ConfigError(f"{path}: k is not stored in Qwen-Scope files; pass k (e.g. 50 or 100)")
     cfg = SAEConfig(
         d_in=d, d_sae=F, rule="topk", k=k, apply_b_dec_to_input=False, unit_norm_decoder=False
     )

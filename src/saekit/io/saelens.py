@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
+from saekit.errors import FormatError
 from saekit.sae import SAE
 
 #: written as ``metadata.sae_lens_version``: the cfg follows the SAELens 6 layout
@@ -91,21 +92,21 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
     """The SAEConfig equivalent to a plain SAELens ``cfg.json``."""
     arch = cfg.get("architecture", "standard")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise FormatError(
             f"unsupported SAELens architecture {arch!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", False, None):
-        raise ValueError(
+        raise FormatError(
             f"SAELens cfg has normalize_activations={norm!r}; only 'none' can be loaded"
             " (fold the scaling factor into the weights first)"
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError("SAELens topk cfg with rescale_acts_by_decoder_norm=true is unsupported")
+        raise FormatError("SAELens topk cfg with rescale_acts_by_decoder_norm=true is unsupported")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ValueError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
+            raise FormatError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
     rule = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
     sae_cfg = SAEConfig(
         d_in=cfg["d_in"],
@@ -117,9 +118,9 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
     if arch in ("topk", "batchtopk"):
         kk = k if k is not None else cfg.get("k")
         if kk is None:
-            raise ValueError(f"SAELens {arch} cfg has no 'k'; pass k=")
+            raise FormatError(f"SAELens {arch} cfg has no 'k'; pass k=")
         if float(kk) != int(kk):
-            raise ValueError(f"fractional k={kk} is not supported")
+            raise FormatError(f"fractional k={kk} is not supported")
         sae_cfg.k = int(kk)
     return sae_cfg
 
@@ -134,7 +135,7 @@ def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None
     state = {n: weights[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n in weights}
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(state)
     if missing:
-        raise ValueError(f"SAELens weights lack {sorted(missing)}")
+        raise FormatError(f"SAELens weights lack {sorted(missing)}")
     if sae_cfg.rule == "jumprelu":
         if "threshold" in weights:
             th = weights["threshold"].to(dtype)
@@ -142,7 +143,7 @@ def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None
         elif "log_threshold" in weights:
             state["rule.log_threshold"] = weights["log_threshold"]
         else:
-            raise ValueError("SAELens jumprelu weights lack 'threshold'")
+            raise FormatError("SAELens jumprelu weights lack 'threshold'")
     elif sae_cfg.rule == "batchtopk":
         for key in ("topk_threshold", "threshold"):
             if key in weights:
@@ -157,17 +158,17 @@ def load_state(sae: SAE, state: dict[str, Tensor], strict: bool, where: str) -> 
     own = sae.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"{where}: unexpected tensors {unknown}")
+        raise FormatError(f"{where}: unexpected tensors {unknown}")
     if strict:
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ValueError(f"{where}: missing tensors {missing}")
+            raise FormatError(f"{where}: missing tensors {missing}")
     for name, t in state.items():
         if tuple(t.shape) != tuple(own[name].shape):
             hint = ""
             if name in ("W_enc", "W_dec", "b_dec"):
                 hint = f" (cfg says d_in={sae.d_in}, d_sae={sae.d_sae})"
-            raise ValueError(
+            raise FormatError(
                 f"{where}: {name} has shape {tuple(t.shape)}, expected"
                 f" {tuple(own[name].shape)}{hint}"
             )

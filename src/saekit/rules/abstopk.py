@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+from saekit.rules.base import Context, Rule, Selection, register
 
 
 @register
@@ -20,9 +20,11 @@ class AbsTopK(Rule):
 
     name = "abstopk"
     signed = True
+    latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
-        return Selection(indices=topk_indices(pre.abs(), self.cfg.k))
+        idx, mask = ctx.comm.topk(pre.abs(), self.cfg.k)
+        return Selection(indices=idx, mask=mask)
 
     def activate(self, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:
         return pre_sel

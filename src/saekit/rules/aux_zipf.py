@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from saekit import losses
+from saekit.errors import ConfigError
 from saekit.rules.feature_choice import zipf_profile, zipf_ranks
 
 if TYPE_CHECKING:
@@ -33,12 +34,12 @@ def aux_zipf_options(sae: SAE) -> AuxZipfOptions:
     """The :class:`AuxZipfOptions` in ``sae.cfg.rule_options["aux_zipf"]``."""
     raw = sae.cfg.rule_options.get("aux_zipf", {}) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"rule_options['aux_zipf'] must be a dict, got {type(raw).__name__}")
+        raise ConfigError(f"rule_options['aux_zipf'] must be a dict, got {type(raw).__name__}")
     try:
         return AuxZipfOptions(**raw)
     except TypeError as e:
         known = [f.name for f in fields(AuxZipfOptions)]
-        raise ValueError(f"bad rule_options['aux_zipf']: {e}; known options: {known}") from e
+        raise ConfigError(f"bad rule_options['aux_zipf']: {e}; known options: {known}") from e
 
 
 def zipf_target_rate(freq: Tensor, k: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
+
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
     from saekit.sae import SAE, SAEOutput
@@ -54,6 +57,8 @@ class Context:
     x_in: Tensor  # encoder input: x - b_dec or x
     grad: Tensor | None = None  # dLoss/dx in the same space [B, d_in] (gtopk)
     step: int = 0
+    #: batch-global reductions and cross-shard selections (saekit.distributed.comm)
+    comm: Comm = LOCAL
 
 
 #: rule_options keys read by shared components rather than by the rule (e.g. the aux-zipf
@@ -76,6 +81,9 @@ class Rule(nn.Module):
     uses_aux: ClassVar[bool] = True
     #: SAELens architecture name for export, and whether a threshold tensor goes with it
     saelens_architecture: ClassVar[str] = "topk"
+    #: selection, activation and loss terms are exact when latents are sharded across ranks
+    #: (they reach other latents only through ``ctx.comm``)
+    latent_shardable: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -85,7 +93,7 @@ class Rule(nn.Module):
             self.opts = self.Options(**own)
         except TypeError as e:
             known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ValueError(
+            raise ConfigError(
                 f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
             ) from e
 
@@ -126,7 +134,9 @@ def get_rule_class(name: str) -> type[Rule]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(rule_names())}") from None
+        raise ConfigError(
+            f"unknown rule {name!r}; known rules: {', '.join(rule_names())}"
+        ) from None
 
 
 def build_rule(cfg: SAEConfig) -> Rule:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
+from saekit.distributed.comm import LOCAL, Comm
 from saekit.rules.base import Context, Rule, Selection, register
 
 
@@ -17,15 +18,16 @@ class BatchTopKOptions:
     threshold_start_step: int = 0  # start tracking the threshold at this training step
 
 
-def batch_topk_selection(pre: Tensor, budget: int) -> Selection:
+def batch_topk_selection(pre: Tensor, budget: int, comm: Comm = LOCAL) -> Selection:
     """The ``budget`` largest positive entries of ``pre [B, F]``, as padded per-row indices.
 
     Exactly ``budget`` entries survive (ties broken arbitrarily) unless fewer than ``budget``
     are positive. Computed by :func:`saekit.kernels.global_topk` (per-row candidates, then
-    a top-k over the candidates, with a correctness fallback: no sort of all B*F values).
+    a top-k over the candidates, with a correctness fallback: no sort of all B*F values);
+    across ranks by ``comm.global_topk`` (the global batch and every latent shard).
     Padding indices are distinct within a row and masked.
     """
-    idx, mask, counts = kernels.global_topk(pre, budget)
+    idx, mask, counts = comm.global_topk(pre, budget)
     return Selection(indices=idx, mask=mask, extras={"counts": counts})
 
 
@@ -41,6 +43,7 @@ class BatchTopK(Rule):
     name = "batchtopk"
     Options = BatchTopKOptions
     saelens_architecture = "jumprelu"
+    latent_shardable = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -48,19 +51,22 @@ class BatchTopK(Rule):
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if ctx.training:
-            sel = batch_topk_selection(pre, self.cfg.k * pre.shape[0])
+            budget = self.cfg.k * ctx.comm.n_tokens(pre.shape[0])
+            sel = batch_topk_selection(pre, budget, ctx.comm)
             if ctx.step >= self.opts.threshold_start_step:
-                self._update_threshold(pre, sel)
+                self._update_threshold(pre, sel, ctx.comm)
             return sel
         return threshold_selection(pre, self.threshold.clamp_min(0.0))
 
     @torch.no_grad()
-    def _update_threshold(self, pre: Tensor, sel: Selection) -> None:
+    def _update_threshold(self, pre: Tensor, sel: Selection, comm: Comm = LOCAL) -> None:
         assert sel.indices is not None and sel.mask is not None
         vals = pre.gather(1, sel.indices)[sel.mask]
-        if vals.numel() == 0:
+        # the smallest kept activation of the global batch (inf where a rank kept none)
+        local = vals.min() if vals.numel() else pre.new_tensor(float("inf"))
+        m = comm.all_min(local.detach())
+        if not bool(torch.isfinite(m)):
             return
-        m = vals.min().detach()
         d = self.opts.threshold_decay
         self.threshold.copy_(torch.where(self.threshold < 0, m, d * self.threshold + (1 - d) * m))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit import kernels
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import threshold_selection
 
@@ -23,9 +23,9 @@ class FeatureChoiceOptions:
 def zipf_profile(n: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
     """``p_r ~ 1/(r + beta)^alpha`` for ranks ``r = 1..n``, normalised to sum to 1 (float64)."""
     if beta <= -1:
-        raise ValueError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
+        raise ConfigError(f"Zipf beta must be > -1 (ranks start at 1), got {beta}")
     if alpha < 0:
-        raise ValueError(f"Zipf alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"Zipf alpha must be >= 0, got {alpha}")
     r = torch.arange(1, n + 1, dtype=torch.float64)
     p = (r + beta).pow(-alpha)
     return p / p.sum()
@@ -50,7 +50,7 @@ def zipf_capacities(p: Tensor, total: int, cap: int, floor: int = 1) -> Tensor:
     """
     n = p.numel()
     if total > n * cap:
-        raise ValueError(f"budget {total} exceeds {n} features x {cap} tokens")
+        raise ConfigError(f"budget {total} exceeds {n} features x {cap} tokens")
     lo = floor if floor * n <= total else 0
     p = p.to(torch.float64)
     a, b = 0.0, float(cap / p.min().clamp_min(1e-300))
@@ -110,11 +110,11 @@ class FeatureChoice(Rule):
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         if not ctx.training:
             return threshold_selection(pre, self.inference_threshold())
-        B, F = pre.shape
-        m = self.capacities(B, ctx.sae.fire_freq)
-        # column top-m_i without a [B, F] mask (kernels.capacity_selection, tested against
-        # the plain column top-max(m) in tests/test_selection_speedpaths.py)
-        idx, mask, counts, low = kernels.capacity_selection(torch.relu(pre.detach()), m)
+        # capacities and column top-m_i over the global batch (ctx.comm); one rank: column
+        # top-m_i without a [B, F] mask (kernels.capacity_selection, tested against the
+        # plain column top-max(m) in tests/test_selection_speedpaths.py)
+        m = self.capacities(ctx.comm.n_tokens(pre.shape[0]), ctx.sae.fire_freq)
+        idx, mask, counts, low = ctx.comm.capacity_selection(torch.relu(pre.detach()), m)
         self._update_threshold(low)
         sel = Selection(indices=idx, mask=mask, extras={"counts": counts})
         sel.extras["capacity"] = m

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 
 
@@ -41,7 +42,7 @@ class GTopK(Rule):
         g = ctx.grad
         if g is None:
             if ctx.training and self.opts.require_grad:
-                raise ValueError(
+                raise ConfigError(
                     "rule gtopk needs dLoss/dx in training: use a source that supplies"
                     " gradients (DataConfig.with_grad=True) or set rule_options"
                     ' {"require_grad": false} to train as plain TopK'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register, topk_indices
+from saekit.rules.base import Context, Rule, Selection, register
 
 
 @register
@@ -15,6 +15,8 @@ class TopK(Rule):
     """
 
     name = "topk"
+    latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
-        return Selection(indices=topk_indices(pre, self.cfg.k))
+        idx, mask = ctx.comm.topk(pre, self.cfg.k)
+        return Selection(indices=idx, mask=mask)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError
 from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 from saekit.rules.relu import _warmup
 
@@ -52,7 +53,7 @@ class VTopK(Rule):
         super().__init__(cfg)
         o = self.opts
         if o.log_var_min > o.log_var_max:
-            raise ValueError(f"log_var_min {o.log_var_min} > log_var_max {o.log_var_max}")
+            raise ConfigError(f"log_var_min {o.log_var_min} > log_var_max {o.log_var_max}")
         self.signed = bool(o.sample)  # type: ignore[misc]
         if o.learn_variance:
             self.W_var = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from saekit.config import DataConfig
+from saekit.errors import ConfigError
 from saekit.sources.base import ActivationSource, Batch, MemorySource
 
 SOURCES = ("hf", "synthetic", "cache")
@@ -38,11 +39,11 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
         from saekit.sources.cache import CacheSource, read_manifest
 
         if not data_cfg.cache_dir:
-            raise ValueError("source=cache needs DataConfig.cache_dir")
+            raise ConfigError("source=cache needs DataConfig.cache_dir")
         sites: list[str] | None = list(data_cfg.sites) or None
         if sites == DataConfig().sites and not set(sites) <= set(
             read_manifest(data_cfg.cache_dir)["sites"]
         ):
             sites = None
         return CacheSource(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
-    raise ValueError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")
+    raise ConfigError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.errors import DataError
+
 
 @dataclass
 class Batch:
@@ -72,7 +74,7 @@ class MemorySource(ActivationSource):
             acts = {"x": acts}
         n = {t.shape[0] for t in acts.values()}
         if len(n) != 1:
-            raise ValueError(f"all sites need the same number of tokens, got {sorted(n)}")
+            raise DataError(f"all sites need the same number of tokens, got {sorted(n)}")
         self.acts = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
         self.grads = grads or {}
         self.sites = list(self.acts)

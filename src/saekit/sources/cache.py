@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ import torch
 from torch import Tensor
 
 from saekit.config import DataConfig
+from saekit.errors import ConfigError, FormatError, MissingFileError, OutputExistsError
+from saekit.io.paths import check_writable_dir, path_error, user_path
 from saekit.sources.base import ActivationSource, Batch
 
 FORMAT = "saekit-activation-cache"
@@ -90,14 +93,15 @@ def write_cache(
         finally:
             built.close()
     if dtype not in _NP_DTYPES:
-        raise ValueError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"cache dtype must be one of {', '.join(_NP_DTYPES)}, got {dtype!r}")
     if n_tokens < 1 or shard_tokens < 1 or batch_size < 1:
-        raise ValueError("n_tokens, shard_tokens and batch_size must be positive")
+        raise ConfigError("n_tokens, shard_tokens and batch_size must be positive")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        raise OutputExistsError(f"cache directory {out} exists (pass overwrite=True to replace it)")
+    check_writable_dir(out.parent, "cache parent directory")
+    with user_path(out.parent, "write into"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     np_dtype = _NP_DTYPES[dtype]
     sites = list(source.sites)
     dirs = _site_dirs(sites)
@@ -151,8 +155,11 @@ def write_cache(
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = path_error(e, out, only_env=True) if isinstance(e, OSError) else None
+        if err is not None and err is not e:
+            raise err from e
         raise
     return out
 
@@ -161,18 +168,18 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     """The validated manifest of a cache directory."""
     path = Path(cache_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no activation cache manifest at {path}")
+        raise MissingFileError(f"no activation cache manifest at {path}")
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt cache manifest {path}: {e}") from e
+        raise FormatError(f"corrupt cache manifest {path}: {e}") from e
     if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saekit activation cache manifest")
+        raise FormatError(f"{path} is not a saekit activation cache manifest")
     for key in ("sites", "n_tokens", "shards", "dtype"):
         if key not in man:
-            raise ValueError(f"corrupt cache manifest {path}: missing {key!r}")
+            raise FormatError(f"corrupt cache manifest {path}: missing {key!r}")
     if sum(man["shards"]) != man["n_tokens"]:
-        raise ValueError(f"corrupt cache manifest {path}: shard sizes do not add up to n_tokens")
+        raise FormatError(f"corrupt cache manifest {path}: shard sizes do not add up to n_tokens")
     return man
 
 
@@ -199,12 +206,12 @@ class CacheSource(ActivationSource):
             sites = available
         missing = [s for s in sites if s not in man["sites"]]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"site(s) {', '.join(missing)} not in the cache {self.dir}; it has "
                 f"{', '.join(available)}"
             )
         if window_shards < 1:
-            raise ValueError(f"window_shards must be >= 1, got {window_shards}")
+            raise ConfigError(f"window_shards must be >= 1, got {window_shards}")
         self.sites = list(sites)
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.window_shards = window_shards
@@ -225,25 +232,25 @@ class CacheSource(ActivationSource):
         for i, n in enumerate(self.shard_sizes):
             path = folder / f"{kind}_{i:05d}.npy"
             if not path.is_file():
-                raise FileNotFoundError(f"activation cache shard missing: {path}")
+                raise MissingFileError(f"activation cache shard missing: {path}")
             try:
                 arr = np.load(path, mmap_mode="r")
-            except ValueError as e:
-                raise ValueError(f"corrupt activation cache shard {path}: {e}") from e
+            except (ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+                raise FormatError(f"corrupt activation cache shard {path}: {e}") from e
             want = (n,) if d is None else (n, d)
             if arr.shape != want:
-                raise ValueError(
+                raise FormatError(
                     f"activation cache shard {path} has shape {arr.shape}, the manifest says "
                     f"{want} (width mismatch or truncated shard)"
                 )
             if arr.dtype != want_dtype:
-                raise ValueError(f"activation cache shard {path} has dtype {arr.dtype}")
+                raise FormatError(f"activation cache shard {path} has dtype {arr.dtype}")
             arrays.append(arr)
         return arrays
 
     def d_in(self, site: str) -> int:
         if site not in self.manifest["sites"]:
-            raise ValueError(f"unknown site {site!r}: the cache has {', '.join(self.sites)}")
+            raise ConfigError(f"unknown site {site!r}: the cache has {', '.join(self.sites)}")
         return int(self.manifest["sites"][site]["d_in"])
 
     # -------------------------------------------------------------- order
@@ -304,7 +311,7 @@ class CacheSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         pos0 = self.pos
         try:
             rows = self._rows(batch_size)
@@ -323,7 +330,7 @@ class CacheSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "cache":
-            raise ValueError(f"not a CacheSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not a CacheSource state (kind={state.get('kind')!r})")
         if int(state["seed"]) != self.seed or int(state["n_tokens"]) != self.n:
-            raise ValueError("CacheSource state was saved with another seed or cache size")
+            raise ConfigError("CacheSource state was saved with another seed or cache size")
         self.pos = int(state["pos"])

@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DataConfig
+from saekit.errors import ConfigError, DataError, MissingFileError
+from saekit.io.paths import reading
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
 from saekit.sources.text import check_dataset, iter_texts
@@ -51,7 +53,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose from {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}: choose from {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -102,7 +104,7 @@ def load_model(
                 getattr(model, "config", None), "_name_or_path", ""
             )
             if not src:
-                raise ValueError("a prebuilt model needs its tokenizer: pass tokenizer=...")
+                raise ConfigError("a prebuilt model needs its tokenizer: pass tokenizer=...")
             tokenizer = AutoTokenizer.from_pretrained(src)
         return _freeze(model), tokenizer
     path = name_or_path
@@ -113,13 +115,15 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model config from {path!r}: {e}") from e
+        raise MissingFileError(f"cannot load model config from {path!r}: {e}") from e
     if causal is None:
         causal = is_causal_config(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, dtype=torch_dtype).to(device)
+    with reading(path, "model"):
+        model = cls.from_pretrained(path, dtype=torch_dtype).to(device)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reading(path, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
     return _freeze(model), tokenizer
 
 
@@ -229,15 +233,15 @@ class HFSource(ActivationSource):
     ) -> None:
         cfg = data_cfg or DataConfig()
         if not cfg.sites:
-            raise ValueError("DataConfig.sites is empty: give at least one hook site")
+            raise ConfigError("DataConfig.sites is empty: give at least one hook site")
         if cfg.context_len < 2:
-            raise ValueError(f"context_len must be >= 2, got {cfg.context_len}")
+            raise ConfigError(f"context_len must be >= 2, got {cfg.context_len}")
         if cfg.model_batch_size < 1:
-            raise ValueError(f"model_batch_size must be >= 1, got {cfg.model_batch_size}")
+            raise ConfigError(f"model_batch_size must be >= 1, got {cfg.model_batch_size}")
         if cfg.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
+            raise ConfigError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
         if grad_reduction not in ("sum", "mean"):
-            raise ValueError(f"grad_reduction must be sum or mean, got {grad_reduction!r}")
+            raise ConfigError(f"grad_reduction must be sum or mean, got {grad_reduction!r}")
         check_dataset(cfg.dataset)
         self.cfg = dataclasses.replace(cfg, sites=list(cfg.sites))
         self.seed, self.part, self.chunk = seed, part, chunk
@@ -256,13 +260,13 @@ class HFSource(ActivationSource):
             config, "n_positions", None
         )
         if max_pos and cfg.context_len > max_pos:
-            raise ValueError(f"context_len={cfg.context_len} exceeds the model's {max_pos}")
+            raise ConfigError(f"context_len={cfg.context_len} exceeds the model's {max_pos}")
         head = getattr(model, "get_output_embeddings", lambda: None)()
         #: a decoder LM with its head (gives next-token logits)
         self.causal = bool(config is not None and is_causal_config(config) and head is not None)
         self.with_grad = cfg.with_grad
         if self.with_grad and not self.causal:
-            raise ValueError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
+            raise ConfigError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
         self.early_stop = early_stop and not self.with_grad
         self.sites = list(cfg.sites)
         self._site_objs: dict[str, Site] = {s: resolve_site(model, s) for s in self.sites}
@@ -280,7 +284,7 @@ class HFSource(ActivationSource):
             if tok.pad_token is None:
                 fill = tok.eos_token or tok.unk_token
                 if fill is None:
-                    raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+                    raise ConfigError("the tokenizer has no pad, eos or unk token to pad with")
                 tok.pad_token = fill
             tok.padding_side = "right"
         return tok
@@ -292,7 +296,7 @@ class HFSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         if site not in self._dims:
-            raise ValueError(f"unknown site {site!r}: this source has {', '.join(self.sites)}")
+            raise ConfigError(f"unknown site {site!r}: this source has {', '.join(self.sites)}")
         return self._dims[site]
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -338,7 +342,7 @@ class HFSource(ActivationSource):
                 break
         if not docs:
             if self._epoch_seqs == 0:
-                raise ValueError(f"the text source {self.cfg.dataset or 'built-in'!r} is empty")
+                raise DataError(f"the text source {self.cfg.dataset or 'built-in'!r} is empty")
             self.epoch += 1
             self._epoch_seqs = 0
             self._texts = self._new_texts()
@@ -453,7 +457,7 @@ class HFSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
@@ -471,10 +475,10 @@ class HFSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "hf":
-            raise ValueError(f"not an HFSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not an HFSource state (kind={state.get('kind')!r})")
         fp = self._fingerprint()
         if state.get("fingerprint") != fp:
-            raise ValueError(
+            raise ConfigError(
                 f"HFSource state was saved with different settings: {state.get('fingerprint')} "
                 f"vs now {fp}"
             )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from saekit.errors import ConfigError
+
 KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 _SITE_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(KINDS) + r")$")
 
@@ -41,7 +43,7 @@ class Site:
 def parse_site(name: str) -> tuple[int, str]:
     m = _SITE_RE.match(name)
     if not m:
-        raise ValueError(
+        raise ConfigError(
             f"bad hook site {name!r}: expected layers.<i>.<kind> with kind in {', '.join(KINDS)}"
         )
     return int(m.group(1)), m.group(2)
@@ -56,7 +58,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     for ml in lists:
         if n is None or len(ml) == n:
             return ml
-    raise ValueError(f"could not find the transformer blocks of {type(model).__name__}")
+    raise ConfigError(f"could not find the transformer blocks of {type(model).__name__}")
 
 
 def _get_path(mod: nn.Module, path: str) -> nn.Module | None:
@@ -72,7 +74,7 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     layer, kind = parse_site(name)
     blocks = find_blocks(model)
     if layer >= len(blocks):
-        raise ValueError(
+        raise ConfigError(
             f"site {name!r}: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
         )
     block = blocks[layer]
@@ -82,7 +84,7 @@ def resolve_site(model: nn.Module, name: str) -> Site:
         sub = _get_path(block, path)
         if sub is not None:
             return Site(name, layer, kind, sub, pre=False)
-    raise ValueError(f"site {name!r}: no {kind} sub-module found in {type(block).__name__}")
+    raise ConfigError(f"site {name!r}: no {kind} sub-module found in {type(block).__name__}")
 
 
 def get_hidden(output: object) -> Tensor:

@@ -37,56 +37,52 @@ block)``, so sample ``t`` of the stream is the same whatever the batch sizes wer
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saekit.errors import ConfigError
+from saekit.options import Options, fail, from_dict, option, validate
 from saekit.sources.base import ActivationSource, Batch
 
 SITE = "synthetic"
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Options):
     """Ground-truth generator options (defaults: 1024 features in d=128, fast on CPU)."""
 
-    n_features: int = 1024
-    d: int = 128
-    zipf_exponent: float = 0.5
-    p_min: float = 5e-4
-    p_max: float = 0.4
-    corr_rank: int = 25
-    corr_scale: float = 0.1
-    n_roots: int = 16
-    branching: int = 4
-    depth: int = 3
-    mutually_exclusive: bool = True
-    scale_children_by_parent: bool = True
-    mag_mean_max: float = 5.0
-    mag_mean_min: float = 4.0
-    mag_std_mean: float = 0.5
-    mag_std_std: float = 0.5
-    bias: float = 0.5
-    ortho_steps: int = 25
-    ortho_lr: float = 0.03
-    signed_frac: float = 0.0
-    seed: int = 0
-    block_size: int = 4096
-    return_codes: bool = True
+    n_features: int = option(1024, "number of true features (dictionary rows)", ge=1)
+    d: int = option(128, "activation width", ge=1)
+    zipf_exponent: float = option(0.5, "firing probabilities ∝ (i + 1) ** -zipf_exponent", ge=0)
+    p_min: float = option(5e-4, "smallest firing probability", gt=0, le=1)
+    p_max: float = option(0.4, "largest firing probability", gt=0, le=1)
+    corr_rank: int = option(25, "rank of the Gaussian-copula correlation factor", ge=0)
+    corr_scale: float = option(0.1, "std of the correlation factor's entries", ge=0)
+    n_roots: int = option(16, "hierarchy trees (0: no hierarchy)", ge=0)
+    branching: int = option(4, "children per hierarchy node", ge=1)
+    depth: int = option(3, "hierarchy levels, roots included", ge=0)
+    mutually_exclusive: bool = option(True, "at most one sibling fires")
+    scale_children_by_parent: bool = option(
+        True, "a child's value is scaled by |parent value| / parent mean"
+    )
+    mag_mean_max: float = option(5.0, "mean magnitude of feature 0")
+    mag_mean_min: float = option(4.0, "mean magnitude of the last feature")
+    mag_std_mean: float = option(0.5, "mean of the per-feature magnitude std")
+    mag_std_std: float = option(0.5, "std of the per-feature magnitude std", ge=0)
+    bias: float = option(0.5, "norm of the constant bias added to every sample", ge=0)
+    ortho_steps: int = option(25, "decorrelation steps on the dictionary", ge=0)
+    ortho_lr: float = option(0.03, "step size of the decorrelation", ge=0)
+    signed_frac: float = option(0.0, "fraction of features with a random ± sign", ge=0, le=1)
+    seed: int = option(0, "structure seed (dictionary, probabilities, hierarchy)", ge=0)
+    block_size: int = option(4096, "samples per generator block", ge=1)
+    return_codes: bool = option(True, "put the true codes in batch.meta['codes']")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SyntheticConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown synthetic option(s): {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(names))}"
-            )
-        return cls(**data)
+        return from_dict(cls, data, where="synthetic options")
 
     def n_hierarchy(self) -> int:
         """Features in the hierarchy."""
@@ -94,22 +90,26 @@ class SyntheticConfig:
             return 0
         return self.n_roots * sum(self.branching**level for level in range(self.depth))
 
-    def validate(self) -> None:
-        if self.n_features < 1 or self.d < 1:
-            raise ValueError("n_features and d must be positive")
-        if not 0 < self.p_min <= self.p_max <= 1:
-            raise ValueError(f"need 0 < p_min <= p_max <= 1, got {self.p_min}, {self.p_max}")
+    def check(self) -> None:
+        if self.p_min > self.p_max:
+            fail(
+                "SyntheticConfig",
+                "p_min",
+                self.p_min,
+                f"exceeds p_max = {self.p_max}",
+                "set p_min <= p_max",
+            )
         if self.n_hierarchy() > self.n_features:
             per_root = self.n_hierarchy() // self.n_roots
-            raise ValueError(
-                f"the hierarchy needs {self.n_hierarchy()} features but n_features="
-                f"{self.n_features}: set n_roots <= {self.n_features // per_root} (each root"
-                f" brings {per_root} features), or n_roots=0 for no hierarchy"
+            fail(
+                "SyntheticConfig",
+                "n_roots",
+                self.n_roots,
+                f"needs {self.n_hierarchy()} features in the hierarchy but n_features ="
+                f" {self.n_features}",
+                f"set n_roots <= {self.n_features // per_root} (each root brings {per_root}"
+                " features), or n_roots=0 for no hierarchy",
             )
-        if not 0 <= self.signed_frac <= 1:
-            raise ValueError(f"signed_frac must be in [0, 1], got {self.signed_frac}")
-        if self.corr_rank < 0 or self.block_size < 1:
-            raise ValueError("corr_rank must be >= 0 and block_size >= 1")
 
 
 def _normal_icdf(p: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ class SyntheticSource(ActivationSource):
 
     def __init__(self, cfg: SyntheticConfig | None = None, stream_seed: int | None = None) -> None:
         self.cfg = cfg = cfg or SyntheticConfig()
-        cfg.validate()
+        validate(cfg)
         self.sites = [SITE]
         self.stream_seed = cfg.seed if stream_seed is None else stream_seed
         n, d = cfg.n_features, cfg.d
@@ -198,7 +198,7 @@ class SyntheticSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         if site != SITE:
-            raise ValueError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
+            raise ConfigError(f"unknown site {site!r}: the synthetic source has only {SITE!r}")
         return self.cfg.d
 
     # ------------------------------------------------------------- sampling
@@ -247,7 +247,7 @@ class SyntheticSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         bs = self.cfg.block_size
         xs, cs = [], []
         end = self.pos + batch_size
@@ -269,9 +269,9 @@ class SyntheticSource(ActivationSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "synthetic":
-            raise ValueError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
+            raise ConfigError(f"not a SyntheticSource state (kind={state.get('kind')!r})")
         if int(state["stream_seed"]) != self.stream_seed:
-            raise ValueError(
+            raise ConfigError(
                 f"state has stream_seed {state['stream_seed']}, this source {self.stream_seed}"
             )
         self.pos = int(state["pos"])

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
+
 PARTS = ("train", "eval", "all")
 _EVAL_SPLITS = ("eval", "validation", "valid", "test")
 
@@ -70,7 +72,7 @@ def _part_from_split(split: str) -> str:
         return "all"
     if s in _EVAL_SPLITS:
         return "eval"
-    raise ValueError(
+    raise ConfigError(
         f"unknown split {split!r} for a local/built-in corpus: use train, all or one of "
         f"{', '.join(_EVAL_SPLITS)} (held-out part)"
     )
@@ -112,7 +114,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dic
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {p}")
+        raise MissingFileError(f"JSONL file not found: {p}")
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -120,10 +122,10 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dic
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno} is not valid JSON: {e}") from e
+                raise FormatError(f"{p}:{lineno} is not valid JSON: {e}") from e
             missing = [f for f in required if not isinstance(row, dict) or f not in row]
             if missing:
-                raise ValueError(f"{p}:{lineno} has no field(s) {', '.join(map(repr, missing))}")
+                raise FormatError(f"{p}:{lineno} has no field(s) {', '.join(map(repr, missing))}")
             yield row
 
 
@@ -137,7 +139,7 @@ def read_labelled(
         labels.append(str(row[label_field]))
         splits.append(row.get("split"))
     if not texts:
-        raise ValueError(f"{path}: no labelled rows")
+        raise DataError(f"{path}: no labelled rows")
     return texts, labels, splits
 
 
@@ -145,7 +147,7 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     for row in read_jsonl(path, (text_field,)):
         text = row[text_field]
         if not isinstance(text, str):
-            raise ValueError(f"{path}: field {text_field!r} is not a string: {text!r:.60}")
+            raise FormatError(f"{path}: field {text_field!r} is not a string: {text!r:.60}")
         yield text
 
 
@@ -153,14 +155,14 @@ def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {dataset!r} is not a local .txt/.jsonl file and the `datasets` package "
             "is not installed (pip install datasets), so it cannot be loaded as an HF dataset"
         ) from e
     ds = datasets.load_dataset(dataset, split=split, streaming=True)
     for row in ds:
         if text_field not in row:
-            raise ValueError(
+            raise DataError(
                 f"dataset {dataset!r} rows have no field {text_field!r} "
                 f"(fields: {', '.join(sorted(row))})"
             )
@@ -170,7 +172,7 @@ def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:
 def check_dataset(dataset: str) -> None:
     """Raise FileNotFoundError now for a ``dataset`` that names a missing local file."""
     if dataset and not Path(dataset).expanduser().exists() and _looks_like_path(dataset):
-        raise FileNotFoundError(f"text file not found: {Path(dataset).expanduser()}")
+        raise MissingFileError(f"text file not found: {Path(dataset).expanduser()}")
 
 
 def iter_texts(
@@ -188,9 +190,9 @@ def iter_texts(
     local file and ValueError for a bad split/part.
     """
     if part is not None and part not in PARTS:
-        raise ValueError(f"unknown part {part!r}: choose from {', '.join(PARTS)}")
+        raise ConfigError(f"unknown part {part!r}: choose from {', '.join(PARTS)}")
     if eval_every < 2:
-        raise ValueError(f"eval_every must be >= 2, got {eval_every}")
+        raise ConfigError(f"eval_every must be >= 2, got {eval_every}")
     if dataset == "":
         docs: Iterator[str] = iter(builtin_documents(max_chars))
         part = part or _part_from_split(split)
@@ -203,12 +205,12 @@ def iter_texts(
             elif path.suffix == ".txt":
                 docs = _iter_txt(path)
             else:
-                raise ValueError(f"unsupported text file {path}: expected .txt or .jsonl")
+                raise FormatError(f"unsupported text file {path}: expected .txt or .jsonl")
         elif path.is_dir():
             docs = _iter_hf(str(path), split, text_field)
             part = part or "all"
         elif _looks_like_path(dataset):
-            raise FileNotFoundError(f"text file not found: {path}")
+            raise MissingFileError(f"text file not found: {path}")
         else:
             docs = _iter_hf(dataset, split, text_field)
             part = part or "all"

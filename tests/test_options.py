@@ -1,0 +1,126 @@
+"""The config convention (saekit.options): validation, flags, JSON and docs from one declaration.
+
+The issue-13 probes (bad values accepted) are in test_config_validation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from saekit.cli import add_dataclass_args, build_parser, dataclass_from_args
+from saekit.config import DataConfig, SAEConfig, TrainConfig
+from saekit.errors import ConfigError
+from saekit.evaluate.run import EvalConfig
+from saekit.options import (
+    Options,
+    check_value,
+    describe,
+    fields_where,
+    from_dict,
+    option,
+    validate,
+)
+
+CONFIGS = (SAEConfig, TrainConfig, DataConfig, EvalConfig)
+
+
+def _parser(*classes: type) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    for c in classes:
+        add_dataclass_args(p, c)
+    return p
+
+
+def test_flags_types_choices_and_help_come_from_the_fields() -> None:
+    p = _parser(SAEConfig, TrainConfig, DataConfig)
+    by_flag = {s: a for a in p._actions for s in a.option_strings}
+    for cls in (SAEConfig, TrainConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            a = by_flag[
+                f.metadata.get("flag")
+                and "--" + f.metadata["flag"]
+                or "--" + f.name.replace("_", "-")
+            ]
+            assert a.help.startswith(f.metadata["help"].replace("%", "%%")), f.name
+    assert by_flag["--autocast"].choices == ["none", "bfloat16"]
+    assert by_flag["--model-device"].dest == "model_device"
+    args = p.parse_args(["--sites", "layers.1.mlp_out", "layers.2.mlp_out", "--k", "4"])
+    d = dataclass_from_args(DataConfig, args)
+    assert d.sites == ["layers.1.mlp_out", "layers.2.mlp_out"]
+    # cli_default: the command's default, shown in the help, used when neither flag nor JSON
+    t = dataclass_from_args(TrainConfig, p.parse_args([]))
+    assert (t.total_tokens, t.batch_size) == (300_000, 1024)
+    t = dataclass_from_args(TrainConfig, p.parse_args([]), base={"total_tokens": 5000})
+    assert t.total_tokens == 5000
+    with pytest.raises(SystemExit):
+        p.parse_args(["--autocast", "fp8"])
+
+
+def test_resumable_fields_are_field_metadata() -> None:
+    from saekit import train
+
+    assert fields_where(TrainConfig, "resumable") == train.RESUMABLE_TRAIN_FIELDS
+    assert set(train.RESUMABLE_TRAIN_FIELDS) == {
+        "out_dir",
+        "progress",
+        "threads",
+        "resume",
+        "stop_after_steps",
+        "checkpoint_every",
+        "log_every",
+        "device",
+    }
+    assert set(train.RESUMABLE_DATA_FIELDS) == {"device", "model_batch_size"}
+
+
+# ---------------------------------------------------------------------- every options class
+def _all_options_classes() -> list[type]:
+    import saekit.cli
+
+    parser = saekit.cli.build_parser()  # imports every command and so its options classes
+    assert parser is not None
+    out, todo = [], list(Options.__subclasses__())
+    while todo:
+        c = todo.pop()
+        if c.__module__.startswith("saekit."):
+            out.append(c)
+        todo.extend(c.__subclasses__())
+    return out
+
+
+def test_every_options_class_follows_the_convention() -> None:
+    classes = _all_options_classes()
+    assert set(CONFIGS) <= set(classes)
+    for cls in classes:
+        obj = cls()  # the defaults are valid
+        assert validate(obj) is obj
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+        assert describe(cls).count("\n") == len(dataclasses.fields(cls)) + 1
+
+
+def test_option_refuses_unknown_metadata_and_plain_dataclasses_validate() -> None:
+    with pytest.raises(TypeError, match="unknown metadata"):
+        option(1, "x", minimum=0)
+
+    @dataclasses.dataclass
+    class Plain:
+        n: int = 1
+        names: list[str] = dataclasses.field(default_factory=list)
+
+    assert from_dict(Plain, {"n": 2.0, "names": ("a",)}) == Plain(2, ["a"])
+    with pytest.raises(ConfigError, match="Plain.names = 'a' must be a list of strings"):
+        from_dict(Plain, {"names": "a"})
+    f = dataclasses.fields(Plain)[0]
+    assert check_value(Plain, f, 3) == 3
+
+
+def test_train_help_lists_every_field(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model-dtype {float32,float64,bfloat16,float16}" in out
+    assert "(default: 300000; library default 2000000)" in out

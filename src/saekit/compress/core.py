@@ -397,7 +397,7 @@ class _Pipeline:
         W = dense_weight(mod).detach()
         r = self.ranks[name]
         m, n = W.shape
-        if not saves_params(m, n, r):
+        if r <= 0 or not saves_params(m, n, r):
             self.reports[name] = LayerReport((m, n), 0, m * n, m * n, layer_kind(name), block=i)
             return
         A, B, rep = compress_layer(W, st, self.cfg, r, name)

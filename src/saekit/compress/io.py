@@ -121,8 +121,8 @@ def save_compressed(
 
 
 def weights_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the weight files (``*.safetensors``) in a model directory."""
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a model directory."""
+    return sum(p.stat().st_size for pat in ("*.safetensors", "*.bin") for p in Path(path).glob(pat))
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -66,7 +66,7 @@ class GroupStats:
     """Statistics of one group of layers over the calibration batches.
 
     ``share`` maps a layer to the representative layer whose input it shares (fixed on the
-    first batch from tensor identity and checked on every later batch).
+    first batch from the input tensors' storage and layout, checked on every later batch).
     """
 
     sizes: dict[str, int]  # layer -> input features
@@ -81,10 +81,12 @@ class GroupStats:
     target: dict[str, float] = field(default_factory=dict)
 
     def _sharing(self, got: dict[str, Tensor]) -> dict[str, str]:
-        rep: dict[int, str] = {}
+        rep: dict[tuple, str] = {}
         out = {}
         for name in self.sizes:
-            out[name] = rep.setdefault(id(got[name]), name)
+            t = got[name]  # one tensor (or views of one storage with one layout)
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+            out[name] = rep.setdefault(key, name)
         return out
 
     def add_batch(

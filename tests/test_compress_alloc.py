@@ -44,6 +44,7 @@ def test_sensitivity_allocation_end_to_end(method):
     cfg = CompressConfig(method=method, ratio=0.5, allocation="sensitivity", sensitivity_seqs=4)
     ranks, table = sensitivity_ranks(model, cfg, data)
     assert set(table) == set(ranks) and all(len(v) == 9 for v in table.values())
+    assert sensitivity_ranks(model, cfg, [], table=table)[0] == ranks  # reused, not re-measured
     assert all(v > 0 for row in table.values() for v in row.values())
     res = compress_model(model, cfg, data, ranks=ranks)
     removed = res.params_before - res.params_after

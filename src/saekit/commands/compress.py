@@ -49,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rep = compress_run(job, cfg, progress=say)
     b, a = rep["before"], rep["after"]
+    ratios = f"ratio={cfg.ratio}"
+    if cfg.ratio_attn is not None or cfg.ratio_mlp is not None:
+        ratios = f"attention ratio={cfg.ratio_for('attn')}, MLP ratio={cfg.ratio_for('mlp')}"
     line = (
-        f"{cfg.method} ratio={cfg.ratio}: params {b['params']} -> {a['params']}, "
+        f"{cfg.method} {ratios}: params {b['params']} -> {a['params']}, "
         f"weights {b['weights_bytes'] / 1e6:.2f} -> {a['weights_bytes'] / 1e6:.2f} MB, "
         f"held-out ppl {b['ppl']:.3f} -> {a['ppl']:.3f} "
         f"({rep['eval']['windows']} windows of {rep['eval']['seq_len']} tokens)"

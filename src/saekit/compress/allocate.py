@@ -157,9 +157,13 @@ def sensitivity_ranks(
     cfg: CompressConfig,
     batches: list[Tensor],
     progress: Callable[[str], None] | None = None,
-) -> tuple[dict[str, int], dict]:
-    """Per-layer ranks from ASVD's sensitivity search; (ranks, sensitivity table)."""
-    sens = layer_sensitivity(model, cfg, batches, progress=progress)
+    table: dict[str, dict[float, float]] | None = None,
+) -> tuple[dict[str, int], dict[str, dict[float, float]]]:
+    """Per-layer ranks from ASVD's sensitivity search; (ranks, sensitivity table).
+
+    ``table``: a table from an earlier call on the same model, method and calibration data
+    (it does not depend on the ratios), skipping the perplexity measurements."""
+    sens = table if table is not None else layer_sensitivity(model, cfg, batches, progress=progress)
     shapes = {n: tuple(dense_weight(get_module(model, n)).shape) for n in sens}
     if cfg.ratio_attn is None and cfg.ratio_mlp is None:
         groups = {"all": list(sens)}
@@ -172,4 +176,4 @@ def sensitivity_ranks(
         ratio = cfg.ratio if kind == "all" else cfg.ratio_for(kind)
         sub = {n: sens[n] for n in members}
         ranks.update(search_ranks(sub, shapes, 1.0 - ratio))  # type: ignore[arg-type]
-    return ranks, {n: {str(p): v for p, v in row.items()} for n, row in sens.items()}
+    return ranks, sens

@@ -42,14 +42,19 @@ def evaluate_one(
     calib: list[Tensor],
     heldout: list[Tensor],
     reference: nn.Module | None = None,
+    sensitivity: dict | None = None,
 ) -> dict:
-    """Compress ``model`` (in place) with ``cfg``; held-out ppl, params, β, layer errors."""
+    """Compress ``model`` (in place) with ``cfg``; held-out ppl, params, β, layer errors.
+
+    ``sensitivity``: a dict caching ASVD sensitivity tables per method (filled here)."""
     from saekit.compress.allocate import sensitivity_ranks
 
     t0 = time.perf_counter()
     ranks = None
     if cfg.allocation == "sensitivity":
-        ranks, _ = sensitivity_ranks(model, cfg, calib)
+        cache = {} if sensitivity is None else sensitivity
+        key = (cfg.method, cfg.alpha, cfg.sensitivity_seqs)
+        ranks, cache[key] = sensitivity_ranks(model, cfg, calib, table=cache.get(key))
     res = compress_model(model, cfg, calib, ranks=ranks)
     secs = time.perf_counter() - t0
     row = {
@@ -109,10 +114,11 @@ def compare_methods(
     for seed in seeds:
         calib = calib_for_seed(seed)
         out["calib_tokens"] = sum(b.numel() for b in calib)
+        sens: dict = {}  # ASVD sensitivity tables of this seed's calibration data
         for ratio in ratios:
             for label, over in runs:
                 cfg = dataclasses.replace(base, ratio=ratio, **over)
-                row = evaluate_one(load(), cfg, calib, heldout, reference)
+                row = evaluate_one(load(), cfg, calib, heldout, reference, sens)
                 row.update(label=label or label_of(cfg), seed=seed)
                 out["rows"].append(row)
                 if progress:

@@ -174,10 +174,11 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     config = _base_config(path, meta)
     cls = getattr(transformers, meta.get("model_class", ""), None)
     dtype = getattr(torch, meta.get("dtype", "float32"))
+    kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
     if cls is not None and hasattr(cls, "_from_config"):
-        model = cls._from_config(config, torch_dtype=dtype)
+        model = cls._from_config(config, **kw)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(config, **kw)
     model = model.to(dtype)
     for name, spec in meta["layers"].items():
         set_module(

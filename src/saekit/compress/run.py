@@ -137,7 +137,7 @@ def compress_run(run: CompressRunConfig, cfg: CompressConfig, progress: Progress
     report = res.summary()
     report.update(run=to_dict(run), eval=eval_info, compress_seconds=seconds)
     if sens is not None:
-        report["sensitivity"] = sens
+        report["sensitivity"] = {n: {str(p): v for p, v in r.items()} for n, r in sens.items()}
     out = Path(run.out)
     after["weights_bytes"] = save_compressed(model, out, report, tok)
     report.update(before=before, after=after)

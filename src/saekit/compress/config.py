@@ -142,10 +142,7 @@ class CompressConfig(Options):
 class CompressRunConfig(Options):
     """A ``saekit compress`` run: the model, calibration and evaluation data, outputs."""
 
-    model: str = option(
-        help="local transformers causal-LM directory (or one saved by saekit compress)",
-        nonempty=True,
-    )
+    model: str = option("", "local transformers causal-LM directory (or one saved by compress)")
     tokenizer: str = option("", "tokenizer directory ('' = --model)")
     out: str = option("", "output directory: the compressed model and report.json (table.json)")
     dataset: str = option(
@@ -188,5 +185,3 @@ class CompressRunConfig(Options):
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             fail("CompressRunConfig", "methods", bad, "are not methods", f"use {METHODS}")
-        if not self.table and not self.out:
-            fail("CompressRunConfig", "out", self.out, "is empty", "pass --out DIR (or --table)")

@@ -31,7 +31,7 @@ from saekit.compress.data import (
 from saekit.compress.io import META, load_compressed, save_compressed, weights_bytes
 from saekit.compress.lowrank import count_params
 from saekit.compress.metrics import model_context, perplexity, throughput
-from saekit.errors import MissingFileError
+from saekit.errors import ConfigError, MissingFileError
 from saekit.io.atomic import write_json
 from saekit.options import to_dict
 
@@ -57,6 +57,8 @@ def load_model(run: CompressRunConfig) -> nn.Module:
 
     from saekit.io.paths import reading
 
+    if not run.model:
+        raise ConfigError("CompressRunConfig.model is empty: pass --model DIR")
     path = Path(run.model)
     if not path.is_dir():
         raise MissingFileError(f"--model {run.model!r} is not a directory")
@@ -121,6 +123,8 @@ def compress_run(run: CompressRunConfig, cfg: CompressConfig, progress: Progress
     from saekit.compress.allocate import sensitivity_ranks
     from saekit.compress.core import compress_model
 
+    if not run.out:
+        raise ConfigError("CompressRunConfig.out is empty: pass --out DIR (or --table)")
     cfg = _with_device(cfg, run)
     model, tok = load_model(run), load_tokenizer(run)
     calib = calibration_batches(tok, run, run.calib_seed)

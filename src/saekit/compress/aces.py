@@ -42,12 +42,14 @@ def grid_beta(
 ) -> tuple[float, float]:
     """β in ``linspace(0, beta_max, points)`` maximising the exact ρ(G0 + βG1); (β, ρ).
 
-    Ties go to the smaller β."""
+    Ties go to the smaller β. Evaluated through :class:`RhoCurve` (one small eigenvalue
+    problem per point)."""
+    rho = RhoCurve(G0, G1, r)
     best = (0.0, -1.0)
-    for b in torch.linspace(0.0, beta_max, max(points, 2)).tolist():
-        rho = retained_energy(G0 + b * G1, r)
-        if rho > best[1] + 1e-15:
-            best = (b, rho)
+    for b in torch.linspace(0.0, beta_max, max(points, 2), dtype=torch.float64).tolist():
+        v = rho(b)
+        if v > best[1] + 1e-15:
+            best = (b, v)
     return best
 
 

@@ -4,20 +4,18 @@
 Measures, in ONE process and alternating between implementations (round-robin, order
 rotated every round, so that load changes on a shared machine hit all of them alike):
 
-* the time of one training step (forward + loss + backward + the library's own per-step
-  decoder/statistics maintenance + Adam step) of saekit (mirrors
-  ``saekit.train.Trainer._update``, gradient clipping included), SAELens
+* the time of one training step through saekit's public ``Trainer.train_step`` (what
+  ``saekit train`` calls per batch: forward + loss + backward + parallel-gradient removal +
+  clipping + fused Adam + decoder renormalisation + statistics), SAELens
   (``TopKTrainingSAE.training_forward_pass`` + firing statistics + backward + clip + Adam,
   as ``SAETrainer._train_step``) and sparsify (``SparseCoder`` forward with TopK +
   backward + parallel-gradient removal + Adam + decoder renormalisation, as
-  ``Trainer.fit``); every library with ``torch.optim.Adam`` as its trainer builds it, and
-  saekit also as ``saekit_fast``: fused Adam (``torch.optim.Adam(fused=True)``) and
-  ``SAE.reuse_buffers``, which is what ``saekit.train`` now uses (the ``saekit`` row keeps
-  torch's default Adam for comparison);
+  ``Trainer.fit``);
 * one dense encoder matmul of the same shape (``B x d_in @ d_in x d_sae``);
 * saekit's other selection rules (BatchTopK, Mutual Choice, Feature Choice, AbsTopK,
   top-AFA) as ratios to its TopK step;
-* a phase breakdown of the saekit TopK step (forward, backward, clip, Adam, rest);
+* the ops that take the most time in one saekit step (``torch.profiler`` on the public
+  step);
 * peak memory of each implementation in a fresh subprocess (peak resident size ``VmHWM``
   minus the resident size before the SAE was built, after one step of a tiny copy loaded
   the libraries; on CUDA ``max_memory_allocated``) against the
@@ -136,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: small shape, 2 rounds, memory of saekit_fast only (< 1 min)",
+        help="smoke run: small shape, 2 rounds, memory of saekit only (< 1 min)",
     )
     p.add_argument("--rules", default=",".join(RULES), help="comma list ('' : skip)")
     p.add_argument("--no-peers", action="store_true", help="skip SAELens and sparsify")
@@ -170,84 +168,59 @@ def _autocast(a: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 
 def make_saekit(
-    a: argparse.Namespace, x: Any, rule: str = "topk", fast: bool = False, clip: float = 1.0
+    a: argparse.Namespace, x: Any, rule: str = "topk", clip: float = 1.0
 ) -> tuple[Callable[[], None], Any]:
-    """A saekit step mirroring ``saekit.train.Trainer._update`` (returns step, module).
+    """saekit's public trainer step, ``Trainer.train_step`` on ``x`` (returns step, SAE).
 
-    ``fast``: fused Adam and ``sae.reuse_buffers = True``.
+    The same call ``saekit train`` makes per batch: finiteness check, lr schedule, forward
+    and loss under the configured autocast, backward, parallel-gradient removal, clipping,
+    fused Adam, decoder renormalisation, dead-latent statistics.
     """
-    import torch
+    import tempfile
 
-    from saekit import SAE, SAEConfig
+    from saekit import SAEConfig
+    from saekit.config import TrainConfig
+    from saekit.sources.base import Batch, MemorySource
+    from saekit.train import Trainer
 
     cfg = SAEConfig(d_in=a.d_in, d_sae=a.d_sae, k=a.k, rule=rule, init_b_dec="zeros")
-    sae = SAE(cfg).to(a.device).train()
-    sae.reuse_buffers = fast
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10, fused=fast or None)
-    state = {"step": 0}
+    tcfg = TrainConfig(
+        out_dir=tempfile.mkdtemp(prefix="bench_step-"),  # train_step writes nothing there
+        total_tokens=a.B * 10**6,
+        batch_size=a.B,
+        lr=1e-4,
+        grad_clip=clip,
+        device=a.device,
+        autocast="bfloat16" if a.dtype == "bfloat16" else "none",
+        progress=False,
+        checkpoint_every=0,
+    )
+    trainer = Trainer(cfg, tcfg, MemorySource({"x": x[:1]}))
+    batch = Batch(acts={"x": x})
 
     def step() -> None:
-        with _autocast(a):
-            loss, _terms, out = sae.loss(x, step=state["step"])
-        if not torch.isfinite(loss):
-            raise RuntimeError("saekit loss is not finite")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grad()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
-        opt.step()
-        sae.normalize_decoder()
-        sae.observe(out.codes, x.shape[0])
-        state["step"] += 1
+        trainer.train_step(batch)
 
-    return step, sae
+    return step, trainer.slots[0].sae
 
 
-def make_saekit_phases(a: argparse.Namespace, x: Any) -> Callable[[], dict[str, float]]:
-    """The saekit TopK step split into timed phases."""
-    import torch
+def profile_ops(a: argparse.Namespace, step: Callable[[], None], top: int = 8) -> list[dict]:
+    """The ``top`` ops by self time (device time on CUDA) in one call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from saekit import SAE, SAEConfig
+    cuda = a.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(a.device)
 
-    cfg = SAEConfig(d_in=a.d_in, d_sae=a.d_sae, k=a.k, init_b_dec="zeros")
-    sae = SAE(cfg).to(a.device).train()
-    sae.reuse_buffers = True
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
-    fopt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10, fused=True)
+    def self_us(e: Any) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", 0) or 0)
+        return float(e.self_cpu_time_total)
 
-    def phases() -> dict[str, float]:
-        t: dict[str, float] = {}
-
-        clock = time.process_time if a.clock == "cpu" else time.perf_counter
-
-        def mark(name: str, t0: float) -> float:
-            _sync(a.device)
-            now = clock()
-            t[name] = now - t0
-            return now
-
-        t0 = clock()
-        with _autocast(a):
-            loss, _, out = sae.loss(x)
-        t0 = mark("forward", t0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t0 = mark("backward", t0)
-        sae.remove_parallel_grad()
-        t0 = mark("remove_parallel_grad", t0)
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        t0 = mark("clip_grad_norm", t0)
-        opt.step()
-        t0 = mark("adam_default", t0)
-        fopt.step()
-        t0 = mark("adam_fused", t0)
-        sae.normalize_decoder()
-        sae.observe(out.codes, x.shape[0])
-        mark("normalize+observe", t0)
-        return t
-
-    return phases
+    rows = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    return [{"op": e.key, "self_ms": self_us(e) / 1e3, "calls": e.count} for e in rows]
 
 
 def make_sparsify(a: argparse.Namespace, x: Any) -> tuple[Callable[[], None], Any]:
@@ -343,8 +316,6 @@ def peer_versions() -> dict[str, str]:
 def build(a: argparse.Namespace, name: str, x: Any) -> tuple[Callable[[], None], Any]:
     if name == "saekit":
         return make_saekit(a, x)
-    if name == "saekit_fast":
-        return make_saekit(a, x, fast=True)
     if name == "sparsify":
         return make_sparsify(a, x)
     if name == "saelens":
@@ -526,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     notes: list[str] = []
     x = torch.randn(a.B, a.d_in, device=a.device)
-    impls = ["saekit", "saekit_fast"]
+    impls = ["saekit"]
     if a.no_peers:
         notes.append("peers skipped (--no-peers)")
     else:
@@ -551,18 +522,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = {n: med(v) for n, v in times.items()}
     tps = {n: a.B / s for n, s in steps.items() if n != "matmul"}
     ratios: dict[str, float] = {"saekit/matmul": steps["saekit"] / steps["matmul"]}
-    ratios["saekit_fast/matmul"] = steps["saekit_fast"] / steps["matmul"]
     for peer in ("sparsify", "saelens"):
         if peer in steps:
             ratios[f"saekit_vs_{peer}"] = tps["saekit"] / tps[peer]
-            ratios[f"saekit_fast_vs_{peer}"] = tps["saekit_fast"] / tps[peer]
 
-    # phase breakdown of the saekit TopK step
-    phases_fn = make_saekit_phases(a, x)
-    phases_fn()
-    ph = [phases_fn() for _ in range(max(2, a.repeats // 2))]
-    phases = {k: med([p[k] for p in ph]) for k in ph[0]}
-    del phases_fn
+    # where the public step spends its time
+    prof_step = make_saekit(a, x)[0]
+    prof_step()
+    phases = profile_ops(a, prof_step)
+    del prof_step
     gc.collect()
 
     # other rules, alternating with TopK
@@ -573,10 +541,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         register_fc_capsel()
         known = set(rule_names())
-        rfns: dict[str, Callable[[], None]] = {"saekit:topk": make_saekit(a, x, fast=True)[0]}
+        rfns: dict[str, Callable[[], None]] = {"saekit:topk": make_saekit(a, x)[0]}
         for r in wanted:
             if r in known:
-                rfns[f"saekit:{r}"] = make_saekit(a, x, rule=r, fast=True)[0]
+                rfns[f"saekit:{r}"] = make_saekit(a, x, rule=r)[0]
             else:
                 rules[r] = {"skipped": "rule not registered"}
         rt = alternate(rfns, a.repeats, a.warmup, a.device)[a.clock]
@@ -588,13 +556,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del rfns
         gc.collect()
 
-    mem_impls = ["saekit_fast"] if a.quick else impls  # --quick: one memory subprocess
+    mem_impls = ["saekit"] if a.quick else impls  # --quick: one memory subprocess
     memory = {} if a.no_memory else measure_memory(a, mem_impls)
     lm = {"skipped": "--no-lm"} if a.no_lm else measure_lm(a)
 
     targets = {
         "saekit_step_le_1.3x_matmul": ratios["saekit/matmul"] <= 1.3,
-        "saekit_fast_step_le_1.3x_matmul": ratios["saekit_fast/matmul"] <= 1.3,
     }
     if "saekit_vs_sparsify" in ratios:
         targets["saekit_ge_1.5x_sparsify"] = ratios["saekit_vs_sparsify"] >= 1.5
@@ -620,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_step_s": steps,
         "tokens_per_s": tps,
         "ratios": ratios,
-        "saekit_phases_s": phases,
+        "saekit_top_ops": phases,
         "rules": rules,
         "memory": memory,
         "lm_source": lm,
@@ -653,10 +620,8 @@ def report(r: dict[str, Any]) -> None:
         tps_s = f"{tps:12.0f}" if tps else f"{'-':>12}"
         print(f"{n:<20}{1e3 * med(v):18.1f}{1e3 * min(v):10.1f}{tps_s}")
     print("ratios:", json.dumps({k: round(v, 3) for k, v in r["ratios"].items()}))
-    print(
-        "saekit phases (ms):",
-        json.dumps({k: round(1e3 * v, 1) for k, v in r["saekit_phases_s"].items()}),
-    )
+    for op in r["saekit_top_ops"]:
+        print(f"saekit op {op['op']:<44} {op['self_ms']:9.1f} ms  x{op['calls']}")
     for name, v in r["rules"].items():
         if "ratio_to_topk" in v:
             print(f"rule {name:<16} {1e3 * v['step_s']:9.1f} ms  x{v['ratio_to_topk']:.2f} TopK")

@@ -4,10 +4,43 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# (TRITON_INTERPRET is read when a kernel is decorated: on a CPU-only machine the Triton
+# kernels of saekit.triton_kernels then run in Triton's interpreter; with CUDA, compiled)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CUDA_SKIP = "needs CUDA (this torch has none or no GPU is visible)"
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Each test taking ``device`` runs on CPU and, when present, on CUDA (skipped otherwise)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip(CUDA_SKIP)
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def plugin():
+    """The plugin module tests/plugin_rules.py (user-defined rules, an aux loss, a named
+    input); everything it registers is unregistered afterwards. Import it yourself."""
+    import sys
+
+    from saekit import plugins
+    from saekit.inputs import _KINDS
+    from saekit.losses.aux import _AUX
+    from saekit.rules.base import _REGISTRY
+
+    before = (dict(_REGISTRY), dict(_AUX), dict(_KINDS))
+    yield "plugin_rules"
+    for reg, old in zip((_REGISTRY, _AUX, _KINDS), before):
+        reg.clear()
+        reg.update(old)
+    plugins._loaded.pop("plugin_rules", None)
+    sys.modules.pop("plugin_rules", None)

@@ -44,3 +44,29 @@ def tiny_tmpfs(where: Path, size: str = "256k", readonly: bool = False) -> Itera
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def tiny_train(out: Path, steps: int = 8, source=None, **train_kw):
+    """Train a 32-latent TopK SAE on a tiny synthetic source into ``out``; the TrainResult."""
+    from saekit import SAEConfig, TrainConfig
+    from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
+    from saekit.train import train
+
+    kw = {"checkpoint_every": 2, "log_every": 1, "progress": False, "threads": 1, **train_kw}
+    cfg = TrainConfig(out_dir=str(out), total_tokens=64 * steps, batch_size=64, **kw)
+    src = source if source is not None else SyntheticSource(SyntheticConfig(**SYN))
+    return train(SAEConfig(d_sae=32, k=4), cfg, src)
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    """Flip one bit of ``path`` at byte ``offset`` (negative: from the end)."""
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def tiny_cache(out: Path, n: int = 512, shard: int = 256) -> Path:
+    from saekit.sources.cache import write_cache
+    from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
+
+    return write_cache(SyntheticSource(SyntheticConfig(**SYN)), out, n, shard_tokens=shard)

@@ -166,3 +166,18 @@ def test_clear_errors(run, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["dashboard", str(run / "run"), "--out", str(run / "d2"), "--site", "x.1"]) == 1
     assert "bad hook site" in capsys.readouterr().err
+
+
+def test_flags_come_from_the_option_dataclasses(run, capsys):
+    # DashboardConfig's fields are flags too (main at 9e49562 copied six of them by hand)
+    args = ["dashboard", str(run / "run"), "--out", str(run / "dash3"), "--features", "2"]
+    opts = ["--tokens", "200", "--n-quantiles", "2", "--per-quantile", "1", "--bins", "5"]
+    assert main([*args, *opts]) == 0
+    capsys.readouterr()
+    # values are checked by the declarations, before any model is loaded
+    bad = ["classify", str(run / "run"), "--data", str(run / "lab.jsonl"), "--test-size", "1.5"]
+    assert main(bad) == 1
+    assert "ClassifyConfig.test_size = 1.5 must be < 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["steer", str(run / "run"), "--prompt", "x", "--mode", "boost"])
+    assert "invalid choice: 'boost'" in capsys.readouterr().err

@@ -77,9 +77,12 @@ def test_coverage_subsample_keeps_every_feature():
     assert len(idx) == size == len(set(idx))
     assert 17 in idx
     assert (active[idx].any(0) == active.any(0)).all()
-    # a random subsample of the same size usually loses features
-    rnd = rng.choice(200, size=size, replace=False)
-    assert active[rnd].any(0).sum() <= active.any(0).sum()
+    # random subsamples of the same size lose features (here: mostly feature 49); the
+    # assertion on main at 9e49562 (random coverage <= full coverage) could not fail
+    n_all = int(active.any(0).sum())
+    draws = [rng.choice(200, size=size, replace=False) for _ in range(20)]
+    lost = [n_all - int(active[d].any(0).sum()) for d in draws]
+    assert sum(n > 0 for n in lost) >= 10
     # size smaller than the cover: greedy stops at size, taking the largest gains first
     idx2 = coverage_subsample(active, 3)
     assert len(idx2) == 3 and idx2[0] == int(active.sum(1).argmax())

@@ -30,7 +30,7 @@ def test_downstream_grad_is_the_loss_gradient() -> None:
     G = syn.dictionary
     loss = 0.5 * (w * ((x - syn.bias) @ G.T).pow(2)).sum()
     loss.backward()
-    assert torch.allclose(b.grads["synthetic"], x.grad, atol=1e-5)
+    assert torch.allclose(b.inputs["grad"]["synthetic"], x.grad, atol=1e-5)
     assert src.state_dict()["pos"] == 8
 
 

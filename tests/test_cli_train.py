@@ -123,3 +123,22 @@ def test_demo_defaults_are_shown_in_help() -> None:
     helps = {a.dest: a.help for a in _train_parser()._actions}
     assert "default: 300000; library default 2000000" in helps["total_tokens"]
     assert "default: 1024; library default 4096" in helps["batch_size"]
+
+
+def test_the_command_is_the_library(tmp_path: Path, capsys) -> None:
+    """Issue 10 seam 7: ``saekit train`` is ``train_run(load_run_config(...))``; the config
+    layering, the sweep's site resolution and prefetching live in the library."""
+    from saekit.run_config import load_run_config, train_run
+
+    saes = {"k2": {"k": 2}, "k4": {"k": 4, "rule": "batchtopk"}}
+    cfg = write_config(tmp_path / "c.json", tmp_path / "cli", saes=saes)
+    assert main(["train", "--config", str(cfg), "--prefetch", "2", "--aux-k", "8"]) == 0
+    overrides = {"train": {"out_dir": str(tmp_path / "lib")}, "data": {"prefetch": 2}}
+    rc = load_run_config(cfg, {**overrides, "sae": {"aux_k": 8}})
+    assert rc.saes["k4"][1].aux_k == 8 and rc.saes["k4"][1].rule == "batchtopk"
+    res = train_run(rc)
+    for name in saes:
+        a, b = load_sae(tmp_path / "cli" / name), res.saes[name]
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        )

@@ -168,3 +168,32 @@ def test_clear_errors(tmp_path):
     run = _syn_run(tmp_path / "syn", planted=False)
     with pytest.raises(ValueError, match="HF model"):
         evaluate_run(run, n_tokens=256, probe_data=tmp_path / "p.jsonl")
+
+
+def test_evaluate_run_is_its_phases_and_always_closes_its_source(tmp_path, monkeypatch):
+    """Issue 10 seam 7: evaluate_run (167 lines on main at 9e49562) is a short sequence of
+    phases, and the evaluation source is closed when a phase fails (it was not)."""
+    import inspect
+
+    from saekit.evaluate import run as er
+
+    assert len(inspect.getsource(er.evaluate_run).splitlines()) <= 45
+    closed = []
+    real = er.eval_source
+
+    def spy(*a, **k):
+        src = real(*a, **k)
+        close = src.source.close
+        src.source.close = lambda: (closed.append(True), close())
+        return src
+
+    monkeypatch.setattr(er, "eval_source", spy)
+    run = _syn_run(tmp_path / "r", planted=False)
+    cfg = er.EvalConfig(tokens=256, batch_size=128, pca_fit_tokens=128, plots=False)
+    with pytest.raises(ValueError, match="sparse probing needs a run on an HF model"):
+        er.evaluate_run(run, cfg=cfg, probe_data=str(tmp_path / "labels.jsonl"))
+    assert closed == [True]
+    # eval.json is strict JSON (NaN written as null), written atomically
+    er.evaluate_run(run, cfg=cfg)
+    json.loads((run / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert not list(run.glob("*.tmp"))

@@ -23,7 +23,7 @@ def trained_sae(rule: str, normalize_input: bool = False, d: int = 8, F: int = 2
     sae.init_from_data(x)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(3):
-        loss, _, out = sae.loss(x, grad=g, step=step)
+        loss, _, out = sae.loss(x, inputs={"grad": g}, step=step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -158,8 +158,14 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def _edit_cfg(run: Path, fn) -> None:
+    """Edit cfg.json and re-seal it (as a consistent but wrong file would be)."""
+    from saekit.io.integrity import seal
+    from saekit.io.native import CFG_SEAL
+
     cfg = json.loads((run / "cfg.json").read_text())
     fn(cfg)
+    if "saekit" in cfg:
+        cfg = seal(cfg, CFG_SEAL)
     (run / "cfg.json").write_text(json.dumps(cfg))
 
 
@@ -169,7 +175,7 @@ def test_wrong_d_in_and_unknown_rule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"W_enc has shape \(8, 24\).*d_in=9"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: c["saekit"]["sae"].update(d_in=8, rule="nosuchrule"))
-    with pytest.raises(ValueError, match="cfg.json saekit.sae: SAEConfig.rule = 'nosuchrule' is"):
+    with pytest.raises(ValueError, match="cfg.json: unknown rule 'nosuchrule'.*--plugin"):
         load_sae(tmp_path)
     _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="gated")))
     with pytest.raises(ValueError, match="unsupported SAELens architecture 'gated'"):

@@ -30,7 +30,7 @@ def test_feature_choice_capacities_and_no_dead() -> None:
     sae = make("feature_choice", d_sae=d_sae, k=k)
     sae.train()
     freq = torch.rand(d_sae)
-    sae.fire_freq.copy_(freq)
+    sae.rule.rank_stat.copy_(freq)
     x = torch.randn(B, 12)
     out = sae(x)
     m = out.extras["capacity"]
@@ -64,16 +64,21 @@ def test_feature_choice_inference_thresholds() -> None:
     out = sae(x)
     dense = out.codes.to_dense().detach()
     low = torch.where(dense > 0, dense, torch.full_like(dense, math.inf)).min(0).values
-    assert torch.allclose(sae.rule.threshold, low)  # first batch: the smallest selected value
+    # before the tracking starts: the latest batch's smallest selected value
+    assert torch.allclose(sae.rule.threshold, low)
     sae.eval()
     pre = sae.encode_pre(x).detach()
     assert torch.equal(dense_codes(sae, x) != 0, pre > sae.rule.threshold)
     assert torch.allclose(sae.rule.export_threshold(), sae.rule.threshold)
-    assert "threshold" in sae.folded_weights()
+    from saekit.io.saelens import saelens_export
+
+    assert torch.equal(saelens_export(sae)[1]["threshold"], sae.rule.export_threshold())
 
 
-def test_shared_option_key_and_bad_options() -> None:
-    make("feature_choice", rule_options={"alpha": 1.2, "aux_zipf": {"tau": 0.5}})
+def test_aux_options_apart_and_bad_options() -> None:
+    make("feature_choice", rule_options={"alpha": 1.2}, aux="zipf", aux_options={"tau": 0.5})
+    with pytest.raises(ValueError, match="known options"):  # aux options are not rule options
+        make("feature_choice", rule_options={"alpha": 1.2, "aux_zipf": {"tau": 0.5}})
     with pytest.raises(ValueError, match="known options"):
         make("feature_choice", rule_options={"gamma": 1.0})
     with pytest.raises(ValueError, match="beta"):

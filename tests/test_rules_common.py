@@ -19,7 +19,7 @@ def test_training_step_finite_and_moves(rule: str) -> None:
     sae.tokens_since_fired.fill_(10)  # everything dead: the aux loss is active too
     before = {n: p.detach().clone() for n, p in sae.named_parameters()}
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    total, terms, out = sae.loss(x, grad=g, step=3)
+    total, terms, out = sae.loss(x, inputs=None if g is None else {"grad": g}, step=3)
     assert torch.isfinite(total) and "recon" in terms and float(terms["aux"].detach()) > 0
     total.backward()
     for n, p in sae.named_parameters():
@@ -40,11 +40,13 @@ def test_save_load_roundtrip(rule: str, tmp_path) -> None:
     x, g = torch.randn(64, 12) * 3, torch.randn(64, 12)
     sae.init_from_data(x)
     sae.train()
-    _, _, out = sae.loss(x, grad=g)
+    _, _, out = sae.loss(x, inputs={"grad": g})
     sae.observe(out.codes, 64)
     save_sae(sae, tmp_path / rule)
     back = load_sae(tmp_path / rule)
     assert back.cfg.rule == rule
     sae.eval()
     back.eval()
-    assert torch.equal(dense_codes(sae, x, grad=g), dense_codes(back, x, grad=g))
+    assert torch.equal(
+        dense_codes(sae, x, inputs={"grad": g}), dense_codes(back, x, inputs={"grad": g})
+    )

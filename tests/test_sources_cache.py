@@ -68,14 +68,14 @@ def test_resume_and_epoch_limit(cache: Path) -> None:
 def test_float16_grads_and_token_ids(tmp_path: Path) -> None:
     acts = {"a": torch.randn(300, 8), "b": torch.randn(300, 4)}
     grads = {"a": torch.randn(300, 8), "b": torch.randn(300, 4)}
-    mem = MemorySource(acts, shuffle=False, grads=grads)
+    mem = MemorySource(acts, shuffle=False, inputs={"grad": grads})
     out = write_cache(mem, tmp_path / "h", 300, shard_tokens=128, dtype="float16")
     src = CacheSource(out, shuffle=False)
     b = src.next_batch(300)
     for s in ("a", "b"):
         assert b.acts[s].dtype == torch.float32
         torch.testing.assert_close(b.acts[s], acts[s].half().float(), rtol=0, atol=0)
-        torch.testing.assert_close(b.grads[s], grads[s].half().float(), rtol=0, atol=0)
+        torch.testing.assert_close(b.inputs["grad"][s], grads[s].half().float(), rtol=0, atol=0)
     sub = CacheSource(out, sites=["b"])
     assert sub.sites == ["b"] and sub.d_in("b") == 4
 
@@ -114,8 +114,10 @@ def test_clear_errors(cache: Path, tmp_path: Path) -> None:
     bad = json.loads(good)
     bad["sites"]["synthetic"]["d_in"] = 17
     man.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="width mismatch"):
+    with pytest.raises(ValueError, match="manifest.json does not match its recorded SHA-256"):
         CacheSource(cache)
+    with pytest.raises(ValueError, match="width mismatch"):
+        CacheSource(cache, verify=False)
     man.write_text(good)
     np.save(cache / "synthetic" / "acts_00001.npy", np.zeros((600, 15), np.float32))
     with pytest.raises(ValueError, match="width mismatch"):

@@ -111,7 +111,7 @@ def test_early_stop_matches_full_forward_and_skips_later_layers(bert, tok) -> No
 
 def test_grads_equal_autograd_of_next_token_loss(gpt2, tok, docs_file) -> None:
     sites = ["layers.0.resid_post", "layers.1.mlp_out", "layers.1.resid_pre"]
-    c = cfg(docs_file, sites=sites, with_grad=True)
+    c = cfg(docs_file, sites=sites, inputs=["grad"])
     src = HFSource(c, model=gpt2, tokenizer=tok, part="all")
     enc = tok(DOCS[:2], padding="max_length", max_length=16, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -135,7 +135,7 @@ def test_grads_equal_autograd_of_next_token_loss(gpt2, tok, docs_file) -> None:
             (ce * valid).sum().backward()
         want = leaf["x"].grad[keep]
         assert want.abs().sum() > 0
-        torch.testing.assert_close(batch.grads[name], want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(batch.inputs["grad"][name], want, rtol=1e-4, atol=1e-6)
         with torch.no_grad():
             hs = gpt2(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     torch.testing.assert_close(batch.acts["layers.0.resid_post"], hs[1][keep], rtol=1e-4, atol=1e-5)
@@ -176,7 +176,7 @@ def test_clear_errors(bert, gpt2, tok, tmp_path, docs_file) -> None:
     with pytest.raises(ValueError, match="bad hook site"):
         HFSource(cfg(docs_file, sites=["layers.1.resid"]), model=bert, tokenizer=tok)
     with pytest.raises(ValueError, match="decoder LM"):
-        HFSource(cfg(docs_file, with_grad=True), model=bert, tokenizer=tok)
+        HFSource(cfg(docs_file, inputs=["grad"]), model=bert, tokenizer=tok)
     with pytest.raises(ValueError, match="exceeds"):
         HFSource(cfg(docs_file, context_len=100), model=bert, tokenizer=tok)
     empty = tmp_path / "empty.txt"
@@ -215,7 +215,7 @@ def test_minilm_smoke() -> None:
 def test_resume_with_grads_and_prefetch(gpt2, tok) -> None:
     from saekit.sources.prefetch import PrefetchSource
 
-    c = cfg("", sites=["layers.0.resid_post"], shuffle_buffer=40, with_grad=True)
+    c = cfg("", sites=["layers.0.resid_post"], shuffle_buffer=40, inputs=["grad"])
     a = PrefetchSource(HFSource(c, model=gpt2, tokenizer=tok, seed=2), batch_size=16)
     a.next_batch(16)
     state = a.state_dict()
@@ -226,5 +226,30 @@ def test_resume_with_grads_and_prefetch(gpt2, tok) -> None:
     for w in want:
         g = b.next_batch(16)
         assert torch.equal(g.acts["layers.0.resid_post"], w.acts["layers.0.resid_post"])
-        assert torch.equal(g.grads["layers.0.resid_post"], w.grads["layers.0.resid_post"])
-        assert g.grads["layers.0.resid_post"].abs().sum() > 0
+        assert torch.equal(
+            g.inputs["grad"]["layers.0.resid_post"], w.inputs["grad"]["layers.0.resid_post"]
+        )
+        assert g.inputs["grad"]["layers.0.resid_post"].abs().sum() > 0
+
+
+def test_trainer_asks_hf_source_for_the_grad_gtopk_requires(gpt2, bert, tok, tmp_path) -> None:
+    """Seam 2: no data flag is needed; the trainer requests the rule's input."""
+    from saekit import SAEConfig, TrainConfig
+    from saekit.train import Trainer
+
+    site = "layers.0.resid_post"
+    want = HFSource(cfg("", sites=[site], inputs=["grad"]), model=gpt2, tokenizer=tok)
+    src = HFSource(cfg("", sites=[site]), model=gpt2, tokenizer=tok)
+    assert src.request_inputs(["grad"]) == {"grad"}
+    a, b = want.next_batch(16), src.next_batch(16)
+    assert torch.equal(a.inputs["grad"][site], b.inputs["grad"][site])
+    late = HFSource(cfg("", sites=[site]), model=gpt2, tokenizer=tok)
+    late.next_batch(4)
+    with pytest.raises(RuntimeError, match="after the first batch"):
+        late.request_inputs(["grad"])
+    enc = HFSource(cfg("", sites=[site]), model=bert, tokenizer=tok)
+    assert enc.request_inputs(["grad"]) == set()  # no LM head: gtopk falls back, with a warning
+    src = HFSource(cfg("", sites=[site]), model=gpt2, tokenizer=tok)
+    tc = TrainConfig(out_dir=str(tmp_path), total_tokens=64, batch_size=32, progress=False)
+    tr = Trainer(SAEConfig(rule="gtopk", d_sae=64, k=4), tc, src)
+    assert tr.inputs == {"grad"} and src.with_grad

@@ -29,7 +29,6 @@ features compares AbsTopK with TopK where the sign matters.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -45,6 +44,7 @@ from saekit.errors import ConfigError
 from saekit.evaluate.core import CoreAccumulator
 from saekit.evaluate.ground_truth import DetectionAccumulator, dictionary_metrics
 from saekit.io import load_sae
+from saekit.io.atomic import json_safe, save_figure, write_json
 from saekit.rules import rule_names
 from saekit.sae import SAE
 from saekit.sources.base import ActivationSource, Batch
@@ -116,8 +116,11 @@ class DownstreamGradSource(ActivationSource):
 
     def next_batch(self, batch_size: int) -> Batch:
         b = self.inner.next_batch(batch_size)
-        b.grads[SITE] = self.grad(b.acts[SITE])
+        b.inputs["grad"] = {SITE: self.grad(b.acts[SITE])}
         return b
+
+    def request_inputs(self, names):
+        return set(names) & {"grad"}
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -208,7 +211,7 @@ def evaluate_sae(
     mu = xs.mean(0)
     for x, codes in data:
         g = grad_src.grad(x) if grad_src is not None else None
-        out = sae(x, grad=g)
+        out = sae(x, inputs=None if g is None else {"grad": g})
         core.update(x, out.x_hat, out.codes)
         det.update(out.codes, codes)
         if grad_src is not None:
@@ -234,11 +237,12 @@ def step_ms(sae: SAE, x: Tensor, g: Tensor | None, reps: int = 3) -> float:
     """Mean wall time of one forward + backward of the training loss, in milliseconds."""
     sae.train()
     fire = sae.fire_freq.clone()
-    sae.loss(x, grad=g)[0].backward()  # warm-up
+    inputs = None if g is None else {"grad": g}
+    sae.loss(x, inputs=inputs)[0].backward()  # warm-up
     t0 = time.perf_counter()
     for _ in range(reps):
         sae.zero_grad(set_to_none=True)
-        sae.loss(x, grad=g)[0].backward()
+        sae.loss(x, inputs=inputs)[0].backward()
     sae.zero_grad(set_to_none=True)
     sae.fire_freq.copy_(fire)
     sae.eval()
@@ -383,22 +387,12 @@ def _run_bench(cfg: BenchConfig, names: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_json(out / "bench.json", json_safe(report))
     plot_bench(report, out / "bench.png")
     if not cfg.keep_runs:
         shutil.rmtree(out / "runs", ignore_errors=True)
         shutil.rmtree(out / "runs_signed", ignore_errors=True)
     return report
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 COLUMNS = [
@@ -450,6 +444,9 @@ def report_text(report: dict[str, Any]) -> str:
 
 def plot_bench(report: dict[str, Any], path: Path) -> None:
     """Four panels: FVE vs L0, MCC, F1 and dead fraction per variant (+ signed MCC)."""
+    from saekit.extras import require
+
+    require("matplotlib.ticker", "the bench plot")
     import matplotlib
     import matplotlib.ticker
 
@@ -497,5 +494,5 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         f" {report['size']['n_features']} features, k={report['k']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

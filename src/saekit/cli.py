@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "saekit.commands.apply",  # saekit steer, ablate, classify, footprint, dashboard
     "saekit.commands.compress",  # saekit compress
     "saekit.commands.info",  # saekit rules
+    "saekit.commands.doctor",  # saekit doctor
 ]
 
 
@@ -50,7 +51,8 @@ def add_dataclass_args(
     """
     from saekit import options
 
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    title = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
+    group = parser.add_argument_group(cls.__name__, " ".join(title.split()))
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True):
             continue
@@ -58,7 +60,7 @@ def add_dataclass_args(
         default = options.default_of(f)
         shown = md.get("cli_default", default)
         help_ = md.get("help", "")
-        if shown is not dataclasses.MISSING:
+        if shown is not dataclasses.MISSING and shown is not None:  # None: said in the help
             help_ += f" (default: {json.dumps(shown)}"
             if "cli_default" in md:
                 help_ += f"; library default {json.dumps(default)}"
@@ -151,22 +153,34 @@ def dataclass_from_args(
     Fields in neither take their ``cli_default`` when declared, else the library default.
     ``where`` (the JSON file and section) prefixes validation errors.
     """
-    from saekit.options import check_fields, from_dict
+    from saekit.options import check_fields, cli_defaults, from_dict
 
-    data = {
-        f.name: f.metadata["cli_default"]
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if "cli_default" in f.metadata
-    }
+    data = cli_defaults(cls)
     data.update(check_fields(cls, base or {}, where=where))  # errors here name the file
     data.update(given_args(cls, args, prefix))
     return from_dict(cls, data)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="saekit", description="Train, evaluate and apply sparse autoencoders."
+def _plugin_parser(add_help: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saekit",
+        description="Train, evaluate and apply sparse autoencoders.",
+        add_help=add_help,
+        allow_abbrev=False,
     )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (dotted name or .py path) first, e.g. for a rule of your own;"
+        " repeatable; also SAEKIT_PLUGINS=MOD1,MOD2 (see saekit.plugins)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _plugin_parser(add_help=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         try:
@@ -182,10 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors (:class:`~saekit.errors.SaekitError`, and OSErrors that
     mean a full disk, a read-only filesystem or a missing permission) print one line
-    ``saekit CMD: error: ...`` and return 1; every other exception keeps its traceback."""
+    ``saekit CMD: error: ...`` and return 1; every other exception keeps its traceback.
+    ``--plugin`` modules are imported before the parser is built."""
     from saekit.errors import SaekitError
     from saekit.io.paths import path_error
+    from saekit.plugins import load_plugins
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = _plugin_parser(add_help=False).parse_known_args(argv)
+    try:
+        load_plugins(pre.plugin)  # before the parser: plugins may add rules and commands' choices
+    except SaekitError as e:
+        print(f"saekit: error: {e}", file=sys.stderr)
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

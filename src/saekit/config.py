@@ -23,10 +23,15 @@ def _rules() -> list[str]:
 
 
 def _aux_losses() -> tuple[str, ...]:
-    import saekit.rules  # noqa: F401  (rule modules register their aux losses)
-    from saekit.losses import aux_registry
+    from saekit.losses import aux_names
 
-    return ("auxk", "none", *aux_registry)
+    return ("none", *aux_names())
+
+
+def _input_names() -> list[str]:
+    from saekit.inputs import input_names
+
+    return input_names()
 
 
 def _sources() -> tuple[str, ...]:
@@ -58,7 +63,7 @@ class SAEConfig(Options):
     aux_k: int = option(512, "latents in the aux-k dead-latent loss (0 disables it)", ge=0)
     aux: str = option(
         "auxk",
-        "auxiliary loss: auxk (dead latents), zipf (dead + under-used), none",
+        "auxiliary loss (see saekit.losses): auxk (dead latents), zipf (dead + under-used), none",
         choices=_aux_losses,
     )
     aux_coeff: float = option(1 / 32, "weight of the aux-k / aux-zipf loss", ge=0)
@@ -68,7 +73,10 @@ class SAEConfig(Options):
         choices=("auto", "nmse", "mse"),
     )
     dead_tokens: int = option(
-        10_000_000, "a latent is dead after this many training tokens without firing", ge=1
+        0,
+        "a latent is dead after this many training tokens without firing (aux loss, logs,"
+        " eval); 0: auto, 5% of the run's tokens (at least one batch, at most 10M)",
+        ge=0,
     )
     apply_b_dec_to_input: bool = option(True, "encode x - b_dec (Gao et al.); False: encode x")
     init_b_dec: str = option(
@@ -84,6 +92,7 @@ class SAEConfig(Options):
     )
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
+    aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -132,6 +141,12 @@ class TrainConfig(Options):
         0.8, "lr decays linearly to 0 from this fraction of steps", ge=0, le=1
     )
     grad_clip: float = option(1.0, "max gradient norm (0 disables)", ge=0)
+    calibration_tokens: int = option(
+        -1,
+        "held-back tokens drawn after training on which batch rules calibrate their inference"
+        " thresholds (-1: 65536, at most total_tokens/4, at least 4 batches; 0: none)",
+        ge=-1,
+    )
     seed: int = option(0, "random seed", ge=0)
     log_every: int = option(10, "steps between metrics.jsonl lines", ge=1, resumable=True)
     checkpoint_every: int = option(
@@ -140,7 +155,9 @@ class TrainConfig(Options):
     device: str = option("cpu", "torch device", check=device_problem, resumable=True)
     dtype: str = option("float32", "parameter dtype", choices=DTYPES)
     autocast: str = option(
-        "none", "autocast dtype for the forward: none or bfloat16", choices=("none", "bfloat16")
+        "auto",
+        "SAE forward autocast: auto (bfloat16 on CUDA, none on CPU), none, bfloat16",
+        choices=("auto", "none", "bfloat16"),
     )
     threads: int = option(0, "torch CPU threads (0: torch default)", ge=0, resumable=True)
     progress: bool = option(True, "show a tqdm progress bar", resumable=True)
@@ -184,7 +201,21 @@ class DataConfig(Options):
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
     synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
-    with_grad: bool = option(False, "also supply dLoss/dx (for gtopk); decoder LMs only")
+    inputs: list[str] = option(
+        [],
+        "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
+        " training adds the ones its rules require",
+        choices=_input_names,
+    )
+    prefetch: int = option(
+        0,
+        "batches produced ahead in a background thread (0: off); resume stays exact",
+        ge=0,
+        resumable=True,
+    )
+    verify: bool = option(
+        True, "check the SHA-256 of each cache file on opening (false: sizes only)", resumable=True
+    )
     device: str = option(
         "cpu", "device of the model", check=device_problem, resumable=True, flag="model-device"
     )

@@ -24,6 +24,11 @@ from the row's kept indices.
 Precision: every gradient is accumulated in the dtype of the weight it belongs to (fp32
 master weights under bf16 autocast) and returned in the dtype of its input.
 Dense references for all of this live in ``tests/test_kernels.py``.
+
+Backends: on CUDA the three autograd functions run the Triton kernels of
+:mod:`saekit.triton_kernels` (when ``triton`` is installed); elsewhere, or with
+``SAEKIT_KERNELS=eager``, the eager torch ops above. Both give the same values and
+gradients (``tests/test_kernels_triton.py``, run on CPU under Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from saekit import triton_kernels as tk
 
 #: tokens per chunk in the fallback value gradient (bounds the [chunk, k, d_in] gather)
 VALUE_GRAD_CHUNK = 256
@@ -76,10 +83,17 @@ def segment_sum(
     ).contiguous()
 
 
+def _triton(t: Tensor) -> bool:
+    """Whether tensors on ``t``'s device use the Triton kernels (see ``tk.backend``)."""
+    return tk.backend(t.device) == "triton"
+
+
 def _gather_grad_x(idx: Tensor, g: Tensor, W_enc: Tensor) -> Tensor:
     # grad_x[b] = sum_j g[b, j] * W_enc[:, idx[b, j]]: embedding_bag over the rows of W_enc^T
     # (free for the SAE's latent-major W_enc; otherwise a copy, since embedding_bag on the
     # strided view is ~50x slower on CPU)
+    if _triton(g):
+        return tk.gather_rows(idx, g, W_enc.t(), W_enc.dtype)
     return F.embedding_bag(
         idx, W_enc.t().contiguous(), per_sample_weights=g.to(W_enc.dtype), mode="sum"
     )
@@ -99,7 +113,9 @@ class _SparseEncode(torch.autograd.Function):
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
             gx = _gather_grad_x(idx, g, W_enc).to(x_in.dtype)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _triton(g):
+            gW = tk.segment_sum(idx, g, x_in, d_sae, W_enc.dtype).t()
+        elif ctx.needs_input_grad[1]:
             gW = segment_sum(x_in, g, segments(idx, d_sae), W_enc.dtype).t()
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(d_sae, dtype=W_enc.dtype, device=g.device)
@@ -134,7 +150,9 @@ class _SparseEncodeCentered(torch.autograd.Function):
         elif need_bdec:
             assert gsum is not None
             gbd = (-(W_enc @ gsum)).to(b_dec.dtype)
-        if need_W:
+        if need_W and _triton(g):  # x - b_dec fused into the segment sum
+            gW = tk.segment_sum(idx, g, x, d_sae, W_enc.dtype, shift=b_dec).t()
+        elif need_W:
             x_in = x.to(W_enc.dtype) - b_dec.to(W_enc.dtype)
             gW = segment_sum(x_in, g, segments(idx, d_sae), W_enc.dtype).t()
         if need_b:
@@ -203,13 +221,19 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx: Tensor, values: Tensor, W_dec: Tensor):
         ctx.save_for_backward(idx, values, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+        return _decode(idx, values, W_dec)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, go: Tensor):
         idx, values, W_dec = ctx.saved_tensors
         gv = gW = None
+        if _triton(go):
+            if ctx.needs_input_grad[1]:
+                gv = tk.row_dots(idx, go, W_dec, values.dtype)
+            if ctx.needs_input_grad[2]:
+                gW = tk.segment_sum(idx, values, go, W_dec.shape[0], W_dec.dtype)
+            return None, gv, gW
         seg = segments(idx, W_dec.shape[0])  # shared by both gradients
         if ctx.needs_input_grad[1]:
             gv = _value_grad(go.to(W_dec.dtype), W_dec, idx, seg).to(values.dtype)
@@ -223,8 +247,14 @@ def sparse_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     if idx.shape[1] == 0:
         return values.new_zeros(idx.shape[0], W_dec.shape[1]).to(W_dec.dtype)
     if not _grad_needed(values, W_dec):
-        return F.embedding_bag(idx, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+        return _decode(idx, values, W_dec)
     return _SparseDecode.apply(idx, values, W_dec)
+
+
+def _decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    if _triton(values):
+        return tk.gather_rows(idx, values, W_dec, W_dec.dtype)
+    return F.embedding_bag(idx, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
 def dense_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
@@ -233,6 +263,37 @@ def dense_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- selections
+#: elements of the temporary of :func:`masked_row_topk` (rows per chunk = this / columns)
+MASKED_TOPK_ELEMENTS = 1 << 22
+
+
+def masked_row_topk(pre: Tensor, allowed: Tensor, k: int, absolute: bool = False) -> Tensor:
+    """Indices ``[B, k]`` of each row's ``k`` largest entries of ``pre [B, F]`` (of ``|pre|``
+    when ``absolute``) among the columns where ``allowed [F]`` is True (``k`` <= their number).
+
+    Equals ``where(allowed, score, -inf).topk(k)`` up to ties without that ``[B, F]`` score:
+    the allowed columns are gathered in row chunks of at most :data:`MASKED_TOPK_ELEMENTS`
+    elements (no copy at all when every column is allowed and ``absolute`` is False).
+    """
+    B, F = pre.shape
+    cols = allowed.nonzero(as_tuple=True)[0]
+    n = cols.numel()
+    if k > n:
+        raise ValueError(f"k={k} but only {n} columns are allowed")
+    every = n == F
+    if every and not absolute:
+        return pre.topk(k, dim=1, sorted=False).indices
+    out = torch.empty(B, k, dtype=torch.long, device=pre.device)
+    step = max(1, MASKED_TOPK_ELEMENTS // max(n, 1))
+    for s in range(0, B, step):
+        sub = pre[s : s + step].abs() if every else pre[s : s + step].index_select(1, cols)
+        if absolute and not every:
+            sub.abs_()
+        i = sub.topk(k, dim=1, sorted=False).indices
+        out[s : s + step] = i if every else cols[i]
+    return out
+
+
 #: per-row candidates of :func:`global_topk`, as a multiple of the mean budget per row
 GLOBAL_TOPK_CANDIDATES = 2.0
 

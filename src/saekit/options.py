@@ -147,6 +147,15 @@ def fields_where(cls: type, key: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
 
 
+def cli_defaults(cls: type) -> dict[str, Any]:
+    """``{field: cli_default}`` for the fields of ``cls`` that declare one."""
+    return {
+        f.name: f.metadata["cli_default"]
+        for f in dataclasses.fields(cls)
+        if "cli_default" in f.metadata
+    }
+
+
 def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
     """The CLI flag of a field, ``--[prefix-]name-with-dashes``."""
     base = f.metadata.get("flag") or f.name.replace("_", "-")
@@ -473,6 +482,7 @@ __all__ = [
     "Options",
     "check_fields",
     "check_value",
+    "cli_defaults",
     "choices_of",
     "default_of",
     "describe",

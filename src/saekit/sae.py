@@ -9,16 +9,20 @@ weights for export.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saekit import kernels, losses
+from saekit import kernels
 from saekit.config import SAEConfig
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, DataError
+from saekit.inputs import input_kind, to_sae_units
+from saekit.losses import DEAD_TOKENS_MAX, build_aux, recon_loss
+from saekit.losses.recon import check_recon
 from saekit.rules import Context, Selection, build_rule
 
 
@@ -109,10 +113,13 @@ class SAE(nn.Module):
         self.register_buffer("fire_freq", torch.zeros(F))  # EMA of per-token firing rate
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.rule = build_rule(cfg)
-        recon = cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
-        if recon not in ("mse", "nmse"):
-            raise ConfigError(f"unknown recon_loss {cfg.recon_loss!r}; use mse, nmse or auto")
-        self.recon_kind = recon
+        for name in self.rule.requires:
+            input_kind(name)  # every required input is a registered name
+        self.recon_kind = check_recon(
+            cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
+        )
+        #: the aux loss (saekit.losses.aux), None when off
+        self.aux_loss = build_aux(cfg, self.rule)
         #: keep the dense pre-activations of the sparse training path in one buffer reused
         #: by the next forward pass (no fresh [N, d_sae] allocation and page faults per step,
         #: ~8% of a CPU TopK step); ``SAEOutput.pre`` is then only valid until the next call.
@@ -153,11 +160,17 @@ class SAE(nn.Module):
         return self._encoder_input(xn) @ self.W_enc + self.b_enc
 
     def _select(
-        self, xn: Tensor, grad: Tensor | None, step: int
+        self, xn: Tensor, inputs: dict[str, Tensor], step: int, init: bool = False
     ) -> tuple[Codes, Tensor, Tensor, Selection, Context]:
         x_in = self._encoder_input(xn)
         ctx = Context(
-            sae=self, training=self.training, x=xn, x_in=x_in, grad=grad, step=step, comm=self.comm
+            sae=self,
+            training=self.training,
+            x=xn,
+            x_in=x_in,
+            inputs=inputs,
+            step=step,
+            comm=self.comm,
         )
         dense_grad = self.rule.needs_dense_grad or not torch.is_grad_enabled()
         if dense_grad:
@@ -165,7 +178,7 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x_in))
-        sel = self.rule.select(pre, ctx)
+        sel = self.rule.init_selection(pre, ctx) if init else self.rule.select(pre, ctx)
         if sel.dense is not None:
             return Codes(self.d_sae, dense=sel.dense), pre, x_in, sel, ctx
         assert sel.indices is not None
@@ -202,11 +215,11 @@ class SAE(nn.Module):
             buf = self._pre_buf = torch.empty(shape, dtype=x_in.dtype, device=x_in.device)
         return buf
 
-    def encode(self, x: Tensor, grad: Tensor | None = None) -> Codes:
-        """Codes of ``x [..., d_in]`` (flattened to ``[N, ...]``). ``grad``: dLoss/dx (gtopk)."""
+    def encode(self, x: Tensor, inputs: Mapping[str, Tensor] | None = None) -> Codes:
+        """Codes of ``x [..., d_in]`` (flattened to ``[N, ...]``). ``inputs``: named inputs
+        in raw units, shaped like ``x`` (e.g. ``{"grad": dLoss/dx}`` for gtopk)."""
         xn = self._to_sae_units(self._flat(x))
-        g = None if grad is None else self._grad_units(grad)
-        return self._select(xn, g, 0)[0]
+        return self._select(xn, self._inputs_units(inputs), 0)[0]
 
     def decode_n(self, codes: Codes) -> Tensor:
         """Reconstruction in SAE units."""
@@ -222,16 +235,25 @@ class SAE(nn.Module):
         out = self.decode_n(codes)
         return out / self.input_scale if self.cfg.normalize_input else out
 
-    def _grad_units(self, grad: Tensor) -> Tensor:
-        g = self._flat(grad, "grad")
-        # d loss / d x_n = (d loss / d x) / scale
-        return g / self.input_scale if self.cfg.normalize_input else g
+    def _inputs_units(self, inputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """Named inputs flattened to ``[N, ...]`` and in SAE units (saekit.inputs)."""
+        if not inputs:
+            return {}
+        flat = {}
+        for name, t in inputs.items():
+            if t.shape[-1] == self.d_in:
+                flat[name] = self._flat(t, name)
+            else:
+                flat[name] = t.reshape(-1, *t.shape[-1:]).to(self.W_enc.dtype)
+        return to_sae_units(flat, self.input_scale if self.cfg.normalize_input else None)
 
-    def forward(self, x: Tensor, grad: Tensor | None = None, step: int = 0) -> SAEOutput:
+    def forward(
+        self, x: Tensor, inputs: Mapping[str, Tensor] | None = None, step: int = 0
+    ) -> SAEOutput:
+        """Encode and decode ``x`` (raw units); ``inputs``: named inputs, see :meth:`encode`."""
         shape = x.shape
         xn = self._to_sae_units(self._flat(x))
-        g = None if grad is None else self._grad_units(grad)
-        codes, pre, x_in, sel, _ = self._select(xn, g, step)
+        codes, pre, x_in, sel, _ = self._select(xn, self._inputs_units(inputs), step)
         x_hat_n = self.decode_n(codes)
         x_hat = x_hat_n / self.input_scale if self.cfg.normalize_input else x_hat_n
         return SAEOutput(
@@ -246,58 +268,44 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ training
     def loss(
-        self, x: Tensor, grad: Tensor | None = None, step: int = 0
+        self, x: Tensor, inputs: Mapping[str, Tensor] | None = None, step: int = 0
     ) -> tuple[Tensor, dict[str, Tensor], SAEOutput]:
         """Total loss, its named terms and the forward output, in SAE units."""
-        out = self(x, grad=grad, step=step)
+        out = self(x, inputs=inputs, step=step)
         ctx = Context(
             sae=self,
             training=self.training,
             x=out.x,
             x_in=out.x_in,
-            grad=grad,
+            inputs=self._inputs_units(inputs),
             step=step,
             comm=self.comm,
         )
-        recon = losses.recon_loss(self.recon_kind, out.x_hat_n, out.x, self.comm)
+        recon = recon_loss(self.recon_kind, out.x_hat_n, out.x, self.comm)
         terms: dict[str, Tensor] = {"recon": recon}
         terms.update(self.rule.loss_terms(out, ctx))
-        if self.rule.uses_aux and self.cfg.aux != "none" and self.cfg.aux_coeff > 0:
-            terms["aux"] = self.cfg.aux_coeff * self._aux_loss(out)
+        if self.aux_loss is not None:
+            terms["aux"] = self.aux_loss(self, out)
         total = torch.stack(list(terms.values())).sum()
         return total, terms, out
 
+    @property
+    def dead_window(self) -> int:
+        """Training tokens without firing after which a latent is dead: ``cfg.dead_tokens``
+        (the trainer fills an automatic 0 from the run's length), else Gao et al.'s 10M."""
+        return self.cfg.dead_tokens if self.cfg.dead_tokens > 0 else DEAD_TOKENS_MAX
+
+    def dead_latents(self) -> Tensor:
+        """``[d_sae]`` bool: latents that fired on none of the last :attr:`dead_window`
+        training tokens: the one definition used by the aux loss, the training logs and
+        ``saekit eval`` (``dead_frac_train``)."""
+        return self.tokens_since_fired >= self.dead_window
+
     def aux_candidates(self) -> tuple[Tensor, Tensor | None]:
-        """Latents the aux loss may use, and optional per-latent weights."""
-        if self.cfg.aux == "auxk":
-            return self.tokens_since_fired >= self.cfg.dead_tokens, None
-        from saekit.losses import aux_registry  # filled by aux modules (e.g. aux-zipf)
-
-        try:
-            fn = aux_registry[self.cfg.aux]
-        except KeyError:
-            raise ConfigError(
-                f"unknown aux loss {self.cfg.aux!r}; known: auxk, none, {', '.join(aux_registry)}"
-            ) from None
-        return fn(self)
-
-    def _aux_loss(self, out: SAEOutput) -> Tensor:
-        cand, weights = self.aux_candidates()
-        residual = out.x - out.x_hat_n.detach()
-        pre = out.pre if out.pre.requires_grad else out.pre.detach()
-        return losses.aux_k_loss(
-            out.x_in,
-            self.W_enc,
-            self.b_enc,
-            self.W_dec,
-            pre,
-            residual,
-            cand,
-            self.cfg.aux_k,
-            weights,
-            signed=self.rule.signed,
-            comm=self.comm,
-        )
+        """Latents the aux loss may use, and optional per-latent weights (none when off)."""
+        if self.aux_loss is None:
+            return torch.zeros(self.d_sae, dtype=torch.bool, device=self.W_dec.device), None
+        return self.aux_loss.candidates(self)
 
     @torch.no_grad()
     def observe(self, codes: Codes, n_tokens: int, ema: float = 0.99) -> None:
@@ -351,15 +359,34 @@ class SAE(nn.Module):
             self.b_dec.copy_(xn.mean(0))
         elif how != "zeros":
             raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
-        # rescale the encoder so that reconstructions start with roughly the input's norm
+        # rescale the encoder so that reconstructions start with roughly the input's norm,
+        # with the codes the rule trains with (Rule.init_selection)
         was = self.training
         self.train(False)
         x_in = self._encoder_input(xn)
-        recon = self.decode_n(self._select(xn, None, 0)[0]) - self.b_dec
+        recon = self.decode_n(self._select(xn, {}, 0, init=True)[0]) - self.b_dec
         ratio = x_in.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
         if torch.isfinite(ratio) and ratio > 0:
             self.W_enc.mul_(ratio)
         self.train(was)
+
+    # ------------------------------------------------------------------ calibration
+    def begin_calibration(self) -> None:
+        """Start the rule's calibration on held-back batches (see ``Rule.calibrates``)."""
+        self.rule.begin_calibration(self.comm)
+
+    @torch.no_grad()
+    def calibrate_batch(self, x: Tensor) -> None:
+        """Pass one held-back batch's pre-activations to ``rule.calibrate``."""
+        xn = self._to_sae_units(self._flat(x))
+        x_in = self._encoder_input(xn)
+        pre = x_in @ self.W_enc + self.b_enc
+        ctx = Context(sae=self, training=False, x=xn, x_in=x_in, comm=self.comm)
+        self.rule.calibrate(pre, ctx)
+
+    def end_calibration(self) -> None:
+        """Let the rule set its inference state from the batches it was given."""
+        self.rule.end_calibration(self.comm)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -372,9 +399,6 @@ class SAE(nn.Module):
             "W_dec": (self.W_dec / s).contiguous(),
             "b_dec": (self.b_dec / s).clone(),
         }
-        th = self.rule.export_threshold()
-        if th is not None:
-            out["threshold"] = th.detach().clone()
         return out
 
 

@@ -2,11 +2,12 @@
 
 from saekit.apply.ablate import ablate, ablation_effects
 from saekit.apply.classify import classify_texts, fit_classifiers
-from saekit.apply.common import load_model, load_run, read_texts, site_activations
+from saekit.apply.common import load_run, read_texts, site_activations
 from saekit.apply.dashboard import DashboardConfig, build_dashboard, collect
 from saekit.apply.footprint import coverage_subsample, footprint_report, redundancy_matrix
 from saekit.apply.sasft import SASFTRegularizer, SASFTTrainerMixin, sasft_loss
 from saekit.apply.steer import generate, steer, steer_compare, top_features
+from saekit.sources.hf import load_model  # the one model loader, re-exported
 
 __all__ = [
     "DashboardConfig",

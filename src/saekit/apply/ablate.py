@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +26,20 @@ from saekit.apply.common import (
 )
 from saekit.apply.steer import top_features
 from saekit.errors import DataError
+from saekit.options import Options, option
 from saekit.sae import SAE, Codes
 from saekit.sources.sites import hook_site, resolve_site
+
+
+@dataclass
+class AblateConfig(Options):
+    """Which features :func:`ablation_effects` ablates and how (its keyword options)."""
+
+    features: list[int] | None = option(
+        None, "features to ablate (default: the top-n by firing)", metavar="F"
+    )
+    top_n: int = option(10, "without features: this many top features by firing", ge=1)
+    keep_error: bool = option(True, "keep the SAE error term (see the module doc)")
 
 
 def ablation_fn(

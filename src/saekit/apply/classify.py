@@ -26,6 +26,7 @@ from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
 from saekit.errors import ConfigError, DataError
+from saekit.options import Options, option
 from saekit.sae import SAE
 
 
@@ -141,7 +142,9 @@ def fit_rule(
 
 
 def _l1_kwargs() -> dict[str, Any]:
-    import sklearn
+    from saekit.extras import require
+
+    sklearn = require("sklearn", "saekit classify")
 
     major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
@@ -180,6 +183,9 @@ def fit_classifiers(
     pool: str = "max",
 ) -> ClassifyResult:
     """Split, rank features on the train part, fit the rule and the probe, score held-out."""
+    from saekit.extras import require
+
+    require("sklearn", "saekit classify")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
@@ -250,6 +256,23 @@ def binarize(labels: list[str], positive: str | None = None) -> tuple[np.ndarray
     if positive not in names:
         raise ConfigError(f"positive label {positive!r} not among the labels {names}")
     return np.array([lab == positive for lab in labels], dtype=int), positive
+
+
+@dataclass
+class ClassifyConfig(Options):
+    """How :func:`classify_texts` pools, splits, ranks and fits (its keyword options)."""
+
+    positive: str | None = option(None, "positive label (default: the larger)")
+    pool: str = option("max", "pool codes over a text's tokens", choices=("max", "mean"))
+    test_size: float = option(0.3, "held-out fraction", gt=0, lt=1)
+    seed: int = option(0, "split seed", ge=0)
+    rank_by: str = option(
+        "rate", "rank features by firing-rate or mean-activation gap", choices=("rate", "mean")
+    )
+    rule_max_features: int = option(3, "at most this many features in the rule", ge=1)
+    probe: str = option("topk", "sparse probe: top-k features or L1", choices=("topk", "l1"))
+    probe_k: int = option(16, "features of the top-k probe", ge=1)
+    probe_c: float = option(1.0, "inverse regularisation of the probe", gt=0)
 
 
 def classify_texts(

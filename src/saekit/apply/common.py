@@ -11,66 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from saekit.errors import ConfigError, DataError, MissingFileError
-from saekit.io.atomic import read_json
+from saekit.errors import ConfigError, DataError
+from saekit.io.native import RunInfo, read_run_info
 from saekit.sae import SAE
 from saekit.sources import text as text_source
 from saekit.sources.sites import StopForward, hook_site, resolve_site
 
-
-@dataclass
-class RunInfo:
-    """What a run directory says about where its SAE was trained."""
-
-    run_dir: str
-    model: str = ""
-    site: str = ""
-    dataset: str = ""
-    text_field: str = "text"
-    context_len: int = 128
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-def _find_data_cfg(cfg: dict) -> dict:
-    sk = cfg.get("saekit", {})
-    if not isinstance(sk, dict):
-        return {}
-    for key in ("data", "data_cfg", "DataConfig", "data_config"):
-        if isinstance(sk.get(key), dict):
-            return sk[key]
-    return {}
-
-
-def read_run_info(run_dir: str | Path) -> RunInfo:
-    """Model, hook site and dataset recorded in ``run_dir/cfg.json`` (saekit or SAELens keys)."""
-    p = Path(run_dir)
-    cfg_path = p / "cfg.json"
-    if not cfg_path.is_file():
-        raise MissingFileError(f"not a saekit run directory (no cfg.json): {p}")
-    cfg = read_json(cfg_path)
-    data = _find_data_cfg(cfg)
-    sk = cfg.get("saekit", {}) if isinstance(cfg.get("saekit"), dict) else {}
-    sites = data.get("sites") or []
-    site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
-    hook = cfg.get("hook_name")
-    if not site and isinstance(hook, str) and hook.startswith("layers."):
-        site = hook
-    return RunInfo(
-        run_dir=str(p),
-        model=str(data.get("model", cfg.get("model_name", "")) or ""),
-        site=str(site),
-        dataset=str(data.get("dataset", "")),
-        text_field=str(data.get("text_field", "text")),
-        context_len=int(data.get("context_len", 128)),
-        data=data,
-    )
+if TYPE_CHECKING:
+    from saekit.apply.options import RunOptions
 
 
 def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
@@ -83,20 +38,32 @@ def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
     return sae, info
 
 
-def load_model(
-    name_or_path: str = "", causal: bool | None = None, device: str = "cpu", dtype: str = "float32"
-) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` via :func:`saekit.sources.hf.load_model` ("" = the MiniLM).
+@dataclass
+class AppRun:
+    """Everything an application needs from a run: its SAE, the model, site and text length."""
 
-    ``causal=True`` requires an LM with its head (logits, generation).
-    """
-    from saekit.sources.hf import load_model as hf_load
+    sae: SAE
+    info: RunInfo
+    model: nn.Module
+    tokenizer: Any
+    site: str
+    max_len: int
+    model_name: str
 
-    if causal and not name_or_path:
-        raise ConfigError(
-            "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
-        )
-    return hf_load(name_or_path, device=device, dtype=dtype, causal=causal)
+
+def open_run(opts: RunOptions, causal: bool | None = None) -> AppRun:
+    """Load the run of ``opts`` with its model (``opts.model`` / ``site`` / ``max_len``
+    override what the run records). ``causal=True`` requires an LM with its head."""
+    sae, info = load_run(opts.run_dir)
+    sae = sae.to(opts.device)
+    model_name = info.model if opts.model is None else opts.model
+    site = opts.site or info.site
+    if not site:
+        raise ConfigError(f"{opts.run_dir} does not record a single hook site: pass --site")
+    from saekit.sources.hf import load_model
+
+    model, tok = load_model(model_name, device=opts.device, dtype=opts.dtype, causal=causal)
+    return AppRun(sae, info, model, tok, site, opts.max_len or info.context_len, model_name)
 
 
 def read_texts(

@@ -23,9 +23,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +34,32 @@ from torch import nn
 
 from saekit.apply.common import decoder_directions, dense_codes, site_activations, unembedding
 from saekit.errors import ConfigError, DataError
+from saekit.io.atomic import json_safe, write_json, write_text
+from saekit.options import Options, option
 from saekit.sae import SAE
 
 
 @dataclass
-class DashboardConfig:
+class DashboardConfig(Options):
     """What to render."""
 
-    n_features: int = 30  # features to render (ignored when feature_ids is given)
-    feature_ids: list[int] = field(default_factory=list)
-    select: str = "random"  # random (seeded, among fired features) or dense (most frequent)
-    n_top: int = 20
-    n_quantiles: int = 10
-    per_quantile: int = 5
-    context: int = 5
-    bins: int = 50
-    n_neighbours: int = 8
-    n_logits: int = 10
-    seed: int = 0
+    n_features: int = option(
+        30, "features to render (ignored when feature_ids is given)", ge=1, flag="features"
+    )
+    feature_ids: list[int] = option([], "render these features", metavar="F")
+    select: str = option(
+        "random",
+        "random (seeded, among fired features) or dense (most frequent)",
+        choices=("random", "dense"),
+    )
+    n_top: int = option(20, "top contexts per feature", ge=1, flag="top")
+    n_quantiles: int = option(10, "activation quantiles with examples", ge=1)
+    per_quantile: int = option(5, "examples per quantile", ge=0)
+    context: int = option(5, "tokens either side of an example", ge=0)
+    bins: int = option(50, "histogram bins", ge=1)
+    n_neighbours: int = option(8, "nearest decoder directions listed", ge=0)
+    n_logits: int = option(10, "promoted / suppressed tokens listed", ge=0)
+    seed: int = option(0, "seed of the random feature choice", ge=0)
 
 
 @dataclass
@@ -319,12 +326,8 @@ def _choose(cfg: DashboardConfig, fired: np.ndarray, counts: np.ndarray, d_sae: 
         if bad:
             raise ConfigError(f"feature index out of range 0..{d_sae - 1}: {bad}")
         return list(dict.fromkeys(int(f) for f in cfg.feature_ids))
-    if cfg.n_features <= 0:
-        raise ConfigError(f"n_features must be positive, got {cfg.n_features}")
-    if cfg.select == "dense":
+    if cfg.select == "dense":  # n_features and select are validated by DashboardConfig
         return [int(i) for i in np.argsort(-counts, kind="stable")[: cfg.n_features]]
-    if cfg.select != "random":
-        raise ConfigError(f"unknown feature selection {cfg.select!r}; use random or dense")
     pool = np.flatnonzero(fired)
     rng = np.random.default_rng(cfg.seed)
     take = rng.choice(pool, size=min(cfg.n_features, len(pool)), replace=False)
@@ -370,7 +373,7 @@ def build_dashboard(
                 [(tok.decode([int(i)]), float(eff[i])) for i in bot],
             )
         page = _feature_page(f, fd, cfg, rendered, nb, logits, meta, rng)
-        (out / "features" / f"{f}.html").write_text(page, encoding="utf-8")
+        write_text(out / "features" / f"{f}.html", page)
         seq, pos, val = fd.of(f)
         if len(val):
             i = int(np.argmax(np.abs(val)))
@@ -404,7 +407,7 @@ def build_dashboard(
         f"<tbody>{trs}</tbody></table>"
     )
     index = out / "index.html"
-    index.write_text(_page("SAE feature dashboard", body, _SORT_JS), encoding="utf-8")
+    write_text(index, _page("SAE feature dashboard", body, _SORT_JS))
     summary = {
         "n_tokens": col.n_tokens,
         "n_texts": len(col.tokens),
@@ -412,5 +415,5 @@ def build_dashboard(
         "density": {str(f): d for f, d, _, _ in rows},
         **{k: str(v) for k, v in meta.items()},
     }
-    (out / "dashboard.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "dashboard.json", json_safe(summary))
     return index

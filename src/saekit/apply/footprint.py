@@ -11,7 +11,7 @@ reached, then fills up to ``size`` with a seeded random choice of the rest.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,20 @@ from torch import nn
 
 from saekit.apply.common import dense_codes, site_activations
 from saekit.errors import ConfigError, DataError
+from saekit.io.atomic import json_safe, save_figure, write_json
+from saekit.options import Options, option
 from saekit.sae import SAE
+
+
+@dataclass
+class FootprintConfig(Options):
+    """When a feature is in a footprint, and the subsample (:func:`footprint_report`'s
+    keyword options)."""
+
+    threshold: float = option(0.0, "|activation| above which a sample activates a feature", ge=0)
+    min_samples: int = option(1, "samples a feature needs to be in the footprint", ge=1)
+    subsample: int = option(0, "coverage-preserving subsample size (0: none)", ge=0)
+    seed: int = option(0, "seed of the subsample's random fill", ge=0)
 
 
 @torch.no_grad()
@@ -69,8 +82,9 @@ def redundancy_matrix(footprints: list[np.ndarray]) -> np.ndarray:
 
 def plot_redundancy(R: np.ndarray, names: list[str], path: str | Path) -> Path:
     """Heatmap PNG of the redundancy matrix (rows: A, columns: B)."""
-    import matplotlib
+    from saekit.extras import require
 
+    matplotlib = require("matplotlib", "the footprint heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -96,9 +110,7 @@ def plot_redundancy(R: np.ndarray, names: list[str], path: str | Path) -> Path:
             )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100)
+    p = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return p
 
@@ -179,5 +191,5 @@ def footprint_report(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["heatmap"] = str(plot_redundancy(R, names, out / "redundancy.png"))
-        (out / "footprint.json").write_text(json.dumps(report, indent=2))
+        write_json(out / "footprint.json", json_safe(report))
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +16,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate the SAE of RUN_DIR on fresh data; writes eval.json, report.md"
         " and PNG plots into RUN_DIR (or --out).",
     )
-    p.add_argument("run_dir", help="run directory (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR)")
+    p.add_argument(
+        "run_dir", help="run directory (cfg.json + sae_weights.safetensors) or a Qwen-Scope .pt"
+    )
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR, or FILE.eval/)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="for SAEs without a saekit data config (Qwen-Scope .pt,"
+        " SAELens dirs): the HF model ('' : the built-in MiniLM)",
+    )
+    p.add_argument("--site", default=None, help="with --model: the hook site of the SAE")
+    p.add_argument("--dataset", default="", help="with --model: eval text (default: built-in)")
+    p.add_argument("--k", type=int, default=None, help="k of a Qwen-Scope file (else L0_<k>)")
     add_dataclass_args(p, EvalConfig)
     p.set_defaults(func=run_eval)
 
@@ -51,11 +63,20 @@ def _headline(res: dict) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     from saekit.evaluate.run import evaluate_run
 
-    res = evaluate_run(args.run_dir, out_dir=args.out, cfg=_cfg(args))
+    data_cfg = None
+    if args.model is not None or args.site is not None:
+        from saekit.config import DataConfig
+
+        if args.model is None or args.site is None:
+            from saekit.errors import ConfigError
+
+            raise ConfigError("--model and --site go together (the SAE's model and hook site)")
+        data_cfg = DataConfig(model=args.model, sites=[args.site], dataset=args.dataset)
+    res = evaluate_run(args.run_dir, out_dir=args.out, cfg=_cfg(args), data_cfg=data_cfg, k=args.k)
     print(_headline(res))
     for n in res.get("notes", []):
         print(f"note: {n}")
-    out = args.out or args.run_dir
+    out = args.out or (args.run_dir + ".eval" if Path(args.run_dir).is_file() else args.run_dir)
     print(f"wrote {', '.join(res['files'])} to {out}")
     return 0
 

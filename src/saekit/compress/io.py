@@ -131,8 +131,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise MissingFileError(f"{p} not found: not a directory written by save_compressed")
     meta = read_json(p)
-    if meta.get("format") != FORMAT:
-        raise FormatError(f"{p}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{p}: format is {got!r}, expected {FORMAT!r}")
     return meta
 
 

@@ -13,7 +13,9 @@ Definitions (``x`` input, ``x̂`` reconstruction, ``a`` codes; sums over tokens 
 * ``mse``: mean over tokens of ‖x−x̂‖² (summed over dims; never divided by a batch size).
 * ``cos``: mean over tokens of cos(x, x̂). ``l2_ratio``: mean ‖x̂‖/‖x‖.
 * ``rel_bias``: E‖x̂‖² / E⟨x, x̂⟩ (Gated-SAE paper, eq. 10; 1 = no shrinkage).
-* density of latent f: fraction of tokens with a_f != 0; ``dead_frac``: density 0;
+* density of latent f: fraction of tokens with a_f != 0; ``dead_frac``: density 0 (no firing
+  on any eval token: ``SAE.dead_latents``'s predicate with the eval tokens as its window;
+  ``saekit eval`` also reports ``dead_frac_train``, the training-time figure);
   ``dense_frac``: density > ``dense_threshold`` (0.1 by default, SAEBench's
   ``freq_over_10_percent``).
 """

@@ -7,15 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from saekit.evaluate.afa import ZF_BOUNDS
+from saekit.io.atomic import save_figure
 
 
 def _plt():
-    import matplotlib
+    from saekit.extras import require
+
+    matplotlib = require("matplotlib", "plots (turn them off with --plots false)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, save atomically and close ``fig``."""
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def density_histogram(hist: dict[str, Any], path: str | Path, title: str = "") -> Path:
@@ -28,10 +39,7 @@ def density_histogram(hist: dict[str, Any], path: str | Path, title: str = "") -
     ax.set_xlabel("log10 feature density (fraction of tokens with a_f != 0)")
     ax.set_ylabel("latents")
     ax.set_title(f"{title} feature density ({hist['dead']} dead latents)".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def l0_histogram(l0_hist: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
@@ -42,10 +50,7 @@ def l0_histogram(l0_hist: dict[str, list[int]], path: str | Path, title: str = "
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("tokens")
     ax.set_title(f"{title} L0 distribution".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def zf_plot(
@@ -76,10 +81,7 @@ def zf_plot(
     ax.set_ylabel("‖f̃‖ (decoder-norm-scaled code + ‖b_dec‖)")
     ax.set_title(f"{title} ZF plot".strip())
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def frontier(
@@ -101,7 +103,4 @@ def frontier(
     ax.set_ylabel(y)
     ax.set_title(title or f"{y} vs {x}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -72,7 +72,9 @@ def sparse_probe_accuracy(
     ks: Sequence[int] = DEFAULT_KS,
 ) -> dict[str, Any]:
     """Test accuracy of top-k probes per k (one-vs-rest, averaged over classes)."""
-    from sklearn.linear_model import LogisticRegression
+    from saekit.extras import require
+
+    LogisticRegression = require("sklearn.linear_model", "sparse probing").LogisticRegression
 
     ytr, yte = np.asarray(y_train), np.asarray(y_test)
     classes = sorted(set(ytr.tolist()))

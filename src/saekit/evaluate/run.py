@@ -23,7 +23,7 @@ of the baselines; nothing else is held in memory. Every section of the result ha
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
-from saekit.options import Options, from_dict, option
+from saekit.io.atomic import json_safe, read_json, write_json, write_text
+from saekit.io.paths import check_writable_dir
+from saekit.options import Options, option
 from saekit.sources.base import ActivationSource, Batch
 
 EVAL_STREAM_OFFSET = 1_000_003
@@ -98,7 +100,7 @@ def eval_source(
     if data_cfg.source == "hf":
         from saekit.sources.hf import HFSource
 
-        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, with_grad=False, device=cfg.device)
+        dc = dataclasses.replace(data_cfg, shuffle_buffer=0, inputs=[], device=cfg.device)
         notes: list[str] = []
         if _is_local_text(dc.dataset):
             part, split = "eval", dc.dataset_split
@@ -174,6 +176,10 @@ class _Evaluator:
 
     def result(self, G: Tensor | None) -> dict[str, Any]:
         r: dict[str, Any] = {"core": self.core.result()}
+        if hasattr(self.ae, "dead_latents") and int(self.ae.tokens_seen) > 0:
+            # the training-time definition (aux loss, logs), from the saved counters
+            r["core"]["dead_frac_train"] = float(self.ae.dead_latents().float().mean())
+            r["core"]["dead_tokens"] = self.ae.dead_window
         if self.afa is not None:
             r["afa"] = self.afa.result()
         if self.abl is not None:
@@ -189,162 +195,164 @@ class _Evaluator:
         return r
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, Tensor):
-        return _json_safe(obj.tolist())
-    return obj
+@dataclass
+class _Setup:
+    """What every evaluation phase reads: the SAE, its data and the evaluation source."""
+
+    run_dir: Path
+    out: Path
+    sae: Any
+    data_cfg: DataConfig
+    src: _Src
+    site: str
+    G: Tensor | None  # the true dictionary (synthetic data), else None
+    gt: tuple[Tensor, Tensor] | None  # (dictionary, parent index) for detection/absorption
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    n_tokens: int | None = None,
-    out_dir: str | Path | None = None,
-    probe_data: str | Path | None = None,
-    cfg: EvalConfig | None = None,
-    model: Any = None,
-    tokenizer: Any = None,
-) -> dict[str, Any]:
-    """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
+def _setup(
+    run_dir: Path,
+    out: Path,
+    cfg: EvalConfig,
+    model: Any,
+    tokenizer: Any,
+    data_cfg: DataConfig | None,
+    k: int | None,
+) -> _Setup:
+    """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site."""
+    from saekit.io import load_sae, read_run_info
 
-    ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
-    model for HF runs (else loaded from the run's ``DataConfig.model``).
-    """
-    from saekit.io import load_sae
-    from saekit.io.native import run_info
-
-    cfg = dataclasses.replace(cfg or EvalConfig())
-    if n_tokens is not None:
-        cfg.tokens = n_tokens
-    if probe_data is not None:
-        cfg.probe_data = str(probe_data)
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    sae = load_sae(run_dir, device=cfg.device)
+    sae = load_sae(run_dir, device=cfg.device, k=k)
     sae.train(False)
-    info = run_info(run_dir)
-    if not isinstance(info.get("data"), dict):
-        raise FormatError(
-            f"{run_dir / 'cfg.json'} has no saekit 'data' section: cannot rebuild its data"
-        )
-    data_cfg = from_dict(DataConfig, info["data"])
+    info = read_run_info(run_dir) if run_dir.is_dir() else None
+    if data_cfg is None:
+        if info is None or not info.saekit.get("data"):
+            where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
+            raise FormatError(
+                f"{where} records no saekit 'data' section: cannot rebuild its data; pass"
+                " the model and hook site (saekit eval --model NAME --site layers.N.KIND)"
+            )
+        data_cfg = info.data_config()
+    check_writable_dir(out, "eval output directory")
     src = eval_source(data_cfg, cfg, model, tokenizer)
-    site = str(info.get("site") or (data_cfg.sites[0] if data_cfg.sites else src.source.sites[0]))
+    site = (info.site if info else "") or data_cfg.sites[0]
     if site not in src.source.sites:
         site = src.source.sites[0]
     if src.source.d_in(site) != sae.d_in:
+        src.source.close()
         raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
     G = getattr(src.source, "dictionary", None)
     parent = getattr(src.source, "parent", None)
-    gt = (
-        (G, parent if parent is not None else torch.full((G.shape[0],), -1))
-        if G is not None
-        else None
-    )
+    gt = None
+    if G is not None:
+        gt = (G, parent if parent is not None else torch.full((G.shape[0],), -1))
+    return _Setup(run_dir, out, sae, data_cfg, src, site, G, gt)
+
+
+def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[str, Any]]:
+    """Phase 2: one pass over the eval tokens feeding the SAE's and the baselines' accumulators.
+
+    The first ``pca_fit_tokens`` are buffered: they give the L0 of the baselines and fit PCA.
+    """
 
     def xs(b: Batch) -> tuple[Tensor, Tensor | None]:
-        codes = b.meta.get("codes")
-        return b.acts[site].to(cfg.device).float(), codes
+        return b.acts[st.site].to(cfg.device).float(), b.meta.get("codes")
 
-    # ---- buffer the first tokens: L0 for the baselines, PCA fit
-    stream = _take(src, cfg.batch_size, cfg.tokens)
+    stream = _take(st.src, cfg.batch_size, cfg.tokens)
     buffered: list[Batch] = []
-    n_buf = 0
-    fit_tokens = min(cfg.pca_fit_tokens, cfg.tokens)
+    n_buf, fit_tokens = 0, min(cfg.pca_fit_tokens, cfg.tokens)
     for b in stream:
         buffered.append(b)
-        n_buf += b.acts[site].shape[0]
+        n_buf += b.acts[st.site].shape[0]
         if n_buf >= fit_tokens:
             break
     if not buffered:
-        raise DataError(f"the evaluation source yielded no tokens for site {site!r}")
+        raise DataError(f"the evaluation source yielded no tokens for site {st.site!r}")
+    sae = st.sae
     with torch.no_grad():
         l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
-    evals = {"sae": _Evaluator(sae, cfg, gt, full=True)}
+    evals = {"sae": _Evaluator(sae, cfg, st.gt, full=True)}
     base_models: dict[str, Any] = {}
     if cfg.baselines:
         base_models["random"] = baselines.random_sae(sae, seed=cfg.seed, l0=l0_est).to(cfg.device)
         base_models["pca"] = baselines.fit_pca([xs(b)[0] for b in buffered], sae.d_in, l0_est)
         for name, m in base_models.items():
-            evals[name] = _Evaluator(m, cfg, gt, full=False)
-
-    def feed(b: Batch) -> None:
+            evals[name] = _Evaluator(m, cfg, st.gt, full=False)
+    for b in itertools.chain(buffered, stream):  # the rest of the stream is never held
         x, codes = xs(b)
         for e in evals.values():
             e.update(x, codes)
+    return evals, base_models
 
-    for b in buffered:
-        feed(b)
-    del buffered
-    for b in stream:
-        feed(b)
 
+def _results(
+    st: _Setup, cfg: EvalConfig, evals: dict[str, _Evaluator], base_models: dict[str, Any]
+) -> dict[str, Any]:
+    """The result sections of phase 2."""
+    sae, src = st.sae, st.src
     result: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "site": site,
-        "sae_info": {
-            "rule": sae.cfg.rule,
-            "d_in": sae.d_in,
-            "d_sae": sae.d_sae,
-            "k": sae.cfg.k,
-        },
+        "run_dir": str(st.run_dir),
+        "site": st.site,
+        "sae_info": {"rule": sae.cfg.rule, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.cfg.k},
         "data": {"description": src.description, "fresh": src.fresh, "kind": src.kind},
         "eval_config": dataclasses.asdict(cfg),
-        "sae": evals["sae"].result(G),
-        "baselines": {n: evals[n].result(G) for n in base_models},
+        "sae": evals["sae"].result(st.G),
+        "baselines": {n: evals[n].result(st.G) for n in base_models},
     }
     if base_models:
         result["baselines_info"] = baselines.describe(
             base_models.get("pca"), base_models.get("random")
         )
+    return result
 
-    # ---- spliced CE / KL (decoder LMs)
-    causal = bool(getattr(src.source, "causal", False))
-    if src.kind == "hf" and causal and cfg.splice_tokens > 0:
-        from saekit.evaluate.splice import splice_metrics, token_batches
-        from saekit.sources.text import iter_texts
 
-        dc = data_cfg
-        texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
-        bs = cfg.splice_batch_size or dc.model_batch_size
-        batches = token_batches(
-            src.source.tokenizer,
-            texts,
-            dc.context_len,
-            bs,
-            cfg.splice_tokens,  # type: ignore[attr-defined]
-        )
-        sp = splice_metrics(src.source.model, sae, site, batches, base_models)  # type: ignore[attr-defined]
-        for name, r in sp.pop("baselines", {}).items():
-            result["baselines"][name]["splice"] = r
-        result["sae"]["splice"] = sp
-    elif src.kind == "hf":
-        src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
+def _splice(
+    st: _Setup, cfg: EvalConfig, base_models: dict[str, Any], result: dict[str, Any]
+) -> None:
+    """Phase 3: spliced CE / KL on real text (decoder LMs), for the SAE and the baselines."""
+    src = st.src
+    if src.kind != "hf":
+        return
+    if not getattr(src.source, "causal", False) or cfg.splice_tokens <= 0:
+        if not getattr(src.source, "causal", False):
+            src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
+        return
+    from saekit.evaluate.splice import splice_metrics, token_batches
+    from saekit.sources.text import iter_texts
 
-    # ---- sparse probing
-    if cfg.probe_data:
-        if src.kind != "hf":
-            raise ConfigError("sparse probing needs a run on an HF model (source 'hf')")
-        from saekit.evaluate.probing import probe_run
+    dc = st.data_cfg
+    source: Any = src.source
+    texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
+    bs = cfg.splice_batch_size or dc.model_batch_size
+    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens)
+    sp = splice_metrics(source.model, st.sae, st.site, batches, base_models)
+    for name, r in sp.pop("baselines", {}).items():
+        result["baselines"][name]["splice"] = r
+    result["sae"]["splice"] = sp
 
-        result["sae"]["probing"] = probe_run(
-            src.source.model,  # type: ignore[attr-defined]
-            src.source.tokenizer,  # type: ignore[attr-defined]
-            sae,
-            site,
-            cfg.probe_data,
-            context_len=data_cfg.context_len,
-            seed=cfg.seed,
-        )
-    result["notes"] = list(src.notes)
 
-    # ---- files
+def _probe(st: _Setup, cfg: EvalConfig) -> dict[str, Any]:
+    """Phase 4: sparse probing on ``cfg.probe_data`` (HF runs)."""
+    if st.src.kind != "hf":
+        raise ConfigError("sparse probing needs a run on an HF model (source 'hf')")
+    from saekit.evaluate.probing import probe_run
+
+    source: Any = st.src.source
+    return probe_run(
+        source.model,
+        source.tokenizer,
+        st.sae,
+        st.site,
+        cfg.probe_data,
+        context_len=st.data_cfg.context_len,
+        seed=cfg.seed,
+    )
+
+
+def _write(
+    st: _Setup, cfg: EvalConfig, result: dict[str, Any], evals: dict[str, _Evaluator]
+) -> dict[str, Any]:
+    """Phase 5: plots, ``report.md`` and ``eval.json`` (each written atomically)."""
+    out = st.out
     images: dict[str, str] = {}
     if cfg.plots:
         core = result["sae"]["core"]
@@ -359,13 +367,51 @@ def evaluate_run(
             nz, nf = a.points(cfg.seed)
             images["ZF plot"] = plots.zf_plot(nz.tolist(), nf.tolist(), out / "zf_plot.png").name
     result["files"] = ["eval.json", "report.md", *images.values()]
-    result = _json_safe(result)
-    (out / "report.md").write_text(report.render(result, images))
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "eval.json")
-    src.source.close()
+    result = json_safe(result)
+    write_text(out / "report.md", report.render(result, images))
+    write_json(out / "eval.json", result)
     return result
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    n_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    probe_data: str | Path | None = None,
+    cfg: EvalConfig | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    data_cfg: DataConfig | None = None,
+    k: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate the SAE in ``run_dir``; writes ``eval.json``, ``report.md`` and PNGs.
+
+    ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
+    model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
+    be an SAE file (a Qwen-Scope ``.pt``); its outputs then go to ``<file>.eval/`` and
+    ``data_cfg`` (the model, site and text it reads) is required. ``k``: for such files.
+    Phases: set-up, one streaming pass (core, AFA, ablation, ground truth, baselines),
+    spliced CE/KL, probing, files.
+    """
+    cfg = dataclasses.replace(cfg or EvalConfig())
+    if n_tokens is not None:
+        cfg.tokens = n_tokens
+    if probe_data is not None:
+        cfg.probe_data = str(probe_data)
+    run_dir = Path(run_dir)
+    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
+    out = Path(out_dir) if out_dir is not None else default_out
+    st = _setup(run_dir, out, cfg, model, tokenizer, data_cfg, k)
+    try:
+        evals, base_models = _stream(st, cfg)
+        result = _results(st, cfg, evals, base_models)
+        _splice(st, cfg, base_models, result)
+        if cfg.probe_data:
+            result["sae"]["probing"] = _probe(st, cfg)
+        result["notes"] = list(st.src.notes)
+        return _write(st, cfg, result, evals)
+    finally:
+        st.src.source.close()
 
 
 def load_eval(run_dir: str | Path) -> dict[str, Any]:
@@ -374,7 +420,7 @@ def load_eval(run_dir: str | Path) -> dict[str, Any]:
     p = p if p.suffix == ".json" else p / "eval.json"
     if not p.is_file():
         raise MissingFileError(f"{p} not found: run `saekit eval {p.parent}` first")
-    return json.loads(p.read_text())
+    return read_json(p)
 
 
 def compare_runs(
@@ -425,7 +471,7 @@ def compare_runs(
         + "\n".join(f"![{f}]({f})" for f in files if f.endswith(".png"))
         + "\n"
     )
-    (out / "compare.md").write_text(md)
+    write_text(out / "compare.md", md)
     summary = {"runs": [str(r) for r in run_dirs], "table": table, "points": points, "files": files}
-    (out / "compare.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    write_json(out / "compare.json", json_safe(summary))
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -75,6 +76,38 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kw: Any) -> Path:
+    """Atomically save a matplotlib figure (format from ``path``'s suffix); returns ``path``."""
+    path = Path(path)
+    fmt = savefig_kw.pop("format", path.suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, **savefig_kw)
+    return path
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON data: NaN / ±Inf -> null, tensors and NumPy values -> lists and
+    numbers, paths -> strings, dict keys -> strings. Anything else is a bug (TypeError)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Tensor) or type(obj).__module__ == "numpy":
+        return json_safe(obj.tolist())  # numpy scalars' tolist() is their Python value
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON data: {type(obj).__name__}")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,10 +1,13 @@
 """Training checkpoints: a directory of safetensors files plus ``state.json``, swapped in whole.
 
-:func:`write_checkpoint` writes every file into a fresh temporary directory beside the
-target (each fsync-ed), records each file's size and SHA-256 in ``state.json``, then swaps
-the directories with renames: an interrupted write leaves the previous checkpoint intact
-(or, between the two renames, at ``.<name>.old``, which :func:`read_checkpoint` finds).
-:func:`read_checkpoint` verifies every checksum and names the file when one is corrupt.
+:func:`write_checkpoint` writes every file into ``.<name>.tmp-<pid>`` beside the target
+(each fsync-ed), records each file's size and SHA-256 in ``state.json`` (itself sealed, see
+:mod:`saekit.io.integrity`), then swaps the directories with renames that never delete the
+last good copy before the new one is in place. Whatever the interleaving of kills, a
+complete checkpoint is left at ``<name>``, ``.<name>.old`` or a complete temporary
+directory; :func:`recover_checkpoint` (at the start of a run) swaps the newest one in and
+removes the stale temporary directories of dead processes. :func:`read_checkpoint`
+verifies every checksum and names the file when one is corrupt.
 
 Nested Python state (optimizer ``state_dict``, RNG states, a source's ``state_dict``) is
 stored with :func:`encode`: tensors and NumPy arrays go to a safetensors file, the rest to
@@ -13,7 +16,6 @@ JSON with tagged placeholders, so nothing is ever pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.errors import CheckpointError, MissingFileError
+from saekit.errors import CheckpointError, FormatError, IntegrityError, MissingFileError
 from saekit.io.atomic import _fsync_dir, load_tensors, read_json, save_tensors, write_json
+from saekit.io.integrity import check_seal, file_records, seal, verify_files
+from saekit.io.lock import pid_alive
 
 STATE_JSON = "state.json"
 FORMAT = "saekit-checkpoint-1"
@@ -80,16 +84,23 @@ def _hashable(k: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+SEAL = ("state_sha256",)
 
 
 def _old(path: Path) -> Path:
     return path.parent / f".{path.name}.old"
+
+
+def _corrupt(path: Path) -> Path:
+    return path.parent / f".{path.name}.corrupt"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _tmp(path: Path) -> Path:
+    return path.parent / f"{_tmp_prefix(path)}{os.getpid()}"
 
 
 def checkpoint_exists(path: str | Path) -> bool:
@@ -98,60 +109,167 @@ def checkpoint_exists(path: str | Path) -> bool:
     return p.is_dir() or (_old(p) / STATE_JSON).is_file()
 
 
+def _swap_in(new: Path, path: Path) -> None:
+    """Move the complete checkpoint ``new`` to ``path``; the last good copy is never deleted
+    before the new one is in place, whatever the interleaving of kills."""
+    old = _old(path)
+    if path.is_dir():
+        shutil.rmtree(old, ignore_errors=True)  # path is the last good copy
+        os.replace(path, old)
+    # else: ``old`` (if any) is the last good copy; it stays until ``new`` is in place
+    os.replace(new, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_checkpoint(path: str | Path, files: dict[str, dict[str, Tensor]], meta: dict) -> None:
-    """Replace the checkpoint at ``path`` by ``files`` (name -> tensors) and ``meta``."""
+    """Replace the checkpoint at ``path`` by ``files`` (name -> tensors) and ``meta``.
+
+    Everything goes to ``.<name>.tmp-<pid>`` first; ``state.json`` (sealed, holding every
+    file's size and SHA-256) is written last, so a temporary directory with a valid
+    ``state.json`` is complete and :func:`recover_checkpoint` may use it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = _tmp(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = {}
+        names = []
         for name, tensors in files.items():
-            fname = f"{name}.safetensors"
-            save_tensors(tmp / fname, tensors)
-            size = (tmp / fname).stat().st_size
-            manifest[fname] = {"bytes": size, "sha256": _sha256(tmp / fname)}
-        write_json(tmp / STATE_JSON, {"format": FORMAT, "files": manifest, **meta})
+            save_tensors(tmp / f"{name}.safetensors", tensors)
+            names.append(f"{name}.safetensors")
+        state = {"format": FORMAT, "files": file_records(tmp, names), **meta}
+        write_json(tmp / STATE_JSON, seal(state, SEAL))
         _fsync_dir(tmp)
-        old = _old(path)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:
-    """``(meta, files)`` of the checkpoint at ``path``, every file checked against its hash."""
+def read_meta(path: str | Path, verify: bool = True) -> dict:
+    """The checked ``state.json`` of the checkpoint directory ``path`` (files verified too)."""
     path = Path(path)
-    if not (path / STATE_JSON).is_file() and (_old(path) / STATE_JSON).is_file():
-        path = _old(path)  # interrupted between the two renames of write_checkpoint
     sj = path / STATE_JSON
+    if not sj.is_file():
+        raise MissingFileError(
+            f"{sj} is missing: the checkpoint {path} is incomplete; delete it or pass"
+            " resume=false to start over"
+        )
     try:
         meta = read_json(sj)
-    except MissingFileError:
-        raise
     except ValueError as e:
         raise CheckpointError(f"corrupt checkpoint: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"corrupt checkpoint: {sj} is not a {FORMAT} state file")
+    try:
+        if verify:
+            check_seal(meta, sj, SEAL)
+        verify_files(path, meta.get("files"), verify)
+    except IntegrityError as e:
+        raise CheckpointError(f"corrupt checkpoint: {e}") from e
+    for key in ("step", "tokens"):
+        if not isinstance(meta.get(key), int):
+            raise CheckpointError(f"corrupt checkpoint: {sj} has no integer {key!r}")
+    return meta
+
+
+def read_checkpoint(
+    path: str | Path, verify: bool = True
+) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """``(meta, files)`` of the checkpoint at ``path``, every file checked against its hash.
+
+    ``verify=False`` checks file sizes but not SHA-256 digests.
+    """
+    path = Path(path)
+    if not (path / STATE_JSON).is_file() and (_old(path) / STATE_JSON).is_file():
+        path = _old(path)  # interrupted between the two renames of write_checkpoint
+    meta = read_meta(path, verify)
     files: dict[str, dict[str, Tensor]] = {}
-    for fname, info in meta["files"].items():
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"corrupt checkpoint: {f} is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            raise CheckpointError(f"corrupt checkpoint: {f} does not match its checksum")
+    for fname in meta["files"]:
         try:
-            files[fname.removesuffix(".safetensors")] = load_tensors(f)
+            files[fname.removesuffix(".safetensors")] = load_tensors(path / fname)
         except ValueError as e:  # pragma: no cover - the checksum catches this first
             raise CheckpointError(f"corrupt checkpoint: {e}") from e
     return meta, files
+
+
+def _tmp_pid(p: Path, prefix: str) -> int:
+    tail = p.name[len(prefix) :]
+    return int(tail) if tail.isdigit() else 0
+
+
+def stale_writes(path: str | Path) -> list[Path]:
+    """The ``.<name>.tmp-<pid>`` directories beside ``path`` whose process is gone."""
+    path = Path(path)
+    prefix = _tmp_prefix(path)
+    out = []
+    for p in sorted(path.parent.glob(f"{prefix}*")):
+        pid = _tmp_pid(p, prefix)
+        if p.is_dir() and pid != os.getpid() and not pid_alive(pid):
+            out.append(p)
+    return out
+
+
+def remove_stale_writes(path: str | Path) -> list[str]:
+    """Delete the stale temporary checkpoint directories beside ``path``; returns notes."""
+    notes = []
+    for t in stale_writes(path):
+        shutil.rmtree(t, ignore_errors=True)
+        notes.append(f"removed the stale checkpoint write {t}")
+    return notes
+
+
+def recover_checkpoint(path: str | Path, verify: bool = True) -> list[str]:
+    """Make ``path`` the newest complete checkpoint left by interrupted writes; returns notes.
+
+    Candidates: ``path``, ``.<name>.old`` and the ``.<name>.tmp-<pid>`` directories of dead
+    processes (a live process's are left alone). The complete one with the highest step
+    is swapped in; the others are deleted, except an unusable ``path``, which is kept as
+    ``.<name>.corrupt`` when another copy replaces it. With no complete copy at all, an
+    unusable ``path`` or ``.old`` raises its error: a run never restarts silently.
+    Call it holding the directory's lock.
+    """
+    path = Path(path)
+    tmps = stale_writes(path)
+    cands = [c for c in (path, _old(path)) if c.is_dir()] + tmps
+    if cands == [path]:
+        return []  # the usual case: read_checkpoint checks it
+    good: list[tuple[int, int, Path]] = []
+    errors: dict[Path, Exception] = {}
+    for rank, c in enumerate(cands):
+        try:
+            good.append((int(read_meta(c, verify)["step"]), -rank, c))
+        except (FormatError, OSError) as e:
+            errors[c] = e
+    notes: list[str] = []
+    if not good:
+        for c in (path, _old(path)):
+            if c in errors:
+                raise errors[c]
+        for t in tmps:  # incomplete writes of dead processes: nothing of value
+            shutil.rmtree(t, ignore_errors=True)
+            notes.append(f"removed the incomplete checkpoint write {t}")
+        return notes
+    step, _, best = max(good)
+    if best != path:
+        if path in errors:
+            shutil.rmtree(_corrupt(path), ignore_errors=True)
+            os.replace(path, _corrupt(path))
+            notes.append(f"kept the unusable checkpoint {path} as {_corrupt(path)}: {errors[path]}")
+        if best == _old(path):
+            os.replace(best, path)
+            _fsync_dir(path.parent)
+        else:
+            _swap_in(best, path)
+        notes.append(f"recovered the checkpoint of step {step} from {best.name}")
+    for c in [_old(path), *tmps]:
+        if c.exists():
+            shutil.rmtree(c, ignore_errors=True)
+            if c in tmps:
+                notes.append(f"removed the stale checkpoint write {c}")
+    return notes
 
 
 def describe_diff(saved: Any, now: Any, where: str = "") -> list[str]:

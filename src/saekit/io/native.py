@@ -18,16 +18,20 @@ SAELens directories and Qwen-Scope ``.pt`` files.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saekit.config import SAEConfig, from_dict, to_dict
-from saekit.errors import FormatError, MissingFileError
+from saekit.config import DataConfig, SAEConfig, from_dict, to_dict
+from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, save_tensors, write_json
-from saekit.io.saelens import load_state, log10_density, sae_from_saelens, saelens_cfg
+from saekit.io.integrity import check_seal, file_records, seal, verify_files
+from saekit.io.saelens import base_cfg, load_state, log10_density, sae_from_saelens, saelens_export
+from saekit.rules import rule_names
 from saekit.sae import SAE
 
 CFG_FILE = "cfg.json"
@@ -35,6 +39,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 STATE_FILE = "saekit_state.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: where cfg.json keeps the digest of its own canonical JSON
+CFG_SEAL = ("saekit", "cfg_sha256")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
@@ -55,7 +61,13 @@ def save_sae(
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra_cfg or {})
     data = extra.get("data") if isinstance(extra.get("data"), dict) else {}
-    weights = sae.folded_weights()
+    site = str(extra.get("site", ""))
+    try:
+        cfg, weights = saelens_export(sae, site=site, data=data)
+        refused = None
+    except FormatError as e:  # the rule has no SAELens equivalent: saekit-only directory
+        cfg, weights, refused = base_cfg(sae, site=site, data=data), sae.folded_weights(), str(e)
+        warnings.warn(f"{run_dir}: not loadable by SAELens: {e}", stacklevel=2)
     save_tensors(run_dir / WEIGHTS_FILE, weights, metadata={"format": "pt"})
     state = {k: v for k, v in sae.state_dict().items()}
     if not sae.cfg.normalize_input:  # folded == raw bit for bit: do not store them twice
@@ -64,16 +76,19 @@ def save_sae(
     save_tensors(run_dir / STATE_FILE, state)
     dens = sae.fire_freq if density is None else density
     save_tensors(run_dir / SPARSITY_FILE, {"sparsity": log10_density(dens)})
-    cfg = saelens_cfg(sae, site=str(extra.get("site", "")), data=data)
     import saekit
 
     cfg["saekit"] = {
         "version": saekit.__version__,
         "sae": to_dict(sae.cfg),
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "rule_module": type(sae.rule).__module__,
         **extra,
     }
-    write_json(run_dir / CFG_FILE, cfg)
+    if refused is not None:
+        cfg["saekit"]["saelens_export"] = f"refused: {refused}"
+    cfg["saekit"]["files"] = file_records(run_dir, (WEIGHTS_FILE, STATE_FILE, SPARSITY_FILE))
+    write_json(run_dir / CFG_FILE, seal(cfg, CFG_SEAL))
     return run_dir
 
 
@@ -98,16 +113,45 @@ def _refuse_pickles(run_dir: Path) -> None:
     )
 
 
+def verify_run(run_dir: str | Path, verify: bool = True) -> dict:
+    """The checked ``cfg.json`` of a saekit run: its seal and every recorded file's digest.
+
+    ``verify=False`` checks file sizes only. Runs written before digests were recorded, and
+    plain SAELens directories, have nothing to check.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    section = cfg.get("saekit")
+    if isinstance(section, dict):
+        if verify:
+            check_seal(cfg, run_dir / CFG_FILE, CFG_SEAL)
+        if "files" in section:
+            verify_files(run_dir, section["files"], verify)
+    return cfg
+
+
 def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SAE:
     section = cfg["saekit"]
+    where = run_dir / CFG_FILE
     if not isinstance(section, dict) or not isinstance(section.get("sae"), dict):
-        raise FormatError(f"{run_dir / CFG_FILE}: the 'saekit' section has no 'sae' config")
-    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{run_dir / CFG_FILE} saekit.sae")
+        raise FormatError(f"{where}: the 'saekit' section has no 'sae' config")
+    rule = section["sae"].get("rule", "topk")
+    if isinstance(rule, str) and rule not in rule_names():
+        mod = section.get("rule_module")
+        raise ConfigError(
+            f"{where}: unknown rule {rule!r}; a rule of your own must be imported first"
+            " (saekit --plugin MODULE, SAEKIT_PLUGINS=MODULE, or import it in Python)"
+            + (f"; it was saved from module {mod!r}" if mod else "")
+        )
+    sae_cfg = from_dict(SAEConfig, section["sae"], where=f"{where} saekit.sae")
     if k is not None:
         sae_cfg.k = k
-    with torch.random.fork_rng(devices=[]):
-        sae = SAE(sae_cfg)
-    dtype = getattr(torch, section.get("dtype", "float32"), None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            sae = SAE(sae_cfg)
+    except (ConfigError, DataError, TypeError, RuntimeError) as e:
+        raise FormatError(f"{where}: the saved SAE config cannot be built: {e}") from e
+    dtype = getattr(torch, str(section.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"{run_dir / CFG_FILE}: unknown dtype {section.get('dtype')!r}")
     sae.to(dtype)
@@ -120,16 +164,24 @@ def _sae_from_saekit(run_dir: Path, cfg: dict, device: str, k: int | None) -> SA
 
 
 def load_sae(
-    path: str | Path, device: str = "cpu", k: int | None = None, train: bool = False
+    path: str | Path,
+    device: str = "cpu",
+    k: int | None = None,
+    train: bool = False,
+    verify: bool = True,
 ) -> SAE:
     """Load an SAE from a saekit or SAELens run directory, or a Qwen-Scope ``.pt`` file.
 
     ``k``: for Qwen-Scope files (not stored there), or overrides the saved ``k``. The SAE
-    is returned in eval mode unless ``train``.
+    is returned in eval mode unless ``train``. ``verify``: check the SHA-256 digests that
+    saekit recorded in ``cfg.json`` (an IntegrityError names a corrupt file); False checks
+    sizes only.
     """
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"SAE not found: {p}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"k must be a positive integer (latents kept per token), got {k!r}")
     if p.is_file():
         if p.name == CFG_FILE or p.suffix == ".safetensors":
             return load_sae(p.parent, device, k, train)
@@ -141,6 +193,7 @@ def load_sae(
         if not (p / WEIGHTS_FILE).is_file():
             _refuse_pickles(p)
         if "saekit" in cfg:
+            verify_run(p, verify)
             sae = _sae_from_saekit(p, cfg, device, k)
         else:
             sae = sae_from_saelens(cfg, load_tensors(p / WEIGHTS_FILE), k).to(device)
@@ -148,13 +201,65 @@ def load_sae(
     return sae
 
 
-def load_density(run_dir: str | Path) -> Tensor:
-    """Per-latent firing density from ``sparsity.safetensors``."""
+def load_density(run_dir: str | Path, verify: bool = True) -> Tensor:
+    """Per-latent firing density from ``sparsity.safetensors`` (checked like :func:`load_sae`)."""
     from saekit.io.saelens import density_from_log10
 
+    if (Path(run_dir) / CFG_FILE).is_file():
+        verify_run(run_dir, verify)
     return density_from_log10(load_tensors(Path(run_dir) / SPARSITY_FILE)["sparsity"])
 
 
-def run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The ``saekit`` section of a run's cfg (empty for plain SAELens dirs)."""
-    return dict(read_run_config(run_dir).get("saekit") or {})
+@dataclass
+class RunInfo:
+    """What a run directory's ``cfg.json`` says about where its SAE was trained."""
+
+    run_dir: str
+    model: str = ""
+    site: str = ""
+    dataset: str = ""
+    text_field: str = "text"
+    context_len: int = 128
+    #: the ``DataConfig`` as saved (``{}`` for plain SAELens directories)
+    data: dict[str, Any] = field(default_factory=dict)
+    #: the whole ``saekit`` section (``{}`` for plain SAELens directories)
+    saekit: dict[str, Any] = field(default_factory=dict)
+
+    def data_config(self) -> DataConfig:
+        """The run's :class:`DataConfig` (validated), or FormatError when none is recorded."""
+        where = Path(self.run_dir) / CFG_FILE
+        if not isinstance(self.saekit.get("data"), dict):
+            raise FormatError(f"{where} has no saekit 'data' section: cannot rebuild its data")
+        return from_dict(DataConfig, self.saekit["data"], where=f"{where} saekit.data")
+
+
+def _find_data_cfg(sk: dict) -> dict:
+    for key in ("data", "data_cfg", "DataConfig", "data_config"):
+        if isinstance(sk.get(key), dict):
+            return sk[key]
+    return {}
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """Model, hook site and data recorded in ``run_dir/cfg.json`` (saekit or SAELens keys)."""
+    p = Path(run_dir)
+    if not (p / CFG_FILE).is_file():
+        raise MissingFileError(f"not a saekit run directory (no {CFG_FILE}): {p}")
+    cfg = read_run_config(p)
+    sk = cfg["saekit"] if isinstance(cfg.get("saekit"), dict) else {}
+    data = _find_data_cfg(sk)
+    sites = data.get("sites") or []
+    site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
+    hook = cfg.get("hook_name")
+    if not site and isinstance(hook, str) and hook.startswith("layers."):
+        site = hook
+    return RunInfo(
+        run_dir=str(p),
+        model=str(data.get("model", cfg.get("model_name", "")) or ""),
+        site=str(site),
+        dataset=str(data.get("dataset", "")),
+        text_field=str(data.get("text_field", "text")),
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+        saekit=dict(sk),
+    )

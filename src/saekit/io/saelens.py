@@ -1,14 +1,16 @@
 """The SAELens (v6) directory format: ``cfg.json`` + ``sae_weights.safetensors``.
 
-Export: :func:`saelens_cfg` builds the SAELens fields of ``cfg.json`` for an SAE. The
-weights are folded (``SAE.folded_weights``), so ``normalize_activations`` is always
-``"none"``. The architecture comes from the rule's ``saelens_architecture``; rules with a
-threshold at inference (JumpReLU, BatchTopK) export as ``"jumprelu"`` with a per-latent
-``threshold`` tensor.
+Export: :func:`saelens_export` gives the SAELens fields of ``cfg.json`` and the tensors of
+``sae_weights.safetensors`` for an SAE. The weights are folded (``SAE.folded_weights``), so
+``normalize_activations`` is always ``"none"``. Everything rule-specific (architecture, extra
+cfg fields such as ``k``, extra tensors such as ``threshold``) comes from the rule's
+``saelens_export`` hook, which raises :class:`~saekit.errors.FormatError` when SAELens has
+no equivalent.
 
 Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens directory (no
-``saekit`` section): ``standard`` -> relu, ``topk`` -> topk (``k`` from the cfg),
-``jumprelu`` -> jumprelu (``log_threshold = log(threshold)``), ``batchtopk`` -> batchtopk.
+``saekit`` section): the rule whose ``saelens_imports`` names the architecture loads it
+through its ``from_saelens`` hook (``standard`` -> relu, ``topk`` -> topk, ``jumprelu`` ->
+jumprelu, ``batchtopk`` -> batchtopk among the built-in rules).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from torch import Tensor
 
 from saekit.config import SAEConfig
 from saekit.errors import FormatError
+from saekit.rules.base import saelens_import_architectures, saelens_import_rule
 from saekit.sae import SAE
 
 #: written as ``metadata.sae_lens_version``: the cfg follows the SAELens 6 layout
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
+
+def supported_architectures() -> list[str]:
+    """SAELens architectures some registered rule loads."""
+    return saelens_import_architectures()
 
 
 def _layer_of(site: str) -> int | None:
@@ -35,12 +41,37 @@ def _layer_of(site: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def saelens_export(
+    sae: SAE, site: str = "", model: str = "", data: dict | None = None
+) -> tuple[dict, dict[str, Tensor]]:
+    """SAELens ``cfg.json`` fields and ``sae_weights`` tensors for ``sae`` (folded weights).
+
+    Raises :class:`~saekit.errors.FormatError` when the rule refuses (no SAELens equivalent).
+    """
+    exp = sae.rule.saelens_export()
+    weights = sae.folded_weights()
+    clash = sorted(set(exp.tensors) & set(weights))
+    if clash:
+        raise FormatError(f"rule {sae.cfg.rule!r} exports tensors {clash} that clash with W/b")
+    weights.update({k: v.detach().clone() for k, v in exp.tensors.items()})
+    return _cfg(sae, exp.architecture, exp.cfg, site, model, data), weights
+
+
 def saelens_cfg(sae: SAE, site: str = "", model: str = "", data: dict | None = None) -> dict:
     """SAELens ``cfg.json`` fields for ``sae`` (weights folded, so no normalisation)."""
+    return saelens_export(sae, site, model, data)[0]
+
+
+def base_cfg(sae: SAE, site: str = "", model: str = "", data: dict | None = None) -> dict:
+    """The shared cfg fields for an SAE whose rule refused the export: the architecture is
+    ``saekit.<rule>``, which SAELens refuses instead of loading it as something else."""
+    return _cfg(sae, f"saekit.{sae.cfg.rule}", {}, site, model, data)
+
+
+def _cfg(sae: SAE, arch: str, extra: dict, site: str, model: str, data: dict | None) -> dict:
     import saekit
 
     cfg = sae.cfg
-    arch = sae.rule.saelens_architecture
     out: dict[str, Any] = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -50,11 +81,9 @@ def saelens_cfg(sae: SAE, site: str = "", model: str = "", data: dict | None = N
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
+        **extra,
     }
-    if arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
-    if sae.rule.signed:
+    if sae.rule.signed and not arch.startswith("saekit."):
         warnings.warn(
             f"rule {cfg.rule!r} has signed codes; SAELens's {arch!r} inference applies a ReLU,"
             " so only saekit reproduces this SAE exactly",
@@ -88,13 +117,17 @@ def _get(cfg: dict, key: str, default: Any = None) -> Any:
     return default
 
 
-def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
-    """The SAEConfig equivalent to a plain SAELens ``cfg.json``."""
+def saekit_config_from_saelens(
+    cfg: dict, k: int | None = None, weights: dict[str, Tensor] | None = None
+) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """The SAEConfig equivalent to a plain SAELens ``cfg.json``, and the rule's own state
+    (``rule.*`` tensors) from ``weights``; ``k`` overrides the cfg's."""
     arch = cfg.get("architecture", "standard")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    cls = saelens_import_rule(arch)
+    if cls is None:
         raise FormatError(
             f"unsupported SAELens architecture {arch!r}; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{', '.join(supported_architectures())}"
         )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", False, None):
@@ -107,27 +140,22 @@ def saekit_config_from_saelens(cfg: dict, k: int | None = None) -> SAEConfig:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise FormatError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
-    rule = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+    fields, rule_state = cls.from_saelens(cfg if k is None else {**cfg, "k": k}, weights or {})
     sae_cfg = SAEConfig(
         d_in=cfg["d_in"],
         d_sae=cfg["d_sae"],
-        rule=rule[arch],
+        rule=cls.name,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         unit_norm_decoder=False,  # the loaded decoder is used as is
     )
-    if arch in ("topk", "batchtopk"):
-        kk = k if k is not None else cfg.get("k")
-        if kk is None:
-            raise FormatError(f"SAELens {arch} cfg has no 'k'; pass k=")
-        if float(kk) != int(kk):
-            raise FormatError(f"fractional k={kk} is not supported")
-        sae_cfg.k = int(kk)
-    return sae_cfg
+    for name, v in fields.items():
+        setattr(sae_cfg, name, v)
+    return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 
 
 def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None) -> SAE:
     """Build an SAE from a plain SAELens cfg dict and its ``sae_weights`` tensors."""
-    sae_cfg = saekit_config_from_saelens(cfg, k)
+    sae_cfg, rule_state = saekit_config_from_saelens(cfg, k, weights)
     with torch.random.fork_rng(devices=[]):
         sae = SAE(sae_cfg)
     dtype = weights["W_enc"].dtype if "W_enc" in weights else torch.float32
@@ -136,19 +164,7 @@ def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(state)
     if missing:
         raise FormatError(f"SAELens weights lack {sorted(missing)}")
-    if sae_cfg.rule == "jumprelu":
-        if "threshold" in weights:
-            th = weights["threshold"].to(dtype)
-            state["rule.log_threshold"] = th.clamp_min(0).log()
-        elif "log_threshold" in weights:
-            state["rule.log_threshold"] = weights["log_threshold"]
-        else:
-            raise FormatError("SAELens jumprelu weights lack 'threshold'")
-    elif sae_cfg.rule == "batchtopk":
-        for key in ("topk_threshold", "threshold"):
-            if key in weights:
-                state["rule.threshold"] = weights[key].reshape(-1)[0].reshape(())
-                break
+    state.update({n: t.to(dtype) for n, t in rule_state.items()})
     load_state(sae, state, strict=False, where="SAELens weights")
     return sae
 
@@ -160,7 +176,12 @@ def load_state(sae: SAE, state: dict[str, Tensor], strict: bool, where: str) -> 
     if unknown:
         raise FormatError(f"{where}: unexpected tensors {unknown}")
     if strict:
-        missing = sorted(set(own) - set(state))
+        optional = {
+            f"{mod}.{b}" if mod else b
+            for mod, m in sae.named_modules()
+            for b in getattr(m, "optional_state", ())
+        }
+        missing = sorted(set(own) - set(state) - optional)
         if missing:
             raise FormatError(f"{where}: missing tensors {missing}")
     for name, t in state.items():
@@ -185,9 +206,11 @@ def density_from_log10(sparsity: Tensor, eps: float = 1e-10) -> Tensor:
 
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
+    "base_cfg",
     "log10_density",
     "sae_from_saelens",
     "saekit_config_from_saelens",
     "saelens_cfg",
+    "saelens_export",
+    "supported_architectures",
 ]

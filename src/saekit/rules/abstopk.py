@@ -20,6 +20,7 @@ class AbsTopK(Rule):
 
     name = "abstopk"
     signed = True
+    saelens_architecture = "topk"  # SAELens applies a ReLU: exact only for saekit (warned)
     latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:

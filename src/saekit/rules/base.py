@@ -7,7 +7,12 @@ the dense gradient. Rules whose codes are dense (ReLU, JumpReLU) return ``Select
 instead. A rule is an ``nn.Module``: learned thresholds and running statistics are its
 parameters and buffers and travel with the SAE's ``state_dict``.
 
-To add a rule, write one file in this package with a ``@register``-ed subclass of ``Rule``.
+To add a rule, write one file in this package with a ``@register``-ed subclass of ``Rule``
+(the package imports every module in it), or the same in a module of your own imported
+before use (:mod:`saekit.plugins`: ``saekit --plugin MODULE``, ``SAEKIT_PLUGINS``, entry
+points). Everything about a rule lives on its class: options, flags, the named inputs it
+reads (``requires``), its aux-loss form, its SAELens export and import, and its sparsity
+knob for matched-sparsity comparisons.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.distributed.comm import LOCAL, Comm
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, FormatError
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -55,15 +60,43 @@ class Context:
     training: bool
     x: Tensor  # input in the SAE's (normalised) space [B, d_in]
     x_in: Tensor  # encoder input: x - b_dec or x
-    grad: Tensor | None = None  # dLoss/dx in the same space [B, d_in] (gtopk)
+    #: named extra inputs in SAE units, ``[B, ...]`` (see ``Rule.requires``, saekit.inputs)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
     step: int = 0
     #: batch-global reductions and cross-shard selections (saekit.distributed.comm)
     comm: Comm = LOCAL
 
 
-#: rule_options keys read by shared components rather than by the rule (e.g. the aux-zipf
-#: loss's options under ``"aux_zipf"``); rules ignore them.
-SHARED_OPTION_KEYS: frozenset[str] = frozenset({"aux_zipf"})
+@dataclass(frozen=True)
+class SparsityKnob:
+    """How a rule's L0 is set, for matched-sparsity comparisons (``saekit bench``).
+
+    ``kind``: ``"k"`` (``SAEConfig.k`` is the mean L0, per token or per batch), ``"option"``
+    (a penalty in ``rule_options[option]`` sets it: try ``grid`` with ``fixed`` options, on
+    inputs with E||x||^2 = d_in, and keep the value whose L0 is closest), or ``"free"`` (the
+    rule chooses its own L0; reported as is).
+    """
+
+    kind: str = "k"
+    option: str = ""
+    grid: tuple[float, ...] = ()
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("k", "option", "free"):
+            raise ValueError(f"SparsityKnob.kind must be k, option or free, got {self.kind!r}")
+        if self.kind == "option" and not (self.option and self.grid):
+            raise ValueError("SparsityKnob(kind='option') needs option and grid")
+
+
+@dataclass
+class SAELensExport:
+    """What a rule adds to a SAELens export: ``architecture``, extra ``cfg.json`` fields and
+    extra ``sae_weights`` tensors (e.g. ``threshold [d_sae]``), in the folded (raw) units."""
+
+    architecture: str
+    cfg: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Rule(nn.Module):
@@ -77,10 +110,21 @@ class Rule(nn.Module):
     needs_dense_grad: ClassVar[bool] = False
     #: reconstruction loss used when SAEConfig.recon_loss is "auto"
     default_recon: ClassVar[str] = "nmse"
-    #: the aux-k / aux-zipf loss applies to this rule
+    #: the aux loss (``SAEConfig.aux``) applies to this rule
     uses_aux: ClassVar[bool] = True
-    #: SAELens architecture name for export, and whether a threshold tensor goes with it
-    saelens_architecture: ClassVar[str] = "topk"
+    #: aux-loss form of this rule's paper code when ``aux_options.form`` is "auto"
+    #: (see :mod:`saekit.losses.aux`): "openai" or "bussmann"
+    aux_form: ClassVar[str] = "openai"
+    #: named inputs besides x that the rule reads from ``ctx.inputs`` (e.g. ``("grad",)``);
+    #: the trainer asks the source for them. Inference must cope with their absence.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: SAELens architecture of the default :meth:`saelens_export` ("topk", "jumprelu" with
+    #: ``export_threshold()``, "standard"); None: the rule cannot be exported
+    saelens_architecture: ClassVar[str | None] = None
+    #: SAELens architectures that :meth:`from_saelens` loads as this rule (not inherited)
+    saelens_imports: ClassVar[tuple[str, ...]] = ()
+    #: how the rule's L0 is set, for matched-sparsity comparisons
+    sparsity: ClassVar[SparsityKnob] = SparsityKnob("k")
     #: selection, activation and loss terms are exact when latents are sharded across ranks
     #: (they reach other latents only through ``ctx.comm``)
     latent_shardable: ClassVar[bool] = False
@@ -89,8 +133,7 @@ class Rule(nn.Module):
         super().__init__()
         self.cfg = cfg
         try:
-            own = {k: v for k, v in cfg.rule_options.items() if k not in SHARED_OPTION_KEYS}
-            self.opts = self.Options(**own)
+            self.opts = self.Options(**cfg.rule_options)
         except TypeError as e:
             known = [f.name for f in dataclasses.fields(self.Options)]
             raise ConfigError(
@@ -112,6 +155,103 @@ class Rule(nn.Module):
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
 
+    # -------------------------------------------------------------- run hooks (trainer)
+    #: the rule calibrates its inference state on held-back batches after training: the
+    #: trainer then calls begin_calibration, calibrate (per batch) and end_calibration
+    calibrates: ClassVar[bool] = False
+
+    def setup_training(self, total_steps: int) -> None:
+        """Told the run's length before training (and again on resume); default: nothing."""
+
+    def init_selection(self, pre: Tensor, ctx: Context) -> Selection:
+        """The selection ``SAE.init_from_data`` scales the encoder with (no state change).
+
+        Default: :meth:`select` as given (inference for an untrained SAE). Rules whose
+        inference differs from training before calibration (batch rules) return codes like
+        their training ones here, so that the initial scale matches what they train with.
+        ``init_from_data`` sees the whole sample on every rank: no batch-axis collective.
+        """
+        return self.select(pre, ctx)
+
+    def begin_calibration(self, comm: Comm = LOCAL) -> None:
+        """Start a calibration pass (reset its accumulators)."""
+
+    def calibrate(self, pre: Tensor, ctx: Context) -> None:
+        """Accumulate one held-back batch's pre-activations ``[B, d_sae]`` (no grad)."""
+
+    def end_calibration(self, comm: Comm = LOCAL) -> None:
+        """Set the inference state from the accumulated batches (none: keep it as is)."""
+
+    def batch_stat(self, t: Tensor, op: str, comm: Comm = LOCAL) -> Tensor:
+        """This rule's one reduction point for batch-global statistics (no grad).
+
+        Every statistic a rule takes over "the batch" (budgets, thresholds, frequencies)
+        passes through here, so that it is taken over the global batch under
+        :mod:`saekit.distributed`: ``op`` "sum" over the batch axis (per-latent statistics,
+        token counts), "total" over every rank (a scalar partial over tokens and latent
+        shards), "min" / "max" over every rank. With one process, ``t`` itself.
+        """
+        if op == "sum":
+            return comm.batch_sum(t)
+        if op == "total":
+            return comm.latent_sum(comm.batch_sum(t))
+        if op == "min":
+            return comm.all_min(t)
+        if op == "max":
+            return comm.all_max(t)
+        raise ValueError(f"unknown reduction {op!r}; use sum, total, min or max")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # buffers added after a file was written (optional_state) load as their defaults
+        for name in self.optional_state:
+            key = prefix + name
+            if key not in state_dict and name in self._buffers:
+                state_dict[key] = self._buffers[name].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    #: buffer names that files written by older versions may lack (loaded as defaults)
+    optional_state: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ SAELens
+    def saelens_export(self) -> SAELensExport:
+        """The SAELens architecture, cfg fields and tensors that reproduce this rule's
+        inference; raise :class:`~saekit.errors.FormatError` (one line: why, and what to do)
+        when SAELens has no equivalent. Default: from ``saelens_architecture``."""
+        arch = self.saelens_architecture
+        if arch == "topk":
+            return SAELensExport("topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False})
+        if arch == "jumprelu":
+            th = self.export_threshold()
+            if th is None:
+                raise FormatError(f"rule {self.name!r} exports as jumprelu but has no threshold")
+            return SAELensExport("jumprelu", tensors={"threshold": th.detach().clone()})
+        if arch == "standard":
+            return SAELensExport("standard")
+        raise FormatError(
+            f"rule {self.name!r} has no SAELens equivalent (its class sets no"
+            " saelens_architecture and does not override saelens_export); use the saekit run"
+            " directory with saekit.io.load_sae"
+        )
+
+    @classmethod
+    def from_saelens(
+        cls, cfg: dict[str, Any], weights: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """For a SAELens ``cfg.json`` of an architecture in ``saelens_imports``: SAEConfig
+        fields to set (``k``, ``rule_options``, ...) and the rule's own state tensors (names
+        as in the rule's ``state_dict``). Default: nothing beyond the shared weights."""
+        return {}, {}
+
+
+def saelens_int_k(cfg: dict[str, Any]) -> int:
+    """``cfg["k"]`` as an int; fractional or missing k is a :class:`FormatError`."""
+    kk = cfg.get("k")
+    if kk is None:
+        raise FormatError(f"SAELens {cfg.get('architecture')} cfg has no 'k'; pass k=")
+    if float(kk) != int(kk):
+        raise FormatError(f"fractional k={kk} in the SAELens cfg is not supported")
+    return int(kk)
+
 
 _REGISTRY: dict[str, type[Rule]] = {}
 
@@ -121,22 +261,68 @@ def register(cls: type[Rule]) -> type[Rule]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"rule {cls.name!r} registered twice")
+        old = _REGISTRY[cls.name]
+        if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(
+                f"rule {cls.name!r} registered twice ({old.__module__}.{old.__qualname__} and"
+                f" {cls.__module__}.{cls.__qualname__})"
+            )
+    for arch in own_saelens_imports(cls):
+        other = saelens_import_rule(arch, load=False)
+        if other is not None and other.name != cls.name:
+            raise ValueError(
+                f"rule {cls.name!r} claims SAELens architecture {arch!r}, already loaded as"
+                f" rule {other.name!r}"
+            )
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def rule_names() -> list[str]:
+    """Names of the registered rules (plugins included)."""
+    from saekit.plugins import load_plugins
+
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def get_rule_class(name: str) -> type[Rule]:
+    if name not in _REGISTRY:
+        from saekit.plugins import load_plugins
+
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"unknown rule {name!r}; known rules: {', '.join(rule_names())}"
+            f"unknown rule {name!r}; known rules: {', '.join(rule_names())} (a rule of your own"
+            " must be imported first: saekit --plugin MODULE, or SAEKIT_PLUGINS=MODULE)"
         ) from None
+
+
+def saelens_import_rule(arch: str, load: bool = True) -> type[Rule] | None:
+    """The rule that loads SAELens architecture ``arch``, or None."""
+    if load:
+        from saekit.plugins import load_plugins
+
+        load_plugins()
+    for cls in _REGISTRY.values():
+        if arch in own_saelens_imports(cls):
+            return cls
+    return None
+
+
+def own_saelens_imports(cls: type[Rule]) -> tuple[str, ...]:
+    """``saelens_imports`` declared on ``cls`` itself (a subclass does not inherit claims)."""
+    return tuple(cls.__dict__.get("saelens_imports", ()))
+
+
+def saelens_import_architectures() -> list[str]:
+    """Every SAELens architecture some registered rule loads."""
+    from saekit.plugins import load_plugins
+
+    load_plugins()
+    return sorted({a for c in _REGISTRY.values() for a in own_saelens_imports(c)})
 
 
 def build_rule(cfg: SAEConfig) -> Rule:

@@ -24,34 +24,38 @@ class GTopK(Rule):
     """Score ``s = z + beta * z * |W_dec g|``, ``z = ReLU(pre)``; keep TopK_k by ``s``.
 
     ``(W_dec g)_i = d_i . g`` with ``g = dLoss/dx`` (the LM's next-token loss gradient at the
-    hooked activation, detached; ``ctx.grad``), so ``z_i * d_i . g`` is the first-order loss
-    change from ablating latent i. Values are ``z`` at the selected latents: the gradient
-    only changes *which* latents are selected [inference from summaries; no code found].
-    ``normalize_grad`` divides g by its per-token norm, since its scale varies by layer
-    [our choice, default on]. Inference: uses g when given (``SAE.encode(x, grad=g)``), else
-    plain TopK (beta ignored). Training batches without g also fall back to TopK, with a
-    one-time warning (``require_grad=True`` makes that an error). Loss: NMSE + aux-k, as TopK.
+    hooked activation, detached; the named input ``"grad"``), so ``z_i * d_i . g`` is the
+    first-order loss change from ablating latent i. Values are ``z`` at the selected
+    latents: the gradient only changes *which* latents are selected [inference from
+    summaries; no code found]. ``normalize_grad`` divides g by its per-token norm, since its
+    scale varies by layer [our choice, default on]. Inference: uses g when given
+    (``SAE.encode(x, {"grad": g})``), else plain TopK (beta ignored). Training batches
+    without g also fall back to TopK, with a one-time warning (``require_grad=True`` makes
+    that an error). Loss: NMSE + aux-k, as TopK.
     """
 
     name = "gtopk"
     Options = GTopKOptions
+    requires = ("grad",)
+    saelens_architecture = "topk"  # SAELens has no gradient input: exact as plain TopK
     _warned: bool = False
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         z = torch.relu(pre.detach())
-        g = ctx.grad
+        g = ctx.inputs.get("grad")
         if g is None:
             if ctx.training and self.opts.require_grad:
                 raise ConfigError(
                     "rule gtopk needs dLoss/dx in training: use a source that supplies"
-                    " gradients (DataConfig.with_grad=True) or set rule_options"
+                    " gradients (the HF source on a decoder LM, a cache written with"
+                    " --inputs grad) or set rule_options"
                     ' {"require_grad": false} to train as plain TopK'
                 )
             if ctx.training and not self._warned:
                 self._warned = True
                 warnings.warn(
                     "gtopk trained without dLoss/dx: selecting by plain TopK"
-                    " (use DataConfig.with_grad=True for a g-SAE)",
+                    " (its source supplies no 'grad' input; see saekit.inputs)",
                     stacklevel=2,
                 )
             return Selection(indices=topk_indices(z, self.cfg.k))

@@ -20,7 +20,11 @@ class MutualChoice(BatchTopK):
     Before any threshold has been tracked (an untrained SAE) the threshold is 0 (ReLU), as in
     BatchTopK, so the two rules train identically (and ``SAE.init_from_data`` scales the
     encoder the same way).
+
+    Aux loss: Gao et al.'s aux-k (``aux_form = "openai"``), as the paper states; unlike
+    BatchTopK, whose code scales it differently.
     """
 
     name = "mutual_choice"
     Options = BatchTopKOptions
+    aux_form = "openai"

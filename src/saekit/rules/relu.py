@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 
 
 @dataclass
@@ -31,6 +31,8 @@ class ReLU(Rule):
     default_recon = "mse"
     uses_aux = False
     saelens_architecture = "standard"
+    saelens_imports = ("standard",)
+    sparsity = SparsityKnob("option", "l1_coeff", grid=(3.0, 4.0, 5.0))
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         return Selection(dense=torch.relu(pre))

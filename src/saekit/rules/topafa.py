@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 
 
 @dataclass
@@ -58,12 +58,17 @@ class TopAFA(Rule):
     their per-token standardised inputs [our normalisation]. Deviations: the authors' code
     has no ``b_enc`` (it starts at 0 here and is learned); their norm uses raw codes with a
     unit-norm decoder, which is the same thing. Inference: the same per-token rule.
-    ``extras["k_per_token"]`` holds k*.
+    ``extras["k_per_token"]`` holds k*. Aux loss: the authors' code's scaling
+    (``aux_form = "bussmann"``: ``aux_penalty * MSE`` of the live residual; their code is
+    built on BatchTopK's).
     """
 
     name = "topafa"
     Options = TopAFAOptions
     default_recon = "nmse"
+    saelens_architecture = "topk"
+    sparsity = SparsityKnob("free")
+    aux_form = "bussmann"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, Selection, register, saelens_int_k
 
 
 @register
@@ -15,8 +15,14 @@ class TopK(Rule):
     """
 
     name = "topk"
+    saelens_architecture = "topk"
+    saelens_imports = ("topk",)
     latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         idx, mask = ctx.comm.topk(pre, self.cfg.k)
         return Selection(indices=idx, mask=mask)
+
+    @classmethod
+    def from_saelens(cls, cfg, weights):
+        return {"k": saelens_int_k(cfg)}, {}

@@ -48,6 +48,7 @@ class VTopK(Rule):
     Options = VTopKOptions
     needs_dense_grad = True
     default_recon = "mse"
+    saelens_architecture = "topk"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -42,8 +42,9 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
             raise ConfigError("source=cache needs DataConfig.cache_dir")
         sites: list[str] | None = list(data_cfg.sites) or None
         if sites == DataConfig().sites and not set(sites) <= set(
-            read_manifest(data_cfg.cache_dir)["sites"]
+            read_manifest(data_cfg.cache_dir, verify=False)["sites"]
         ):
             sites = None
+        kwargs.setdefault("verify", data_cfg.verify)
         return CacheSource(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
     raise ConfigError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")

@@ -3,11 +3,15 @@
 A source yields :class:`Batch` es of exactly ``batch_size`` tokens for each of its sites.
 It knows nothing of SAEs. ``state_dict`` / ``load_state_dict`` capture the data position
 so that a resumed run continues with exactly the batches it would have seen.
+
+Besides activations a batch may carry *named inputs* per site (``Batch.inputs[name][site]``,
+e.g. ``"grad"``, dLoss/dx; see :mod:`saekit.inputs`): the trainer asks for the names its
+SAEs' rules require with :meth:`ActivationSource.request_inputs` before the first batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +23,10 @@ from saekit.errors import DataError
 
 @dataclass
 class Batch:
-    """Activations per site ``[B, d]``; optional gradients dLoss/dx per site (for gtopk)."""
+    """Activations per site ``[B, d]`` and named inputs ``inputs[name][site]`` (``[B, ...]``)."""
 
     acts: dict[str, Tensor]
-    grads: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     #: optional metadata (token ids, ground-truth codes, ...) per site or global
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -38,6 +42,11 @@ class ActivationSource:
     def next_batch(self, batch_size: int) -> Batch:  # pragma: no cover - abstract
         """The next ``batch_size`` tokens; raises StopIteration when exhausted."""
         raise NotImplementedError
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        """Ask for named inputs with every batch (call before the first batch); returns the
+        names this source will supply. Default: none."""
+        return set()
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         while True:
@@ -59,7 +68,8 @@ class ActivationSource:
 class MemorySource(ActivationSource):
     """Tensors in memory ``{site: [N, d]}``, read in a seeded random order, epoch after epoch.
 
-    ``epochs=0`` cycles forever.
+    ``epochs=0`` cycles forever. ``inputs``: named inputs ``{name: {site: [N, ...]}}``
+    carried with the same rows.
     """
 
     def __init__(
@@ -68,28 +78,47 @@ class MemorySource(ActivationSource):
         seed: int = 0,
         shuffle: bool = True,
         epochs: int = 0,
-        grads: dict[str, Tensor] | None = None,
+        inputs: dict[str, dict[str, Tensor]] | None = None,
     ) -> None:
         if isinstance(acts, Tensor):
             acts = {"x": acts}
         n = {t.shape[0] for t in acts.values()}
         if len(n) != 1:
             raise DataError(f"all sites need the same number of tokens, got {sorted(n)}")
+        if min(n) < 1:
+            raise DataError("MemorySource got no tokens (0 rows): give at least one row")
         self.acts = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
-        self.grads = grads or {}
+        self.inputs = {name: dict(per_site) for name, per_site in (inputs or {}).items()}
+        for name, per_site in self.inputs.items():
+            for site, t in per_site.items():
+                if site not in self.acts or t.shape[0] != self.acts[site].shape[0]:
+                    raise ValueError(
+                        f"MemorySource input {name!r} at site {site!r}: needs a site of acts"
+                        f" and the same number of rows"
+                    )
         self.sites = list(self.acts)
         self.n = n.pop()
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.pos = 0  # tokens consumed
+        self._perm: tuple[int, Tensor] | None = None  # (epoch, its order), built once per epoch
 
     def d_in(self, site: str) -> int:
         return self.acts[site].shape[1]
 
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        return set(names) & set(self.inputs)
+
     def _order(self, epoch: int) -> Tensor:
+        """The row order of ``epoch`` (a function of seed and epoch only), kept for the epoch."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
         if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+            order = torch.arange(self.n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        self._perm = (epoch, order)
+        return order
 
     def next_batch(self, batch_size: int) -> Batch:
         idx = []
@@ -105,7 +134,7 @@ class MemorySource(ActivationSource):
         i = torch.cat(idx)
         return Batch(
             acts={k: v[i] for k, v in self.acts.items()},
-            grads={k: v[i] for k, v in self.grads.items()},
+            inputs={n: {s: t[i] for s, t in d.items()} for n, d in self.inputs.items()},
         )
 
     def state_dict(self) -> dict[str, Any]:

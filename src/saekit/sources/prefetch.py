@@ -14,6 +14,7 @@ import contextlib
 import copy
 import queue
 import threading
+from collections.abc import Collection
 from typing import Any
 
 from saekit.sources.base import ActivationSource, Batch
@@ -36,6 +37,11 @@ class PrefetchSource(ActivationSource):
 
     def d_in(self, site: str) -> int:
         return self.source.d_in(site)
+
+    def request_inputs(self, names: Collection[str]) -> set[str]:
+        if self._thread is not None:
+            raise RuntimeError("PrefetchSource.request_inputs after the first batch")
+        return self.source.request_inputs(names)
 
     def _start(self) -> None:
         self._stop = threading.Event()

@@ -93,15 +93,28 @@ def _looks_like_path(dataset: str) -> bool:
     )
 
 
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file; bytes that are not UTF-8 are a FormatError
+    naming the file, line and column."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FormatError(
+                    f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not"
+                    " UTF-8; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from e
+
+
 def _iter_txt(path: Path) -> Iterator[str]:
     para: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                para.append(line.rstrip("\n"))
-            elif para:
-                yield "\n".join(para)
-                para = []
+    for _, line in utf8_lines(path):
+        if line.strip():
+            para.append(line.rstrip("\r\n"))
+        elif para:
+            yield "\n".join(para)
+            para = []
     if para:
         yield "\n".join(para)
 
@@ -115,18 +128,17 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dic
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(f"JSONL file not found: {p}")
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{p}:{lineno} is not valid JSON: {e}") from e
-            missing = [f for f in required if not isinstance(row, dict) or f not in row]
-            if missing:
-                raise FormatError(f"{p}:{lineno} has no field(s) {', '.join(map(repr, missing))}")
-            yield row
+    for lineno, line in utf8_lines(p):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{p}:{lineno} is not valid JSON: {e}") from e
+        missing = [f for f in required if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise FormatError(f"{p}:{lineno} has no field(s) {', '.join(map(repr, missing))}")
+        yield row
 
 
 def read_labelled(

@@ -1,0 +1,224 @@
+"""Auxiliary losses, registered by name: ``SAEConfig.aux`` picks one, ``SAEConfig.aux_options``
+holds its options (the fields of its ``Options`` dataclass), ``aux_coeff`` weighs it and
+``aux_k`` is the number of latents it uses per token.
+
+Every aux loss here is a form of Gao et al.'s aux-k: reconstruct the main reconstruction's
+residual ``e = x - x_hat`` from the top-``aux_k`` *candidate* latents of each token (by
+pre-activation, ReLU'd; no decoder bias). A loss says which latents are candidates
+(:meth:`AuxLoss.candidates`: the dead ones for ``auxk``, see :mod:`saekit.losses.zipf` for
+``zipf``). ``aux_options.form`` says how the term is scaled:
+
+* ``"openai"`` (Gao et al. 2024, ``openai/sparse_autoencoder``; sparsify and SAELens do the
+  same): ``aux_coeff * ||e_aux - e||^2 / ||e - mean(e)||^2`` with ``e`` detached, i.e. the
+  NMSE of the residual: the term keeps its size as the residual shrinks.
+* ``"bussmann"`` (BatchTopK's code, ``bartbussmann/BatchTopK``, and top-AFA's,
+  ``SewoongLee/top-afa-sae``): ``aux_penalty * mean((e_aux - e)^2)`` with ``e`` *not*
+  detached, on a plain-MSE reconstruction loss. saekit reduces the squared error the way the
+  SAE's reconstruction loss does (same denominator), so the ratio of the aux term to the
+  reconstruction term is exactly theirs for either ``recon_loss``.
+* ``"auto"`` (default): the rule's ``aux_form`` (its paper's code; see each rule).
+
+To add an aux loss, write one module in this package with a ``@register_aux`` subclass of
+:class:`AuxLoss` (or in a plugin module, :mod:`saekit.plugins`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from saekit import kernels
+from saekit.distributed.comm import LOCAL, Comm
+from saekit.errors import ConfigError
+from saekit.losses.recon import nmse, scaled_like_recon
+
+if TYPE_CHECKING:
+    from saekit.config import SAEConfig
+    from saekit.rules.base import Rule
+    from saekit.sae import SAE, SAEOutput
+
+FORMS = ("openai", "bussmann")
+
+
+@dataclass
+class AuxOptions:
+    form: str = "auto"  # openai | bussmann | auto (the rule's paper code); see saekit.losses.aux
+
+
+def parse_options(cls: type, raw: Any, what: str) -> Any:
+    """``cls(**raw)`` with a one-line :class:`ConfigError` naming ``what`` and the fields."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        known = [f.name for f in dataclasses.fields(cls)]
+        raise ConfigError(f"bad {what}: {e}; known options: {known}") from e
+
+
+class AuxLoss:
+    """Base class: an aux-k loss over :meth:`candidates`, scaled per ``form``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = AuxOptions
+
+    def __init__(self, cfg: SAEConfig, rule: Rule) -> None:
+        self.opts = parse_options(self.Options, cfg.aux_options, f"aux_options for aux={self.name}")
+        form = self.opts.form if self.opts.form != "auto" else rule.aux_form
+        if form not in FORMS:
+            raise ConfigError(
+                f"aux_options.form={form!r} (aux={self.name}, rule={rule.name}); use"
+                f" {', '.join(FORMS)} or auto"
+            )
+        self.form = form
+        self.signed = rule.signed
+
+    def candidates(self, sae: SAE) -> tuple[Tensor, Tensor | None]:
+        """``[d_sae]`` bool mask of the latents the loss may use, and optional weights."""
+        raise NotImplementedError
+
+    def __call__(self, sae: SAE, out: SAEOutput) -> Tensor:
+        """The weighted term (``aux_coeff`` included)."""
+        cand, weights = self.candidates(sae)
+        if self.form == "openai":
+            residual, scale_like = out.x - out.x_hat_n.detach(), None
+        else:
+            residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
+        pre = out.pre if out.pre.requires_grad else out.pre.detach()
+        loss = aux_k_loss(
+            out.x_in,
+            sae.W_enc,
+            sae.b_enc,
+            sae.W_dec,
+            pre,
+            residual,
+            cand,
+            sae.cfg.aux_k,
+            weights,
+            signed=self.signed,
+            scale_like=scale_like,
+            comm=sae.comm,
+        )
+        return sae.cfg.aux_coeff * loss
+
+
+def aux_k_loss(
+    x_in: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    pre: Tensor,
+    residual: Tensor,
+    candidates: Tensor,
+    k_aux: int,
+    weights: Tensor | None = None,
+    signed: bool = False,
+    scale_like: tuple[str, Tensor] | None = None,
+    comm: Comm = LOCAL,
+) -> Tensor:
+    """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
+
+    ``candidates [d_sae]`` (bool) are the latents allowed; ``weights [d_sae]`` optionally
+    scale each latent's value. Returns the NMSE of the residual (``scale_like`` None: its own
+    variance as denominator), or ``sum((e_aux - residual)^2)`` scaled as ``recon_loss(kind,
+    ., x)`` scales (``scale_like = (kind, x)``); 0 without candidates. With ``comm`` the
+    candidates, the top-k and the reconstruction span every latent shard and the sums the
+    global batch.
+    """
+    n = int(comm.latent_sum(candidates.sum()))
+    if n == 0 or k_aux <= 0:
+        return pre.new_zeros(())
+    k = min(k_aux, n)
+    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+    else:
+        score = pre.abs() if signed else pre
+        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        idx, mask = comm.topk(score, k)
+    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
+    if not signed:
+        vals = torch.relu(vals)
+    if weights is not None:
+        vals = vals * weights[idx]
+    if mask is not None:
+        vals = vals * mask.to(vals.dtype)
+    aux_hat = comm.latent_sum(kernels.sparse_decode(idx, vals, W_dec))
+    if scale_like is None:
+        return nmse(aux_hat, residual, comm).nan_to_num(0.0)
+    kind, x = scale_like
+    return scaled_like_recon(kind, (aux_hat - residual).pow(2).sum(), x, comm).nan_to_num(0.0)
+
+
+_AUX: dict[str, type[AuxLoss]] = {}
+
+
+def register_aux(cls: type[AuxLoss]) -> type[AuxLoss]:
+    """Class decorator: make an aux loss available as ``SAEConfig.aux = cls.name``."""
+    if not cls.name or cls.name == "none":
+        raise ValueError(f"{cls.__name__} needs a name other than 'none'")
+    old = _AUX.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"aux loss {cls.name!r} registered twice")
+    _AUX[cls.name] = cls
+    return cls
+
+
+def aux_names() -> list[str]:
+    """Registered aux losses (``"none"`` turns the aux loss off)."""
+    from saekit.plugins import load_plugins
+
+    load_plugins()
+    return sorted(_AUX)
+
+
+def get_aux_class(name: str) -> type[AuxLoss]:
+    if name not in _AUX:
+        from saekit.plugins import load_plugins
+
+        load_plugins()
+    try:
+        return _AUX[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown aux loss {name!r} (SAEConfig.aux / --aux); known: none,"
+            f" {', '.join(aux_names())}"
+        ) from None
+
+
+def build_aux(cfg: SAEConfig, rule: Rule) -> AuxLoss | None:
+    """The aux loss of an SAE, or None when it is off (``aux="none"``, ``aux_coeff`` or
+    ``aux_k`` 0, or a rule with ``uses_aux=False``). The name is checked in every case."""
+    cls = None if cfg.aux == "none" else get_aux_class(cfg.aux)
+    if cls is None or not rule.uses_aux or cfg.aux_coeff <= 0 or cfg.aux_k <= 0:
+        return None
+    return cls(cfg, rule)
+
+
+#: Gao et al.'s dead window (10M tokens): the cap of the automatic window, and the window of
+#: an SAE with ``dead_tokens=0`` used outside a trainer
+DEAD_TOKENS_MAX = 10_000_000
+#: the automatic window's share of the run [our choice; the bench used it before]
+DEAD_TOKENS_FRACTION = 0.05
+
+
+def auto_dead_tokens(total_tokens: int, batch_size: int) -> int:
+    """The dead window of a run with ``dead_tokens=0``: 5% of its tokens, at least one batch,
+    at most 10M [our choice]. Gao et al.'s fixed 10M never triggers in runs shorter than
+    that (saekit's default run is 2M tokens); BatchTopK's code uses 5 batches."""
+    return int(min(DEAD_TOKENS_MAX, max(batch_size, round(DEAD_TOKENS_FRACTION * total_tokens))))
+
+
+@register_aux
+class AuxK(AuxLoss):
+    """aux-k (Gao et al. 2024): the candidates are the dead latents (``SAE.dead_latents``)."""
+
+    name = "auxk"
+
+    def candidates(self, sae: SAE) -> tuple[Tensor, Tensor | None]:
+        return sae.dead_latents(), None

@@ -1,0 +1,129 @@
+"""A training run as one JSON document, ``{"sae", "saes", "train", "data"}``, and its run.
+
+:func:`load_run_config` reads the document (a path or a dict), layers per-section overrides
+over it (``saekit train``'s flags) and validates every section, naming the file and section
+of a bad value; :func:`train_run` builds the source (with prefetching), trains and closes
+it. ``saekit train`` is these two calls, so a Python user gets the same behaviour::
+
+    from saekit.run_config import load_run_config, train_run
+    res = train_run(load_run_config("run.json", {"train": {"lr": 1e-3}}))
+
+``saes`` (optional) maps names to ``{"site": ..., <SAEConfig fields>}``: several SAEs on one
+activation stream, each starting from the ``sae`` section; overrides of ``sae`` (flags)
+apply to every one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saekit.config import DataConfig, SAEConfig, TrainConfig
+from saekit.errors import ConfigError
+from saekit.options import check_fields, from_dict
+
+#: the sections of a run document and the options class of each (``saes``: SAEConfig each)
+SECTIONS: dict[str, type] = {"sae": SAEConfig, "train": TrainConfig, "data": DataConfig}
+
+
+@dataclass
+class RunConfig:
+    """The validated configs of one training run."""
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    #: name -> (site or None for the source's only site, SAEConfig); empty: one SAE per site
+    saes: dict[str, tuple[str | None, SAEConfig]] = field(default_factory=dict)
+
+    def plan(self, sites: list[str]) -> SAEConfig | dict[str, tuple[str, SAEConfig]]:
+        """What :func:`saekit.train.train` takes as ``sae_cfgs`` for a source with ``sites``."""
+        if not self.saes:
+            return self.sae
+        out = {}
+        for name, (site, cfg) in self.saes.items():
+            if site is None:
+                if len(sites) != 1:
+                    raise ConfigError(f"saes.{name} needs a 'site': the source has several {sites}")
+                site = sites[0]
+            out[name] = (site, cfg)
+        return out
+
+
+def _at(where: str, section: str) -> str:
+    return f"{where}, section {section!r}" if where else f"section {section!r}"
+
+
+def _section(doc: dict, key: str, where: str) -> dict:
+    v = doc.get(key, {})
+    if not isinstance(v, dict):
+        raise ConfigError(f"{_at(where, key)} must be a JSON object, not {type(v).__name__}")
+    return v
+
+
+def read_run_document(doc: str | Path | dict | None) -> tuple[dict, str]:
+    """``(document, where)`` from a JSON path, a dict or None (empty)."""
+    if doc is None:
+        return {}, ""
+    if isinstance(doc, dict):
+        return doc, ""
+    from saekit.io.atomic import read_json
+
+    data = read_json(doc)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{doc}: expected a JSON object with sae/saes/train/data sections")
+    return data, str(doc)
+
+
+def load_run_config(
+    doc: str | Path | dict | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    defaults: dict[str, dict[str, Any]] | None = None,
+) -> RunConfig:
+    """The :class:`RunConfig` of a run document with ``overrides`` on top.
+
+    ``overrides`` / ``defaults``: per section (``"sae"``, ``"train"``, ``"data"``) field
+    values that win over / yield to the document's (e.g. flags / a command's defaults).
+    """
+    doc, where = read_run_document(doc)
+    unknown = sorted(set(doc) - {*SECTIONS, "saes"})
+    if unknown:
+        raise ConfigError(
+            f"{where or 'run config'}: unknown section(s) {unknown}; use sae, saes, train, data"
+        )
+    overrides, defaults = overrides or {}, defaults or {}
+    built: dict[str, Any] = {}
+    for key, cls in SECTIONS.items():
+        section = check_fields(cls, _section(doc, key, where), where=_at(where, key))
+        data = {**defaults.get(key, {}), **section, **overrides.get(key, {})}
+        built[key] = from_dict(cls, data)
+    saes: dict[str, tuple[str | None, SAEConfig]] = {}
+    for name, spec in _section(doc, "saes", where).items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{_at(where, 'saes')}: saes.{name} must be a JSON object")
+        spec = dict(spec)
+        site = spec.pop("site", None)
+        merged = {**dataclasses.asdict(built["sae"]), **spec, **overrides.get("sae", {})}
+        saes[name] = (site, from_dict(SAEConfig, merged, where=_at(where, f"saes.{name}")))
+    return RunConfig(built["sae"], built["train"], built["data"], saes)
+
+
+def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
+    """Build ``rc.data``'s source (prefetched when ``rc.data.prefetch``), train, close it."""
+    from saekit.sources import build_source
+    from saekit.train import train
+
+    source = build_source(rc.data, rc.train.seed)
+    try:
+        if rc.data.prefetch > 0:
+            from saekit.sources.prefetch import PrefetchSource
+
+            source = PrefetchSource(source, rc.train.batch_size, depth=rc.data.prefetch)
+        return train(rc.plan(list(source.sites)), rc.train, source, rc.data)
+    finally:
+        source.close()
+
+
+__all__ = ["SECTIONS", "RunConfig", "load_run_config", "read_run_document", "train_run"]

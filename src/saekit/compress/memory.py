@@ -3,6 +3,7 @@ the process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/cle
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def rss_bytes(field: str = "VmRSS") -> int | None:
 
 def reset_rss_peak() -> bool:
     """Reset ``VmHWM`` to the current RSS; False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
+    try:  # a write to a procfs control file, not a file saekit produces
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
         return True
     except OSError:
         return False

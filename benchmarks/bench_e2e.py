@@ -9,10 +9,10 @@ same model, site and text for the same number of tokens with the same tokens per
   (:func:`saekit.cli.main`, the function behind the console script);
 * sparsify: its README's Python route, ``chunk_and_tokenize`` then
   ``Trainer(TrainConfig(SaeConfig(...)), dataset, model).fit()`` (hookpoint ``h.L``,
-  ``optimizer="adam"``; sequences per step = B / context);
+  ``optimizer="adam"``, saekit's warm-up steps; sequences per step = B / context);
 * SAELens: its README's ``LanguageModelSAETrainingRunner(LanguageModelSAERunnerConfig(
   sae=TopKTrainingSAEConfig(...), model_class_name="AutoModelForCausalLM", ...)).run()``
-  (hook ``transformer.h.L``, the text as a local dataset directory).
+  (hook ``transformer.h.L``, the text as a local dataset directory, saekit's warm-up).
 
 Each run is a fresh subprocess (``--worker``) timed from the library call to its end (model
 load, tokenisation, model forwards, SAE steps, saving), with peak memory measured there (CPU:
@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--tokens", type=int, default=131072, help="training tokens per run")
     p.add_argument("--ctx", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--n-embd", type=int, default=256, help="model width (d_in)")
+    p.add_argument("--n-embd", type=int, default=128, help="model width (d_in)")
     p.add_argument("--layer", type=int, default=1, help="block whose output is the site")
+    p.add_argument("--vocab", type=int, default=4096, help="word vocabulary of the model")
+    p.add_argument("--lm-steps", type=int, default=100, help="training steps of the model")
     p.add_argument("--lr", type=float, default=0.0, help="0: 2e-4 / sqrt(d_sae / 16384)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-tokens", type=int, default=16384)
@@ -102,12 +104,12 @@ def prepare(a: argparse.Namespace) -> dict[str, Any]:
 
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    model = cache / f"e2e-gpt2-{a.n_embd}"
+    model = cache / f"e2e-gpt2-{a.n_embd}-v{a.vocab}-s{a.lm_steps}"
     if not (model / "config.json").exists():
         from saekit.apply.toy import make_demo_lm
 
         print(f"building the benchmark model at {model} ...", flush=True)
-        make_demo_lm(model, n_embd=a.n_embd)
+        make_demo_lm(model, steps=a.lm_steps, vocab_size=a.vocab, n_embd=a.n_embd)
     data = cache / "e2e-text"
     (data / "train").mkdir(parents=True, exist_ok=True)
     for part, path in (("train", data / "train" / "train.jsonl"), ("eval", data / "eval.jsonl")):
@@ -166,6 +168,11 @@ class Meter:
 
 
 # ---------------------------------------------------------------------- the three runs
+def _warmup_steps(s: dict[str, Any]) -> int:
+    """saekit's warm-up (``warmup_frac`` 0.02 of the steps), given to the peers too."""
+    return round(0.02 * (s["tokens"] // s["B"]))
+
+
 def run_saekit(s: dict[str, Any], out: Path) -> Path:
     from saekit.cli import main
 
@@ -199,6 +206,7 @@ def run_sparsify(s: dict[str, Any], out: Path) -> Path:
         batch_size=s["B"] // s["ctx"],
         optimizer="adam",
         lr=s["lr"],
+        lr_warmup_steps=_warmup_steps(s),  # its default, 1000, outlasts a short run
         auxk_alpha=1 / 32,
         hookpoints=[f"h.{s['layer']}"],
         log_to_wandb=False,
@@ -231,6 +239,7 @@ def run_saelens(s: dict[str, Any], out: Path) -> Path:
         train_batch_size_tokens=s["B"],
         training_tokens=s["tokens"],
         lr=s["lr"],
+        lr_warm_up_steps=_warmup_steps(s),
         device=s["device"],
         logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=str(out / "checkpoints"),
@@ -278,6 +287,7 @@ def _import_library(impl: str) -> None:
         import sae_lens  # noqa: F401
     import datasets  # noqa: F401
     import transformers  # noqa: F401
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (lazy in transformers)
 
 
 # ---------------------------------------------------------------------- held-out FVE

@@ -29,7 +29,7 @@ def device(request) -> torch.device:
 @pytest.fixture
 def plugin():
     """The plugin module tests/plugin_rules.py (user-defined rules, an aux loss, a named
-    input); everything it registers is unregistered afterwards. Import it yourself."""
+    input); everything it registers or imports is undone afterwards. Import it yourself."""
     import sys
 
     from saekit import plugins
@@ -38,9 +38,14 @@ def plugin():
     from saekit.rules.base import _REGISTRY
 
     before = (dict(_REGISTRY), dict(_AUX), dict(_KINDS))
+    loaded, modules, auto = dict(plugins._loaded), set(sys.modules), plugins._auto_done
     yield "plugin_rules"
     for reg, old in zip((_REGISTRY, _AUX, _KINDS), before):
         reg.clear()
         reg.update(old)
-    plugins._loaded.pop("plugin_rules", None)
-    sys.modules.pop("plugin_rules", None)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+    plugins._auto_done = auto
+    for name in set(sys.modules) - modules:
+        if "plugin_rules" in name:
+            del sys.modules[name]

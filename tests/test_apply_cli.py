@@ -157,7 +157,7 @@ def test_footprint_and_dashboard(run, capsys):
 
 def test_clear_errors(run, capsys):
     assert main(["steer", str(run / "nope"), "--prompt", "x", "--feature", "1:1"]) == 1
-    assert "not a saekit run directory" in capsys.readouterr().err
+    assert "SAE not found" in capsys.readouterr().err
     assert main(["steer", str(run / "run"), "--prompt", "x", "--feature", "1:x"]) == 1
     assert "INDEX:VALUE" in capsys.readouterr().err
     assert main(["steer", str(run / "run"), "--prompt", "x", "--feature", "99:1"]) == 1

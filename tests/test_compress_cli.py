@@ -146,6 +146,8 @@ def test_cli_table_with_seeds(tiny_lm, tmp_path, capsys):
     assert summ["SVD"]["n"] == 2 and math.isfinite(summ["SVD"]["ppl_sd"])
     assert summ["SVD"]["ppl_sd"] == 0  # data-free: the calibration seed cannot matter
     assert all(r["params_after"] < res["params_original"] for r in res["rows"])
+    md = (tmp_path / "table.md").read_text()  # the README's "markdown + table.json"
+    assert "| SVD |" in md and md.strip() in text
 
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -128,3 +128,23 @@ def test_json_config_is_type_checked_and_names_the_file(tmp_path: Path, capsys) 
     assert main(["train", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "DataConfig.sites = 'layers.3.resid_post' must be a list of strings" in err
+
+
+def test_k_above_d_sae_is_refused_once_the_width_is_known(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ConfigError, match="SAEConfig.k = 100 exceeds d_sae = 64"):
+        SAEConfig(k=100, d_sae=64)
+    cfg = SAEConfig(k=100, expansion=2)  # d_sae comes from the data's width
+    with pytest.raises(ConfigError, match="SAEConfig.k = 100 exceeds d_sae = 16"):
+        cfg.resolved(8)
+    assert SAEConfig(k=100, d_sae=64, rule="relu").resolved(8).k == 100  # relu ignores k
+    assert main(_train(tmp_path, "--k", "100", "--d-sae", "64")) == 1
+    assert "SAEConfig.k = 100 exceeds d_sae = 64" in capsys.readouterr().err
+
+
+def test_rule_options_are_type_checked() -> None:
+    from saekit import SAE
+
+    with pytest.raises(ConfigError, match="TopAFAOptions.k_max = '8' must be an integer"):
+        SAE(SAEConfig(d_in=8, d_sae=16, k=4, rule="topafa", rule_options={"k_max": "8"}))
+    with pytest.raises(ConfigError, match="ReLUOptions.l1_coeff = 'big' must be a number"):
+        SAE(SAEConfig(d_in=8, d_sae=16, rule="relu", rule_options={"l1_coeff": "big"}))

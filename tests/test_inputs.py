@@ -72,7 +72,7 @@ def test_unknown_input_name_is_a_config_error() -> None:
         from saekit import SAE
 
         with pytest.raises(ConfigError, match="unknown named input 'mystery'"):
-            SAE(SAEConfig(d_in=4, d_sae=8, rule="test_needs_mystery"))
+            SAE(SAEConfig(d_in=4, d_sae=8, k=2, rule="test_needs_mystery"))
     finally:
         _REGISTRY.pop("test_needs_mystery")
 

@@ -177,8 +177,8 @@ def test_wrong_d_in_and_unknown_rule(tmp_path: Path) -> None:
     _edit_cfg(tmp_path, lambda c: c["saekit"]["sae"].update(d_in=8, rule="nosuchrule"))
     with pytest.raises(ValueError, match="cfg.json: unknown rule 'nosuchrule'.*--plugin"):
         load_sae(tmp_path)
-    _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="gated")))
-    with pytest.raises(ValueError, match="unsupported SAELens architecture 'gated'"):
+    _edit_cfg(tmp_path, lambda c: (c.pop("saekit"), c.update(architecture="temporal")))
+    with pytest.raises(ValueError, match="unsupported SAELens architecture 'temporal'"):
         load_sae(tmp_path)
 
 
@@ -214,7 +214,15 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> Non
     save_file({"a": torch.ones(1)}, str(tmp_path / "x.safetensors"))  # sanity: real writer ok
 
 
-@pytest.mark.skipif("abstopk" not in rule_names(), reason="no signed rule registered")
 def test_signed_rule_export_warns(tmp_path: Path) -> None:
+    """A signed rule exported to an architecture that applies a ReLU warns; AbsTopK exports
+    as SAELens's own abstopk (signed, exact) and does not."""
+    import warnings
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=24, rule="vtopk", k=3, rule_options={"sample": True}))
     with pytest.warns(UserWarning, match="signed codes"):
-        save_sae(trained_sae("abstopk"), tmp_path)
+        save_sae(sae, tmp_path / "v")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_sae(trained_sae("abstopk"), tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "cfg.json").read_text())["architecture"] == "abstopk"

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from peer_helpers import needs_peers, run_peers
 from saekit import SAE, SAEConfig
 from saekit.io import load_sae, save_sae
 
-PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / ".peers" / "bin" / "python"
-pytestmark = pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/.peers venv not set up")
-RULES = ["topk", "batchtopk", "jumprelu", "relu"]
-
-
-def _peers(code: str, *args: str) -> str:
-    r = subprocess.run(
-        [str(PEERS), "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+pytestmark = needs_peers
+RULES = ["topk", "batchtopk", "jumprelu", "relu", "abstopk"]
 
 
 def test_sae_lens_loads_saekit_dirs(tmp_path: Path) -> None:
@@ -62,10 +48,11 @@ def test_sae_lens_loads_saekit_dirs(tmp_path: Path) -> None:
                 err = float((sae(e["x"]) - e["x_hat"]).abs().max())
             print(rule, type(sae).__name__, err)
     """
-    lines = _peers(code, str(tmp_path), *RULES).split("\n")
+    lines = run_peers(code, str(tmp_path), *RULES).split("\n")
     got = {ln.split()[0]: (ln.split()[1], float(ln.split()[2])) for ln in lines if ln.strip()}
     assert got["topk"][0] == "TopKSAE" and got["relu"][0] == "StandardSAE"
     assert got["jumprelu"][0] == got["batchtopk"][0] == "JumpReLUSAE"
+    assert got["abstopk"][0] == "AbsTopKSAE"  # signed codes, exact in SAELens too
     assert all(err < 1e-4 for _, err in got.values()), got
 
 
@@ -95,7 +82,7 @@ def test_saekit_loads_sae_lens_dirs(tmp_path: Path) -> None:
             sae.save_model(f"{sys.argv[1]}/{name}")
             save_file({"x": x, "x_hat": y}, f"{sys.argv[1]}/{name}/expected.safetensors")
     """
-    _peers(code, str(tmp_path))
+    run_peers(code, str(tmp_path))
     for rule in ("topk", "jumprelu", "relu"):
         sae = load_sae(tmp_path / rule)
         e = load_file(str(tmp_path / rule / "expected.safetensors"))

@@ -69,10 +69,26 @@ def test_one_model_loader_for_hf_models() -> None:
     assert not hasattr(saekit.apply.common, "load_model")
 
 
+def _inside_atomic_path(tree: ast.Module) -> set[int]:
+    """ids of the calls inside ``with atomic_path(...) as tmp:`` blocks (atomic already)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(
+            isinstance(i.context_expr, ast.Call)
+            and getattr(i.context_expr.func, "id", getattr(i.context_expr.func, "attr", ""))
+            == "atomic_path"
+            for i in node.items
+        ):
+            out |= {id(n) for b in node.body for n in ast.walk(b) if isinstance(n, ast.Call)}
+            out |= {id(n) for i in node.items[1:] for n in ast.walk(i.context_expr)}
+    return out
+
+
 def _writes(tree: ast.Module) -> list[tuple[str, int]]:
     found = []
+    atomic = _inside_atomic_path(tree)
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
+        if not isinstance(node, ast.Call) or id(node) in atomic:
             continue
         f = node.func
         name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")

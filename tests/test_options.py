@@ -75,6 +75,8 @@ def test_resumable_fields_are_field_metadata() -> None:
         "checkpoint_every",
         "log_every",
         "device",
+        "log",
+        "log_project",
     }
     assert set(train.RESUMABLE_DATA_FIELDS) == {"device", "model_batch_size", "prefetch", "verify"}
 

@@ -107,30 +107,52 @@ def _saekit(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProces
     )
 
 
-def test_env_var_and_entry_point_plugins_in_a_fresh_process(plugin, tmp_path) -> None:
-    path = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+def test_a_fresh_process_loads_the_run_with_the_env_plugin_and_says_what_is_missing(
+    plugin, tmp_path
+) -> None:
     run = tmp_path / "run"
-    r = _saekit(_train_argv("plugin_floor", run), {**path, "SAEKIT_PLUGINS": plugin}, tmp_path)
+    assert main(["--plugin", plugin, *_train_argv("plugin_floor", run)]) == 0
+    path = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    ev = ["eval", str(run), "--tokens", "256", "--baselines", "false", "--plots", "false"]
+    r = _saekit(ev, {**path, "SAEKIT_PLUGINS": plugin}, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     # without the plugin: a clear one-line error naming the rule and how to import it
-    r = _saekit(["eval", str(run), "--tokens", "256"], path, tmp_path)
+    r = _saekit(ev, path, tmp_path)
     assert r.returncode == 1
     assert "unknown rule 'plugin_floor'" in r.stderr and "--plugin" in r.stderr
     assert "plugin_rules" in r.stderr and "Traceback" not in r.stderr
-    # an installed package's entry point (group saekit.plugins)
+
+
+def test_entry_point_plugin(plugin, tmp_path, monkeypatch) -> None:
+    from saekit import plugins
+    from saekit.rules import rule_names
+
+    assert "plugin_floor" not in rule_names()
     site = tmp_path / "site"
     dist = site / "fakeplug-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[saekit.plugins]\nfloor = {plugin}\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(site), path["PYTHONPATH"]])}
-    r = _saekit(["rules"], env, tmp_path)
-    assert r.returncode == 0 and "plugin_floor" in r.stdout, r.stderr[-2000:]
-    # a plugin given as a file path
-    r = _saekit(["--plugin", str(TESTS / "plugin_rules.py"), "rules"], {}, tmp_path)
-    assert r.returncode == 0 and "plugin_noexport" in r.stdout, r.stderr[-2000:]
-    r = _saekit(["--plugin", "no_such_module_xyz", "rules"], {}, tmp_path)
-    assert r.returncode == 1 and "no_such_module_xyz" in r.stderr and "Traceback" not in r.stderr
+    monkeypatch.syspath_prepend(str(site))
+    plugins._auto_done = False  # as in a fresh process
+    assert "plugin_floor" in rule_names()
+
+
+def test_env_var_plugin(plugin, monkeypatch) -> None:
+    from saekit import plugins
+    from saekit.rules import get_rule_class
+
+    monkeypatch.setenv("SAEKIT_PLUGINS", f" {plugin} ,")
+    plugins._auto_done = False
+    assert get_rule_class("plugin_noexport").__module__ == plugin  # loaded on a miss
+
+
+def test_plugin_as_a_file_and_a_missing_one(plugin, capsys) -> None:
+    assert main(["--plugin", str(TESTS / "plugin_rules.py"), "rules"]) == 0
+    assert "plugin_noexport" in capsys.readouterr().out
+    assert main(["--plugin", "no_such_module_xyz", "rules"]) == 1
+    err = capsys.readouterr().err
+    assert "no_such_module_xyz" in err and "PYTHONPATH" in err
 
 
 @pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/.peers venv not set up")

@@ -91,7 +91,9 @@ def test_bad_config_and_site() -> None:
 def test_build_source_dispatch() -> None:
     src = build_source(DataConfig(source="synthetic", synthetic=dict(SMALL)), seed=3)
     assert isinstance(src, SyntheticSource) and src.stream_seed == 3 and src.d_in("synthetic") == 32
-    with pytest.raises(ValueError, match=r"not one of \['hf', 'synthetic', 'cache'\]"):
+    with pytest.raises(
+        ValueError, match=r"not one of \['hf', 'synthetic', 'cache', 'saelens_synthetic'\]"
+    ):
         build_source(DataConfig(source="parquet"), seed=0)
 
 

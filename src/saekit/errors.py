@@ -59,10 +59,15 @@ class LockedError(SaekitError, RuntimeError):
     """Another live process holds the run or cache directory."""
 
 
+class DistributedError(EnvironmentProblem):
+    """Another rank of a multi-process run died, failed or timed out (or disagrees)."""
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "EnvironmentProblem",
     "FormatError",
     "IntegrityError",

@@ -101,9 +101,9 @@ def _gather_grad_x(idx: Tensor, g: Tensor, W_enc: Tensor) -> Tensor:
 
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, pre: Tensor):
+    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, sel: Tensor):
         ctx.save_for_backward(x_in, W_enc, idx)
-        return pre.gather(1, idx)
+        return sel.clone()
 
     @staticmethod
     @once_differentiable
@@ -126,10 +126,10 @@ class _SparseEncode(torch.autograd.Function):
 class _SparseEncodeCentered(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, pre: Tensor
+        ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, sel: Tensor
     ):
         ctx.save_for_backward(x, b_dec, W_enc, idx)
-        return pre.gather(1, idx)
+        return sel.clone()
 
     @staticmethod
     @once_differentiable
@@ -164,27 +164,51 @@ def _grad_needed(*ts: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def sparse_encode(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+def _selected(pre: Tensor | None, idx: Tensor, selected: Tensor | None) -> Tensor:
+    if selected is not None:
+        return selected.detach()
+    if pre is None:
+        raise TypeError("give pre or selected")
+    return pre.detach().gather(1, idx)
+
+
+def sparse_encode(
+    x_in: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    idx: Tensor,
+    pre: Tensor | None = None,
+    selected: Tensor | None = None,
+) -> Tensor:
     """Selected pre-activations ``pre[b, idx[b, j]]`` with sparse gradients.
 
-    ``pre`` must equal ``x_in @ W_enc + b_enc`` (computed without grad by the caller).
+    ``pre`` must equal ``x_in @ W_enc + b_enc`` (computed without grad by the caller), or
+    ``selected`` its entries at ``idx`` already (see :func:`chunked_row_topk`).
     """
+    sel = _selected(pre, idx, selected)
     if not _grad_needed(x_in, W_enc, b_enc):
-        return pre.gather(1, idx)
-    return _SparseEncode.apply(x_in, W_enc, b_enc, idx, pre.detach())
+        return sel
+    return _SparseEncode.apply(x_in, W_enc, b_enc, idx, sel)
 
 
 def sparse_encode_centered(
-    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, pre: Tensor
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    idx: Tensor,
+    pre: Tensor | None = None,
+    selected: Tensor | None = None,
 ) -> Tensor:
     """:func:`sparse_encode` with ``x_in = x - b_dec``; ``pre`` must equal ``x_in @ W_enc + b_enc``.
 
     When ``x`` needs no gradient, ``b_dec``'s gradient is the matvec ``-W_enc @ grad_b_enc``
     (O(d_in*d_sae)) rather than a sum of B per-token gradients (O(B*k*d_in)).
     """
+    sel = _selected(pre, idx, selected)
     if not _grad_needed(x, b_dec, W_enc, b_enc):
-        return pre.gather(1, idx)
-    return _SparseEncodeCentered.apply(x, b_dec, W_enc, b_enc, idx, pre.detach())
+        return sel
+    return _SparseEncodeCentered.apply(x, b_dec, W_enc, b_enc, idx, sel)
 
 
 def _value_grad(
@@ -260,6 +284,48 @@ def _decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
 def dense_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
     """``codes @ W_dec`` for dense codes ``[B, d_sae]``."""
     return codes @ W_dec
+
+
+def chunked_row_topk(
+    x_in: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    chunk: int,
+    cols: Tensor | None = None,
+    absolute: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-row top-``k`` of ``pre = x_in @ W_enc + b_enc`` computed ``chunk`` latents at a
+    time (no grad): ``values [B, k]`` (signed ``pre`` entries) and ``indices [B, k]``.
+
+    ``cols``: only these latents compete (indices still refer to all latents);
+    ``absolute``: rank by ``|pre|``. A running top-``k`` is merged with each chunk's, so
+    the largest temporaries are ``[B, chunk]`` and ``[d_in, chunk]``, never ``[B, d_sae]``.
+    Equals ``pre.topk(k)`` up to ties and the matmul's rounding.
+    """
+    F = W_enc.shape[1] if cols is None else cols.numel()
+    k = min(k, F)
+    best: tuple[Tensor, Tensor, Tensor] | None = None  # values, indices, scores
+    for s in range(0, F, max(chunk, 1)):
+        if cols is None:
+            c = torch.arange(s, min(s + chunk, F), device=x_in.device)
+            p = torch.addmm(b_enc[s : s + chunk], x_in, W_enc[:, s : s + chunk])
+        else:
+            c = cols[s : s + chunk]
+            p = torch.addmm(b_enc[c], x_in, W_enc[:, c])
+        score = p.abs() if absolute else p
+        top = score.topk(min(k, p.shape[1]), dim=1, sorted=False)
+        new = (p.gather(1, top.indices), c[top.indices], top.values)
+        if best is None:
+            best = new
+            continue
+        v, i, sc = (torch.cat([o, n], 1) for o, n in zip(best, new))
+        keep = sc.topk(min(k, sc.shape[1]), dim=1, sorted=False).indices
+        best = (v.gather(1, keep), i.gather(1, keep), sc.gather(1, keep))
+    if best is None:  # no latent at all
+        empty = x_in.new_zeros(x_in.shape[0], 0)
+        return empty, torch.zeros(empty.shape, dtype=torch.long, device=x_in.device)
+    return best[0], best[1]
 
 
 # ---------------------------------------------------------------------- selections

@@ -412,8 +412,9 @@ def check_fields(cls: type, data: Any, where: str = "") -> dict[str, Any]:
         for k in unknown:
             near = difflib.get_close_matches(str(k), list(fmap), n=1)
             hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        known = ", ".join(fmap) or "(none)"
         raise ConfigError(
-            f"{pre}unknown {cls.__name__} field(s) {', '.join(hints)}; known: {', '.join(fmap)}"
+            f"{pre}unknown {cls.__name__} field(s) {', '.join(hints)}; known options: {known}"
         )
     try:
         return {k: check_value(cls, fmap[k], v) for k, v in data.items()}

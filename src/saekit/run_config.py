@@ -20,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.config import DataConfig, SAEConfig, TrainConfig
+from saekit.config import DataConfig, DistConfig, SAEConfig, TrainConfig
 from saekit.errors import ConfigError
 from saekit.options import check_fields, from_dict
 
 #: the sections of a run document and the options class of each (``saes``: SAEConfig each)
-SECTIONS: dict[str, type] = {"sae": SAEConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS: dict[str, type] = {
+    "sae": SAEConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "dist": DistConfig,
+}
 
 
 @dataclass
@@ -37,6 +42,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     #: name -> (site or None for the source's only site, SAEConfig); empty: one SAE per site
     saes: dict[str, tuple[str | None, SAEConfig]] = field(default_factory=dict)
+    #: how a torchrun launch splits the run (ignored in one process)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def plan(self, sites: list[str]) -> SAEConfig | dict[str, tuple[str, SAEConfig]]:
         """What :func:`saekit.train.train` takes as ``sae_cfgs`` for a source with ``sites``."""
@@ -91,7 +98,8 @@ def load_run_config(
     unknown = sorted(set(doc) - {*SECTIONS, "saes"})
     if unknown:
         raise ConfigError(
-            f"{where or 'run config'}: unknown section(s) {unknown}; use sae, saes, train, data"
+            f"{where or 'run config'}: unknown section(s) {unknown}; use sae, saes, train,"
+            " data, dist"
         )
     overrides, defaults = overrides or {}, defaults or {}
     built: dict[str, Any] = {}
@@ -107,23 +115,39 @@ def load_run_config(
         site = spec.pop("site", None)
         merged = {**dataclasses.asdict(built["sae"]), **spec, **overrides.get("sae", {})}
         saes[name] = (site, from_dict(SAEConfig, merged, where=_at(where, f"saes.{name}")))
-    return RunConfig(built["sae"], built["train"], built["data"], saes)
+    return RunConfig(built["sae"], built["train"], built["data"], saes, built["dist"])
 
 
 def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
-    """Build ``rc.data``'s source (prefetched when ``rc.data.prefetch``), train, close it."""
+    """Build ``rc.data``'s source (prefetched when ``rc.data.prefetch``), train, close it.
+
+    Under torchrun the process first joins the group and splits the run as ``rc.dist``
+    says (:func:`saekit.distributed.launch.from_env`; CUDA devices become the rank's).
+    """
+    from saekit.distributed.launch import from_env, rank_device
     from saekit.sources import build_source
-    from saekit.train import train
+    from saekit.train import finished_run, train
 
-    source = build_source(rc.data, rc.train.seed)
+    strategy = from_env(rc.dist, rc.train.device)
     try:
-        if rc.data.prefetch > 0:
-            from saekit.sources.prefetch import PrefetchSource
+        if strategy.world == 1:  # a finished run: found before any model is loaded
+            done = finished_run(rc.plan, rc.train, rc.data)
+            if done is not None:
+                return done
+        rc.train.device = rank_device(rc.train.device)
+        rc.data.device = rank_device(rc.data.device)
+        source = build_source(rc.data, rc.train.seed)
+        try:
+            if rc.data.prefetch > 0:
+                from saekit.sources.prefetch import PrefetchSource
 
-            source = PrefetchSource(source, rc.train.batch_size, depth=rc.data.prefetch)
-        return train(rc.plan(list(source.sites)), rc.train, source, rc.data)
+                source = PrefetchSource(source, rc.train.batch_size, depth=rc.data.prefetch)
+            plan = rc.plan(list(source.sites))
+            return train(plan, rc.train, source, rc.data, strategy=strategy)
+        finally:
+            source.close()
     finally:
-        source.close()
+        strategy.close()
 
 
 __all__ = ["SECTIONS", "RunConfig", "load_run_config", "read_run_document", "train_run"]

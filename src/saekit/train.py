@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit import tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
-from saekit.errors import ConfigError, TrainingError
+from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
+from saekit.errors import ConfigError, DistributedError, SaekitError, TrainingError
 from saekit.evaluate.core import fve
 from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
@@ -72,6 +75,9 @@ class TrainResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     completed: bool = True  # False when stopped by stop_after_steps or an exhausted source
     already_finished: bool = False  # True when out_dir held this finished run: nothing redone
+    #: this process wrote the run directory (False on the other ranks of a torchrun launch,
+    #: whose ``saes`` hold only what they trained whole)
+    writer: bool = True
 
     @property
     def sae(self) -> SAE:
@@ -85,12 +91,13 @@ class TrainResult:
 class _Slot:
     """One SAE being trained and everything that belongs to it."""
 
+    index: int  # position in the plan (checkpoint files, logged order)
     name: str
     site: str
+    cfg: SAEConfig  # the whole SAE's config (``sae`` may hold a shard of its latents)
     sae: SAE
     opt: torch.optim.Adam
     base_lr: float
-    run_dir: Path
 
 
 def default_lr(d_sae: int) -> float:
@@ -149,6 +156,7 @@ class Trainer:
         source: ActivationSource,
         data_cfg: DataConfig | None = None,
         saes: dict[str, SAE] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         if not isinstance(train_cfg, TrainConfig):
             raise ConfigError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
@@ -166,6 +174,7 @@ class Trainer:
         self.tokens = 0
         self.last_ckpt_step: int | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.tracker = tracking.Tracker()  # --log: opened by run()
         self.calibrated = False  # held-back calibration done (after the last step)
         self.cur_factor = 1.0
         self.finished = False  # out_dir held this run, finished: nothing to do
@@ -176,11 +185,21 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
         self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
+        self.strategy = st = strategy or Strategy()
+        st.validate(train_cfg.batch_size, len(self.plan))
+        if getattr(source, "shard_of", None) is None:
+            self.source = st.shard_source(source)
         given = saes or {}
-        self.slots = [self._make_slot(n, s, c, given.get(n)) for n, (s, c) in self.plan.items()]
+        # every rank builds every SAE in plan order (the same initialisations as one
+        # process), then keeps the ones it trains
+        built = [self._make_slot(i, n, s, c, given.get(n)) for i, (n, (s, c)) in
+                 enumerate(self.plan.items())]  # fmt: skip
+        self.sae_cfgs = {b.name: (b.site, b.cfg) for b in built}
+        self.slots = [self._own(b) for b in built if st.owns(b.index)]
+        del built
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
         wanted = {name for s in self.slots for name in s.sae.rule.requires}
-        self.inputs = source.request_inputs(wanted) if wanted else set()
+        self.inputs = self.source.request_inputs(wanted) if wanted else set()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -189,7 +208,9 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
 
-    def _make_slot(self, name: str, site: str, cfg: SAEConfig, sae: SAE | None) -> _Slot:
+    def _make_slot(
+        self, index: int, name: str, site: str, cfg: SAEConfig, sae: SAE | None
+    ) -> _Slot:
         d_in = self.source.d_in(site)
         if sae is None:
             sae = SAE(cfg.resolved(d_in))
@@ -200,74 +221,112 @@ class Trainer:
         if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
             sae.cfg.dead_tokens = auto_dead_tokens(c.total_tokens, c.batch_size)
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
+        return _Slot(index, name, site, sae.cfg, sae, None, base_lr)  # type: ignore[arg-type]
+
+    def _own(self, slot: _Slot) -> _Slot:
+        """Set up a slot this rank trains: its strategy's SAE and an optimizer."""
+        sae = slot.sae = self.strategy.prepare_sae(slot.index, slot.sae)
+        c = self.cfg
         # fused Adam (one kernel over all tensors) is ~5x cheaper than the default on CPU
         fused = sae.W_enc.device.type in ("cpu", "cuda")
-        opt = torch.optim.Adam(
-            sae.parameters(), lr=base_lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused
+        slot.opt = torch.optim.Adam(
+            sae.parameters(), lr=slot.base_lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused
         )
         # the loop drops each step's output, so the [B, d_sae] pre-activation buffer is reused
         sae.reuse_buffers = True
         sae.rule.setup_training(self.total_steps)
-        run_dir = self.out_dir if len(self.plan) == 1 else self.out_dir / _dir_name(name)
-        return _Slot(name, site, sae, opt, base_lr, run_dir)
+        return slot
 
     def configs(self) -> dict:
         """The configs a checkpoint must match to be resumed."""
-        train = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
-        data = None
-        if self.data_cfg is not None:
-            data = {
-                k: v for k, v in to_dict(self.data_cfg).items() if k not in RESUMABLE_DATA_FIELDS
-            }
-        saes = {s.name: {"site": s.site, "sae": to_dict(s.sae.cfg)} for s in self.slots}
-        return {"saes": saes, "train": train, "data": data}
+        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        """Write ``out_dir/checkpoint`` (one whole checkpoint, by the writer rank)."""
+        st = self.strategy
+        local = {
+            "slots": {s.index: st.slot_state(s.index, s.sae, s.opt) for s in self.slots},
+            "rank": {"rng": _rng_state(self.device), "source": self.source.state_dict()},
+        }
+        parts = st.collect(local)
+        st.root(lambda: self._write_checkpoint(parts))
+        self.last_ckpt_step = self.step
+
+    def _write_checkpoint(self, parts: list[dict] | None) -> None:
+        assert parts is not None
+        slots = self.strategy.merge_slots([p["slots"] for p in parts])
         files: dict[str, dict[str, Tensor]] = {}
         misc: dict[str, Tensor] = {}
         optim = {}
-        for i, s in enumerate(self.slots):
-            files[f"sae-{i}"] = dict(s.sae.state_dict())
+        names = list(self.plan)
+        for i, name in enumerate(names):
+            sd, osd = slots[i]
+            files[f"sae-{i}"] = dict(sd)
             t: dict[str, Tensor] = {}
-            optim[s.name] = ckpt.encode(s.opt.state_dict(), t, "o")
+            optim[name] = ckpt.encode(osd, t, "o")
             files[f"optim-{i}"] = t
-        rng = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-        }
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = [p["rank"] for p in parts]
         meta = {
             "step": self.step,
             "tokens": self.tokens,
             "total_steps": self.total_steps,
             "calibrated": self.calibrated,
             "configs": self.configs(),
-            "names": [s.name for s in self.slots],
+            "names": names,
             "optim": optim,
-            "rng": ckpt.encode(rng, misc, "rng"),
-            "source": ckpt.encode(self.source.state_dict(), misc, "src"),
+            "rng": ckpt.encode(ranks[0]["rng"], misc, "rng"),
+            "source": ckpt.encode(ranks[0]["source"], misc, "src"),
+            "dist": self.strategy.describe(),
             "last_metrics": self.last_metrics,
         }
+        if len(ranks) > 1:  # the other ranks' RNG and data positions
+            meta["ranks"] = [ckpt.encode(r, misc, f"rank{q}") for q, r in enumerate(ranks[1:], 1)]
         files["misc"] = misc
         ckpt.write_checkpoint(self.ckpt_dir, files, meta)
-        self.last_ckpt_step = self.step
 
     def maybe_resume(self) -> bool:
         """Load ``out_dir/checkpoint`` when resuming and it exists; True if loaded.
 
         A checkpoint at the last step loads only the SAEs (there is nothing left to train);
-        when the final files are there too the run is ``finished``.
+        when the final files are there too the run is ``finished``. The writer reads the
+        checkpoint and sends every rank its part (``strategy.split_slots``).
         """
+        st = self.strategy
+        loaded = st.root(self._read_checkpoint)
+        packages = None
+        if st.is_writer:
+            packages = [None if loaded is None else self._package(loaded, q) for q in
+                        range(st.world)]  # fmt: skip
+        pkg = st.scatter(packages)
+        if pkg is None:
+            return False
+        self.step, self.tokens = pkg["step"], pkg["tokens"]
+        self.last_metrics = pkg["last_metrics"]
+        self.last_ckpt_step = self.step
+        self.finished = pkg["finished"]
+        self.calibrated = pkg["calibrated"]
+        more = self.step < self.total_steps or self.calibration_pending()
+        for s in self.slots:
+            sd, osd = pkg["slots"][s.index]
+            s.sae.load_state_dict(sd)
+            if more:
+                s.opt.load_state_dict(osd)
+                _match_state_layout(s.opt)
+        if more:
+            self.source.load_state_dict(pkg["source"])
+            _set_rng_state(pkg["rng"], self.device)
+        return True
+
+    def _read_checkpoint(self) -> tuple | None:
+        """On the writer: ``(meta, slots, ranks, finished)`` of the checkpoint, or None."""
         for note in rundir.prepare(self.ckpt_dir, self.cfg.resume):
             _note(note)
         if not (self.cfg.resume and ckpt.checkpoint_exists(self.ckpt_dir)):
             moved = metrics_log.set_aside(self.out_dir)
             if moved is not None:
                 _note(f"starting afresh: the earlier metrics log is kept as {moved}")
-            return False
+            return None
         meta, files = ckpt.read_checkpoint(self.ckpt_dir)
         diff = ckpt.describe_diff(meta.get("configs"), json.loads(json.dumps(self.configs())))
         if diff:
@@ -276,29 +335,39 @@ class Trainer:
                 f" out_dir or resume=false. Differences: {'; '.join(diff)}"
             )
         with rundir.checkpoint_fields(self.ckpt_dir):
-            for i, s in enumerate(self.slots):
-                s.sae.load_state_dict(files[f"sae-{i}"])
-            self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
-            self.calibrated = bool(meta.get("calibrated", False))
-            self.last_metrics = dict(meta.get("last_metrics") or {})
-            self.last_ckpt_step = self.step
-            if self.step >= self.total_steps and not self.calibration_pending():
-                self.finished = rundir.is_finished([s.run_dir for s in self.slots], self.step)
-                return True
-            for i, s in enumerate(self.slots):
-                s.opt.load_state_dict(ckpt.decode(meta["optim"][s.name], files[f"optim-{i}"]))
-                _match_state_layout(s.opt)
-            self.source.load_state_dict(ckpt.decode(meta["source"], files["misc"]))
-            rng = ckpt.decode(meta["rng"], files["misc"])
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        bad = metrics_log.truncate(self.out_dir / metrics_log.FILE, self.step)
+            saved = list(meta["names"])
+            slots: dict[int, SlotState] = {}
+            for i, name in enumerate(self.plan):
+                j = saved.index(name)
+                optim = ckpt.decode(meta["optim"][name], files[f"optim-{j}"])
+                slots[i] = (files[f"sae-{j}"], optim)
+            misc = files["misc"]
+            ranks = [ckpt.decode({"rng": meta["rng"], "source": meta["source"]}, misc)]
+            ranks += [ckpt.decode(r, misc) for r in meta.get("ranks", [])]
+            step = int(meta["step"])
+            self.calibrated = bool(meta.get("calibrated", False))  # sent to every rank
+        if step >= self.total_steps and not self.calibration_pending():
+            run_dirs = [self._run_dir(n) for n in self.plan]
+            return meta, slots, ranks[:1] * self.strategy.world, rundir.is_finished(run_dirs, step)
+        order = resume_ranks(meta.get("dist"), self.strategy.describe(), ranks, self.ckpt_dir)
+        bad = metrics_log.truncate(self.out_dir / metrics_log.FILE, step)
         if bad:
             _note(f"{self.out_dir / metrics_log.FILE}: skipped unreadable line(s) {bad[:5]}")
-        return True
+        return meta, slots, [ranks[q] for q in order], False
+
+    def _package(self, loaded: tuple, q: int) -> dict:
+        """What rank ``q`` loads of a read checkpoint."""
+        meta, slots, ranks, finished = loaded
+        return {
+            "slots": self.strategy.split_slots(slots, q),
+            "rng": ranks[q]["rng"],
+            "source": ranks[q]["source"],
+            "step": int(meta["step"]),
+            "tokens": int(meta["tokens"]),
+            "last_metrics": dict(meta.get("last_metrics") or {}),
+            "finished": finished,
+            "calibrated": bool(meta.get("calibrated", False)),
+        }
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, batch: Batch) -> None:
@@ -332,12 +401,13 @@ class Trainer:
             )
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.strategy.sync_grads(s.sae)
         s.sae.remove_parallel_grad()
         if self.cfg.grad_clip > 0:
             try:
-                torch.nn.utils.clip_grad_norm_(
-                    s.sae.parameters(), self.cfg.grad_clip, error_if_nonfinite=True
-                )
+                self.strategy.clip_grad_norm_(s.sae, self.cfg.grad_clip)
+            except DistributedError:
+                raise
             except RuntimeError as e:
                 raise TrainingError(
                     f"step {self.step}: SAE {s.name!r} has non-finite gradients; "
@@ -373,33 +443,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def metrics(self, outs: dict[str, SAEOutput], batch: Batch, rate: float) -> list[dict]:
+        """Rows of the global batch for every SAE (in plan order, on the writer)."""
         rows = []
         for s in self.slots:
-            out = outs[s.name]
+            out, comm = outs[s.name], s.sae.comm
             x = batch.acts[s.site].to(out.x_hat.device)
-            dead = s.sae.dead_latents()  # what the aux loss uses
+            dead = comm.latent_sum(s.sae.dead_latents().sum())  # what the aux loss uses
+            l0 = comm.batch_sum(comm.latent_sum(out.codes.l0().sum()))
+            terms = out.extras["terms"]
+            # mean over the batch axis of each rank's values (global when already reduced)
+            vals = comm.batch_sum(torch.stack([out.extras["loss"], *terms.values()]).float())
+            vals = (vals / comm.batch_world).tolist()
             row: dict[str, Any] = {
                 "step": self.step,
                 "tokens": self.tokens,
                 "sae": s.name,
                 "site": s.site,
                 "lr": self.cur_factor * s.base_lr,
-                "loss": float(out.extras["loss"]),
-                **{k: float(v) for k, v in out.extras["terms"].items()},
-                "l0": float(out.codes.l0().float().mean()),
-                "fve": fve(x, out.x_hat.detach()),
-                "dead_frac": float(dead.float().mean()),
+                "loss": vals[0],
+                **dict(zip(terms, vals[1:])),
+                "l0": float(l0) / comm.n_tokens(x.shape[0]),
+                "fve": fve(x, out.x_hat.detach(), comm),
+                "dead_frac": float(dead) / s.cfg.d_sae,
                 "tokens_per_s": rate,
             }
             rows.append(row)
-            self.last_metrics[s.name] = {k: v for k, v in row.items() if k not in ("sae", "site")}
-        return rows
+        order = {n: i for i, n in enumerate(self.plan)}
+        rows_all = sorted(self.strategy.gather_rows(rows), key=lambda r: order[r["sae"]])
+        for row in rows_all:
+            self.last_metrics[row["sae"]] = {
+                k: v for k, v in row.items() if k not in ("sae", "site")
+            }
+        return rows_all
 
     def _write_metrics(self, rows: list[dict]) -> None:
+        if not self.strategy.is_writer:
+            return
         path = self.out_dir / metrics_log.FILE
         with user_path(path), open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        self.tracker.log(rows)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -408,8 +492,13 @@ class Trainer:
         Holds ``out_dir``'s lock throughout (a second writer gets a LockedError). A run
         found finished in ``out_dir`` returns its final metrics at once, rewriting nothing.
         """
-        check_writable_dir(self.out_dir, "out_dir")
-        with run_lock(self.out_dir):
+        with self.strategy.guard(self._last_good), contextlib.ExitStack() as held:
+
+            def lock() -> None:  # on the writer, which alone touches out_dir
+                check_writable_dir(self.out_dir, "out_dir")
+                held.enter_context(run_lock(self.out_dir))
+
+            self.strategy.root(lock)
             return self._run()
 
     def _run(self) -> TrainResult:
@@ -417,19 +506,22 @@ class Trainer:
 
         self.maybe_resume()
         if self.finished:
-            return rundir.finished_result(self._result(completed=True))
+            return rundir.finished_result(self._result(self.whole_saes(), completed=True))
         c = self.cfg
         completed = True
         t0, tok0 = time.perf_counter(), self.tokens
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            disable=not c.progress,
+            disable=not (c.progress and self.strategy.is_writer),
             unit="step",
             dynamic_ncols=True,
             desc="train",
         )
-        with bar:
+        config = {**self.configs(), "train": to_dict(c)}
+        log = c.log if self.strategy.is_writer else "none"  # rank 0 alone tracks
+        track = tracking.open_tracker(log, self.out_dir, config, self.step, c.log_project)
+        with bar, track as self.tracker:
             while self.step < self.total_steps:
                 try:
                     batch = self.source.next_batch(c.batch_size)
@@ -443,21 +535,25 @@ class Trainer:
                     rows = self.metrics(outs, batch, (self.tokens - tok0) / dt)
                     t0, tok0 = time.perf_counter(), self.tokens
                     self._write_metrics(rows)
-                    r = rows[0]
-                    bar.set_postfix(
-                        loss=f"{r['loss']:.4g}", L0=f"{r['l0']:.1f}", FVE=f"{r['fve']:.3f}"
-                    )
+                    if rows:
+                        r = rows[0]
+                        bar.set_postfix(
+                            loss=f"{r['loss']:.4g}", L0=f"{r['l0']:.1f}", FVE=f"{r['fve']:.3f}"
+                        )
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
                 if c.stop_after_steps and self.step >= c.stop_after_steps:
                     if self.last_ckpt_step != self.step:
                         self.save_checkpoint()
-                    return self._result(completed=False)  # like a kill after a checkpoint
+                    # like a kill after a checkpoint
+                    return self._result(self.whole_saes(), completed=False)
         calibrated_now = completed and self.calibrate()
+        self.strategy.root(self._warn_if_worse)
         if self.last_ckpt_step != self.step or calibrated_now:
             self.save_checkpoint()
-        self.save_final()
-        return self._result(completed=completed)
+        saes = self.whole_saes()
+        self.strategy.root(lambda: self.save_final(saes))
+        return self._result(saes, completed=completed)
 
     def calibration_batches(self) -> int:
         """Held-back batches drawn after training for the rules that calibrate."""
@@ -467,9 +563,42 @@ class Trainer:
             n = max(4 * self.cfg.batch_size, n)
         return -(-n // self.cfg.batch_size)
 
+    def _warn_if_worse(self, drop: float = 0.05) -> None:
+        """Warn for every SAE whose logged training FVE fell by more than ``drop`` over the
+        run (first logged step to last) while its L0 did not fall by a tenth (a sparsity
+        penalty warming up trades FVE for L0): it got worse as it trained."""
+        rows, _ = metrics_log.read_rows(self.out_dir / metrics_log.FILE)
+        first: dict[str, tuple[float, float]] = {}
+        last: dict[str, tuple[float, float]] = {}
+        for r in rows:
+            name, f, l0 = r.get("sae"), r.get("fve"), r.get("l0")
+            if (
+                isinstance(name, str)
+                and isinstance(f, (int, float))
+                and isinstance(l0, (int, float))
+            ):
+                first.setdefault(name, (float(f), float(l0)))
+                last[name] = (float(f), float(l0))
+        for name, (f0, l0) in first.items():
+            f1, l1 = last[name]
+            if f1 < f0 - drop and l1 >= 0.9 * l0:
+                warnings.warn(
+                    f"SAE {name!r}: training FVE fell from {f0:.3f} to {f1:.3f} during the run"
+                    f" at L0 {l0:.1f} -> {l1:.1f}: it got worse as it trained (check the rule's"
+                    " options and the lr)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
     def calibration_pending(self) -> bool:
-        """Some rule calibrates and has not yet been calibrated in this run."""
-        wanted = any(s.sae.rule.calibrates for s in self.slots)
+        """Some rule of the plan calibrates and has not yet been calibrated in this run.
+
+        Decided over the whole plan, so that every rank (each holding some of the SAEs
+        under ``layers``) draws the same held-back batches and writes the same checkpoints.
+        """
+        from saekit.rules import get_rule_class
+
+        wanted = any(get_rule_class(c.rule).calibrates for _, c in self.sae_cfgs.values())
         return wanted and not self.calibrated and self.calibration_batches() > 0
 
     @torch.no_grad()
@@ -480,6 +609,8 @@ class Trainer:
         Nothing else changes, so a run killed here resumes from its last checkpoint and
         draws the same batches again: the result equals an uninterrupted run.
         """
+        from saekit.rules import get_rule_class
+
         if not self.calibration_pending():
             self.calibrated = True
             return False
@@ -501,7 +632,9 @@ class Trainer:
         for s in slots:
             s.sae.end_calibration()
             s.sae.train()
-            self.last_metrics.setdefault(s.name, {})["calibration_tokens"] = got * bs
+        for name, (_, cfg) in self.sae_cfgs.items():
+            if get_rule_class(cfg.rule).calibrates:
+                self.last_metrics.setdefault(name, {})["calibration_tokens"] = got * bs
         if got == 0:
             warnings.warn(
                 "the source had no batch left for calibration: batch rules keep the"
@@ -511,29 +644,123 @@ class Trainer:
         self.calibrated = True
         return True
 
-    def save_final(self) -> None:
+    def _run_dir(self, name: str) -> Path:
+        return self.out_dir if len(self.plan) == 1 else self.out_dir / _dir_name(name)
+
+    def whole_saes(self) -> dict[str, SAE]:
+        """The trained SAEs, whole and for one process: every SAE on the writer (gathered
+        from the ranks that train it), the ones a rank holds whole elsewhere."""
+        st = self.strategy
+        whole = {s.index: s.sae for s in self.slots if s.sae.d_sae == s.cfg.d_sae}
         for s in self.slots:
+            st.release_sae(s.sae)
+        send = {s.index: st.slot_state(s.index, s.sae, None) for s in self.slots
+                if s.index not in whole or not st.is_writer}  # fmt: skip
+        parts = st.collect(send)
+        if parts is not None and st.world > 1:
+            for i, (sd, _) in st.merge_slots(parts).items():
+                if i not in whole:
+                    whole[i] = self._rebuild(i, sd)
+        names = list(self.plan)
+        return {names[i]: whole[i] for i in sorted(whole)}
+
+    def _rebuild(self, index: int, state: dict[str, Tensor]) -> SAE:
+        """SAE ``index`` whole from its gathered state, on the CPU (it may not fit a device)."""
+        with torch.random.fork_rng(devices=[]):
+            sae = SAE(self.sae_cfgs[list(self.plan)[index]][1])
+        sae = sae.to(dtype=self.dtype)
+        sae.load_state_dict(state)
+        return sae
+
+    def save_final(self, saes: dict[str, SAE] | None = None) -> None:
+        """Write every SAE's run directory (``saes``: from :meth:`whole_saes`)."""
+        saes = self.whole_saes() if saes is None else saes
+        for name, (site, _) in self.sae_cfgs.items():
             extra = {
-                "name": s.name,
-                "site": s.site,
+                "name": name,
+                "site": site,
                 "train": to_dict(self.cfg),
                 "data": None if self.data_cfg is None else to_dict(self.data_cfg),
                 "steps": self.step,
                 "tokens": self.tokens,
-                "final_metrics": self.last_metrics.get(s.name, {}),
+                "final_metrics": self.last_metrics.get(name, {}),
             }
-            save_sae(s.sae, s.run_dir, extra)
+            if self.strategy.world > 1:
+                extra["dist"] = self.strategy.describe()
+            save_sae(saes[name], self._run_dir(name), extra)
 
-    def _result(self, completed: bool) -> TrainResult:
+    def _result(self, saes: dict[str, SAE], completed: bool) -> TrainResult:
         return TrainResult(
-            saes={s.name: s.sae for s in self.slots},
-            run_dirs={s.name: s.run_dir for s in self.slots},
+            saes=saes,
+            run_dirs={n: self._run_dir(n) for n in self.plan},
             out_dir=self.out_dir,
             steps=self.step,
             tokens=self.tokens,
             metrics=dict(self.last_metrics),
             completed=completed,
+            writer=self.strategy.is_writer,
         )
+
+
+def run_configs(
+    train_cfg: TrainConfig, data_cfg: DataConfig | None, saes: dict[str, tuple[str, SAEConfig]]
+) -> dict:
+    """The configs a checkpoint records and must match to be resumed (resolved SAE configs)."""
+    train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
+    data = None
+    if data_cfg is not None:
+        data = {k: v for k, v in to_dict(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
+    slots = {n: {"site": site, "sae": to_dict(c)} for n, (site, c) in saes.items()}
+    return {"saes": slots, "train": train, "data": data}
+
+
+def _as_trained(cfg: SAEConfig, d_in: int, train_cfg: TrainConfig) -> SAEConfig:
+    """``cfg`` as :meth:`Trainer._make_slot` completes it (a mismatch only costs the fast
+    path of :func:`finished_run`: the trainer then decides)."""
+    cfg = cfg.resolved(d_in)
+    if cfg.dead_tokens == 0:
+        cfg.dead_tokens = auto_dead_tokens(train_cfg.total_tokens, train_cfg.batch_size)
+    return cfg
+
+
+def finished_run(
+    sae_cfgs: SAEConfig | dict[str, Any] | Callable[[list[str]], Any],
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig | None,
+) -> TrainResult | None:
+    """The result of a finished run of these configs in ``out_dir``, found without building
+    a source (no model is loaded); None when there is none (then train, or resume, it).
+
+    ``sae_cfgs`` as for :func:`train`, or a function of the source's sites returning them.
+    """
+    from saekit.io.native import load_sae
+
+    out = Path(train_cfg.out_dir)
+    if not (train_cfg.resume and (out / "checkpoint" / ckpt.STATE_JSON).is_file()):
+        return None
+    with run_lock(out):
+        try:
+            meta = ckpt.read_meta(out / "checkpoint", verify=False)
+            width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
+            sites = list(width)
+            plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
+            want = run_configs(
+                train_cfg,
+                data_cfg,
+                {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()},
+            )
+            dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
+            done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
+            if not done or ckpt.describe_diff(meta["configs"], json.loads(json.dumps(want))):
+                return None
+            if not rundir.is_finished(list(dirs.values()), meta["step"]):
+                return None
+            dev = resolve_device(train_cfg.device)
+            saes = {n: load_sae(d, device=str(dev), train=True) for n, d in dirs.items()}
+        except (SaekitError, KeyError, TypeError, ValueError, AttributeError):
+            return None  # the trainer reports the precise problem
+    res = TrainResult(saes, dirs, out, int(meta["step"]), int(meta["tokens"]))
+    return rundir.finished_result(res)
 
 
 def train(
@@ -542,13 +769,36 @@ def train(
     source: ActivationSource,
     data_cfg: DataConfig | None = None,
     saes: dict[str, SAE] | None = None,
+    strategy: Strategy | None = None,
 ) -> TrainResult:
-    """Train SAE(s) on ``source``; see :class:`Trainer`. ``saes``: pre-built SAEs by name."""
-    return Trainer(sae_cfgs, train_cfg, source, data_cfg, saes).run()
+    """Train SAE(s) on ``source``; see :class:`Trainer`. ``saes``: pre-built SAEs by name;
+    ``strategy``: how to split the run over ranks (saekit.distributed.launch.from_env)."""
+    return Trainer(sae_cfgs, train_cfg, source, data_cfg, saes, strategy).run()
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 __all__ = [
     "TrainResult",
+    "finished_run",
+    "run_configs",
     "Trainer",
     "TrainingError",
     "default_lr",

@@ -29,13 +29,19 @@ if TYPE_CHECKING:
 
 
 def load_run(run_dir: str | Path) -> tuple[SAE, RunInfo]:
-    """The SAE of a run directory (via :func:`saekit.io.load_sae`) and its :class:`RunInfo`."""
-    info = read_run_info(run_dir)
-    from saekit.io import load_sae
+    """The SAE of a run (via :func:`saekit.io.native.open_sae`) and its :class:`RunInfo`.
 
-    sae = load_sae(run_dir)
+    ``run_dir`` may also be any SAE ``load_sae`` reads (a peer format, ``hf://``,
+    ``saelens:``); then the model and site come from the SAE's metadata."""
+    from saekit.io.native import info_from_meta, open_sae
+
+    sae, meta = open_sae(run_dir)
     sae.eval()
-    return sae, info
+    if meta.get("format") in ("saekit", "saelens"):
+        info = read_run_info(meta["path"])
+        info.run_dir = str(run_dir)
+        return sae, info
+    return sae, info_from_meta(run_dir, meta)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         res = table_run(job, cfg, progress=say)
         print(markdown_table(res))
         if job.out:
-            print(f"wrote {job.out}/table.json")
+            print(f"wrote {job.out}/table.json and {job.out}/table.md")
         return 0
     rep = compress_run(job, cfg, progress=say)
     b, a = rep["before"], rep["after"]

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+
+_REST = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``|`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """``text`` without reST markup: ``x`` and :func:`x` become x."""
+    return _REST.sub(lambda m: next(g for g in m.groups() if g is not None), text)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in rule_names():
         cls = get_rule_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = plain((cls.__doc__ or "").strip().splitlines()[0])
         print(f"{name:14s} {doc}")
         where = "" if cls.__module__.startswith("saekit.") else f" (from {cls.__module__})"
         knob = cls.sparsity.option if cls.sparsity.kind == "option" else cls.sparsity.kind
@@ -40,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print("\naux losses (--aux; options in --aux-options):")
     for name in aux_names():
         cls = get_aux_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = plain((cls.__doc__ or "").strip().splitlines()[0])
         print(f"{name:14s} {doc}")
         _print_options(cls.Options, "aux_options")
     return 0

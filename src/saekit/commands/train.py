@@ -11,6 +11,11 @@ The command's defaults are the config defaults except where a field declares a
 ``cli_default`` (``total_tokens`` 300,000 and ``batch_size`` 1,024): a demo that trains in
 a few minutes on 2 CPU cores (MiniLM layer 3, built-in pydoc text, TopK k=32, 3072 latents;
 FVE about 0.8).
+
+Several processes: ``torchrun --standalone --nproc_per_node N -m saekit train ... --strategy
+ddp|layers|latents`` (DistConfig flags, the run document's ``"dist"`` section;
+``--batch-size`` stays the global batch). Only rank 0 prints, logs and writes the run
+directory.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import argparse
 import time
 
 from saekit.cli import add_dataclass_args, dataclass_from_args, given_args
-from saekit.config import DataConfig, SAEConfig, TrainConfig
+from saekit.config import DataConfig, DistConfig, SAEConfig, TrainConfig
 from saekit.options import cli_defaults
 from saekit.run_config import SECTIONS, RunConfig, load_run_config
 
@@ -36,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", help='JSON {"sae": {}, "train": {}, "data": {}, "saes": {}}; flags override'
     )
-    for cls in (SAEConfig, TrainConfig, DataConfig):
+    for cls in (SAEConfig, TrainConfig, DataConfig, DistConfig):
         add_dataclass_args(p, cls)
     p.set_defaults(func=run)
     c = sub.add_parser("cache", help="write an activation cache to disk from a data config")
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     rc = run_config(args)
     t0 = time.perf_counter()
     res = train_run(rc)
+    if not res.writer:  # another rank of a torchrun launch: rank 0 reports
+        return 0
     wall = time.perf_counter() - t0
     if res.already_finished:
         print(
@@ -86,6 +93,11 @@ def run_cache(args: argparse.Namespace) -> int:
     data_cfg = load_run_config(args.config, {"data": given_args(DataConfig, args)}).data
     cfg = dataclass_from_args(CacheConfig, args)
     out = write_cache(data_cfg, **to_dict(cfg))
+    if cfg.format == "saelens":
+        print(f"SAELens cache written: {out} ({cfg.n_tokens:,} tokens)")
+        print(f"SAELens: cached_activations_path={str(out)!r}")
+        print(f"saekit: saekit train --source cache --cache-dir {out}")
+        return 0
     sites = ", ".join(read_manifest(out)["sites"])
     print(f"cache written: {out} ({cfg.n_tokens:,} tokens of {sites})")
     print(f"train on it with: saekit train --source cache --cache-dir {out}")

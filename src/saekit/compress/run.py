@@ -32,7 +32,7 @@ from saekit.compress.io import META, load_compressed, save_compressed, weights_b
 from saekit.compress.lowrank import count_params
 from saekit.compress.metrics import model_context, perplexity, throughput
 from saekit.errors import ConfigError, MissingFileError
-from saekit.io.atomic import write_json
+from saekit.io.atomic import write_json, write_text
 from saekit.options import to_dict
 
 Progress = Callable[[str], None] | None
@@ -150,8 +150,11 @@ def compress_run(run: CompressRunConfig, cfg: CompressConfig, progress: Progress
 
 
 def table_run(run: CompressRunConfig, cfg: CompressConfig, progress: Progress = None) -> dict:
-    """Every method in ``run.methods`` at every ratio and calibration seed (fresh model each)."""
-    from saekit.compress.bench import compare_methods
+    """Every method in ``run.methods`` at every ratio and calibration seed (fresh model each).
+
+    With ``run.out``, writes ``table.json`` (rows, summary, run, eval) and ``table.md``.
+    """
+    from saekit.compress.bench import compare_methods, markdown_table
 
     cfg = _with_device(cfg, run)
     tok = load_tokenizer(run)
@@ -171,4 +174,5 @@ def table_run(run: CompressRunConfig, cfg: CompressConfig, progress: Progress = 
     res.update(run=to_dict(run), eval=eval_info)
     if run.out:
         write_json(Path(run.out) / "table.json", res)
+        write_text(Path(run.out) / "table.md", markdown_table(res) + "\n")
     return res

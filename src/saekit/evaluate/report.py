@@ -27,6 +27,7 @@ HEADLINE: list[tuple[str, str, str]] = [
     ("recovery (abs cos > 0.9)", "ground_truth", "recovery"),
     ("per-latent F1", "detection", "f1"),
     ("absorption", "absorption", "absorption"),
+    ("FVU under the downstream loss", "downstream", "fvu_down"),
     ("ε_LBO (median)", "afa", "eps_lbo_median"),
     ("decoder max abs cos (mean)", "independence", "decoder_max_cos_mean"),
     ("ablation ΔMSE when active (mean)", "ablation", "ablation_dmse_when_active_mean"),

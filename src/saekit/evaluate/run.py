@@ -35,6 +35,7 @@ from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
+from saekit.inputs import site_inputs
 from saekit.io.atomic import json_safe, read_json, write_json, write_text
 from saekit.io.paths import check_writable_dir
 from saekit.options import Options, option
@@ -56,6 +57,12 @@ class EvalConfig(Options):
     )
     splice_batch_size: int = option(
         0, "sequences per spliced forward (0: the run's model batch)", ge=0
+    )
+    splice_special: bool = option(
+        False,
+        "splice the reconstruction at special tokens (BOS, ...) too and count them; default:"
+        " they keep their activation and leave the averages (SAEBench's"
+        " exclude_special_tokens_from_reconstruction), as training drops them",
     )
     pca_fit_tokens: int = option(16_384, "first eval tokens used to fit the PCA baseline", ge=1)
     baselines: bool = option(True, "also evaluate the random-decoder SAE and PCA baselines")
@@ -97,6 +104,13 @@ def eval_source(
         src = SyntheticSource(scfg, stream_seed=stream)
         desc = f"synthetic ({scfg.n_features} features, d={scfg.d}), stream seed {stream}"
         return _Src(src, desc, True, "synthetic")
+    if data_cfg.source == "saelens_synthetic":  # a fresh sample stream of the same model
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        opts = dict(data_cfg.synthetic)
+        opts["seed"] = EVAL_STREAM_OFFSET + int(opts.get("seed", 0)) + cfg.seed
+        src = SAELensSyntheticSource(opts)
+        return _Src(src, f"SAELens synthetic model, stream seed {opts['seed']}", True, "synthetic")
     if data_cfg.source == "hf":
         from saekit.sources.hf import HFSource
 
@@ -148,9 +162,15 @@ class _Evaluator:
     """All streaming accumulators of one autoencoder (SAE or baseline)."""
 
     def __init__(
-        self, ae: Any, cfg: EvalConfig, gt: tuple[Tensor, Tensor] | None, full: bool
+        self,
+        ae: Any,
+        cfg: EvalConfig,
+        gt: tuple[Tensor, Tensor] | None,
+        full: bool,
+        metric: Tensor | None = None,
     ) -> None:
         self.ae, self.full = ae, full
+        self.down = DownstreamAccumulator(metric) if metric is not None else None
         self.core = CoreAccumulator(ae.d_in, ae.d_sae, cfg.dense_threshold)
         self.afa = afa.AFAAccumulator(ae, center=cfg.afa_center) if full else None
         self.abl = independence.AblationAccumulator(ae) if full else None
@@ -162,9 +182,11 @@ class _Evaluator:
             self.absorb = ground_truth.AbsorptionAccumulator(self.W, G, parent)
 
     @torch.no_grad()
-    def update(self, x: Tensor, true_codes: Tensor | None) -> None:
-        out = self.ae(x)
+    def update(self, x: Tensor, true_codes: Tensor | None, inputs: dict[str, Tensor]) -> None:
+        out = self.ae(x, inputs=inputs) if inputs else self.ae(x)
         self.core.update(x, out.x_hat, out.codes)
+        if self.down is not None:
+            self.down.update(x, out.x_hat)
         if self.afa is not None:
             z = out.x_in if self.afa.center else out.x
             self.afa.update_from(z, out.codes)
@@ -180,6 +202,8 @@ class _Evaluator:
             # the training-time definition (aux loss, logs), from the saved counters
             r["core"]["dead_frac_train"] = float(self.ae.dead_latents().float().mean())
             r["core"]["dead_tokens"] = self.ae.dead_window
+        if self.down is not None:
+            r["downstream"] = self.down.result()
         if self.afa is not None:
             r["afa"] = self.afa.result()
         if self.abl is not None:
@@ -193,6 +217,30 @@ class _Evaluator:
         if self.absorb is not None and self.absorb.n:
             r["absorption"] = self.absorb.result()
         return r
+
+
+class DownstreamAccumulator:
+    """``fvu_down = sum_t e_t M e_t / sum_t (x_t - mu) M (x_t - mu)``: the reconstruction error
+    under a downstream loss's metric ``M`` (synthetic data with a known downstream loss),
+    ``e = x - x_hat`` and ``mu`` the mean over all eval tokens (streaming-exact)."""
+
+    def __init__(self, metric: Tensor) -> None:
+        self.M = metric.double()
+        self.err = self.xmx = 0.0
+        self.sum_x = torch.zeros(metric.shape[0], dtype=torch.float64)
+        self.n = 0
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x, e = x.double().cpu(), (x - x_hat).double().cpu()
+        self.err += float(((e @ self.M) * e).sum())
+        self.xmx += float(((x @ self.M) * x).sum())
+        self.sum_x += x.sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, Any]:
+        mu = self.sum_x / max(self.n, 1)
+        var = self.xmx - self.n * float(mu @ self.M @ mu)
+        return {"fvu_down": self.err / var if var > 0 else float("nan"), "n_tokens": self.n}
 
 
 @dataclass
@@ -218,14 +266,18 @@ def _setup(
     data_cfg: DataConfig | None,
     k: int | None,
 ) -> _Setup:
-    """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site."""
-    from saekit.io import load_sae, read_run_info
+    """Phase 1: load the SAE and its DataConfig, build the evaluation source, pick the site.
 
-    sae = load_sae(run_dir, device=cfg.device, k=k)
+    ``run_dir`` is the SAE's local path; an SAE from another library (a peer format, a hub
+    spec) gets its model and site from its metadata (:func:`saekit.io.native.info_from_meta`).
+    """
+    from saekit.io.native import info_from_meta, open_sae, read_run_info
+
+    sae, meta = open_sae(run_dir, device=cfg.device, k=k)
     sae.train(False)
-    info = read_run_info(run_dir) if run_dir.is_dir() else None
+    info = read_run_info(run_dir) if meta["format"] == "saekit" else info_from_meta(run_dir, meta)
     if data_cfg is None:
-        if info is None or not info.saekit.get("data"):
+        if not info.saekit.get("data"):
             where = run_dir / "cfg.json" if run_dir.is_dir() else run_dir
             raise FormatError(
                 f"{where} records no saekit 'data' section: cannot rebuild its data; pass"
@@ -240,6 +292,9 @@ def _setup(
     if src.source.d_in(site) != sae.d_in:
         src.source.close()
         raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+    wanted = set(getattr(sae.rule, "requires", ()))
+    if wanted:  # named inputs the rule reads (gtopk: "grad"), when the source has them
+        src.source.request_inputs(wanted)
     G = getattr(src.source, "dictionary", None)
     parent = getattr(src.source, "parent", None)
     gt = None
@@ -257,6 +312,10 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
     def xs(b: Batch) -> tuple[Tensor, Tensor | None]:
         return b.acts[st.site].to(cfg.device).float(), b.meta.get("codes")
 
+    def inputs(b: Batch) -> dict[str, Tensor]:
+        got = site_inputs(b.inputs, st.site, getattr(st.sae.rule, "requires", ()))
+        return {n: t.to(cfg.device).float() for n, t in got.items()}
+
     stream = _take(st.src, cfg.batch_size, cfg.tokens)
     buffered: list[Batch] = []
     n_buf, fit_tokens = 0, min(cfg.pca_fit_tokens, cfg.tokens)
@@ -269,18 +328,21 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
         raise DataError(f"the evaluation source yielded no tokens for site {st.site!r}")
     sae = st.sae
     with torch.no_grad():
-        l0_est = float(torch.cat([sae.encode(xs(b)[0]).l0().double() for b in buffered]).mean())
-    evals = {"sae": _Evaluator(sae, cfg, st.gt, full=True)}
+        l0s = [sae.encode(xs(b)[0], inputs(b)).l0().double() for b in buffered]
+        l0_est = float(torch.cat(l0s).mean())
+    metric = getattr(st.src.source, "downstream_metric", None)
+    evals = {"sae": _Evaluator(sae, cfg, st.gt, full=True, metric=metric)}
     base_models: dict[str, Any] = {}
     if cfg.baselines:
         base_models["random"] = baselines.random_sae(sae, seed=cfg.seed, l0=l0_est).to(cfg.device)
         base_models["pca"] = baselines.fit_pca([xs(b)[0] for b in buffered], sae.d_in, l0_est)
         for name, m in base_models.items():
-            evals[name] = _Evaluator(m, cfg, st.gt, full=False)
+            evals[name] = _Evaluator(m, cfg, st.gt, full=False, metric=metric)
     for b in itertools.chain(buffered, stream):  # the rest of the stream is never held
         x, codes = xs(b)
+        named = inputs(b)
         for e in evals.values():
-            e.update(x, codes)
+            e.update(x, codes, named if hasattr(e.ae, "rule") else {})  # SAEs take inputs
     return evals, base_models
 
 
@@ -321,10 +383,21 @@ def _splice(
 
     dc = st.data_cfg
     source: Any = src.source
-    texts = iter_texts(dc.dataset, src.text_split, dc.text_field, part=src.text_part)
+    texts = iter_texts(
+        dc.dataset,
+        src.text_split,
+        dc.text_field,
+        part=src.text_part,
+        data_files=tuple(dc.data_files),
+        streaming=dc.streaming,
+    )
     bs = cfg.splice_batch_size or dc.model_batch_size
-    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens)
-    sp = splice_metrics(source.model, st.sae, st.site, batches, base_models)
+    special = getattr(source.tokenizer, "all_special_ids", None) or []
+    counted = [] if cfg.splice_special else special
+    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens, counted)
+    sp = splice_metrics(
+        source.model, st.sae, st.site, batches, base_models, special, cfg.splice_special
+    )
     for name, r in sp.pop("baselines", {}).items():
         result["baselines"][name]["splice"] = r
     result["sae"]["splice"] = sp
@@ -370,7 +443,21 @@ def _write(
     result = json_safe(result)
     write_text(out / "report.md", report.render(result, images))
     write_json(out / "eval.json", result)
+    from saekit import tracking
+
+    tracking.log_eval(st.run_dir, result)  # the run's --log tracker, if it has one
     return result
+
+
+def _where(run_dir: str | Path, out_dir: str | Path | None) -> tuple[Path, Path]:
+    """The SAE's local path (hub specs resolved) and the output directory."""
+    from saekit.io.hub import is_remote, resolve
+
+    if out_dir is None and is_remote(run_dir):
+        raise ConfigError(f"{run_dir} is read-only (a hub cache): pass an output directory (--out)")
+    path = resolve(run_dir).path
+    default_out = path if not path.is_file() else path.with_name(path.name + ".eval")
+    return path, Path(out_dir) if out_dir is not None else default_out
 
 
 def evaluate_run(
@@ -388,8 +475,11 @@ def evaluate_run(
 
     ``n_tokens`` / ``probe_data`` override ``cfg``. ``model``/``tokenizer``: a preloaded
     model for HF runs (else loaded from the run's ``DataConfig.model``). ``run_dir`` may
-    be an SAE file (a Qwen-Scope ``.pt``); its outputs then go to ``<file>.eval/`` and
-    ``data_cfg`` (the model, site and text it reads) is required. ``k``: for such files.
+    be any SAE :func:`saekit.io.native.open_sae` reads (a peer format, a file, ``hf://`` /
+    ``saelens:``); an SAE file's outputs go to ``<file>.eval/``, a hub SAE's need
+    ``out_dir``. Without a saekit ``data`` section the model and site come from the SAE's
+    metadata, else ``data_cfg`` (the model, site and text it reads) is required. ``k``: for
+    files that do not store it.
     Phases: set-up, one streaming pass (core, AFA, ablation, ground truth, baselines),
     spliced CE/KL, probing, files.
     """
@@ -398,9 +488,7 @@ def evaluate_run(
         cfg.tokens = n_tokens
     if probe_data is not None:
         cfg.probe_data = str(probe_data)
-    run_dir = Path(run_dir)
-    default_out = run_dir if not run_dir.is_file() else run_dir.with_name(run_dir.name + ".eval")
-    out = Path(out_dir) if out_dir is not None else default_out
+    run_dir, out = _where(run_dir, out_dir)
     st = _setup(run_dir, out, cfg, model, tokenizer, data_cfg, k)
     try:
         evals, base_models = _stream(st, cfg)

@@ -57,8 +57,11 @@ def encode(obj: Any, tensors: dict[str, Tensor], prefix: str = "t") -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode(v, tensors, prefix) for k, v in obj.items()}
-        return {"__items__": [[encode(k, tensors, prefix), encode(v, tensors, prefix)]
-                              for k, v in obj.items()]}  # fmt: skip
+        return {
+            "__items__": [
+                [encode(k, tensors, prefix), encode(v, tensors, prefix)] for k, v in obj.items()
+            ]
+        }
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (only tensors/JSON)")
 
 

@@ -170,35 +170,78 @@ def load_sae(
     train: bool = False,
     verify: bool = True,
 ) -> SAE:
-    """Load an SAE from a saekit or SAELens run directory, or a Qwen-Scope ``.pt`` file.
+    """Load an SAE from a saekit or SAELens run directory, a peer format or the hub.
 
-    ``k``: for Qwen-Scope files (not stored there), or overrides the saved ``k``. The SAE
-    is returned in eval mode unless ``train``. ``verify``: check the SHA-256 digests that
-    saekit recorded in ``cfg.json`` (an IntegrityError names a corrupt file); False checks
-    sizes only.
+    ``path``: a local directory or file (saekit, SAELens, sparsify, dictionary_learning,
+    Gemma Scope, Llama Scope, Goodfire, Qwen-Scope; detected from the files, see
+    :mod:`saekit.io.formats`), ``hf://ORG/REPO/SUBPATH`` or ``saelens:RELEASE/SAE_ID``
+    (:mod:`saekit.io.hub`). ``k``: for Qwen-Scope files (not stored there), or overrides the
+    saved ``k``. The SAE is returned in eval mode unless ``train``. ``verify``: check the
+    SHA-256 digests that saekit recorded in ``cfg.json`` (an IntegrityError names a corrupt
+    file); False checks sizes only.
     """
-    p = Path(path)
+    return open_sae(path, device, k, train, verify)[0]
+
+
+def open_sae(
+    path: str | Path,
+    device: str = "cpu",
+    k: int | None = None,
+    train: bool = False,
+    verify: bool = True,
+) -> tuple[SAE, dict[str, Any]]:
+    """:func:`load_sae` and the SAE's metadata (SAELens keys: ``model_name``,
+    ``hook_name``, ..., plus ``format`` and, for hub specs, ``source``)."""
+    from saekit.io.hub import resolve
+
+    res = resolve(path)
+    p = res.path
     if not p.exists():
         raise MissingFileError(f"SAE not found: {p}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ConfigError(f"k must be a positive integer (latents kept per token), got {k!r}")
-    if p.is_file():
-        if p.name == CFG_FILE or p.suffix == ".safetensors":
-            return load_sae(p.parent, device, k, train)
-        from saekit.io.qwenscope import load_qwenscope
-
-        sae = load_qwenscope(p, k).to(device)
-    else:
+    if p.is_file() and (p.name == CFG_FILE or p.name == WEIGHTS_FILE):
+        p = p.parent
+    meta: dict[str, Any]
+    if p.is_dir() and (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
         cfg = read_run_config(p)
-        if not (p / WEIGHTS_FILE).is_file():
-            _refuse_pickles(p)
         if "saekit" in cfg:
             verify_run(p, verify)
             sae = _sae_from_saekit(p, cfg, device, k)
+            meta = {"format": "saekit"}
         else:
             sae = sae_from_saelens(cfg, load_tensors(p / WEIGHTS_FILE), k).to(device)
+            meta = {"format": "saelens"}
+        meta.update(_saelens_meta(cfg))
+    else:
+        from saekit.io.formats import detect_format, read_foreign
+
+        if "format" not in res.hints and detect_format(p) is None and p.is_dir():
+            if (p / WEIGHTS_FILE).is_file():
+                read_run_config(p)  # names the missing cfg.json
+            if (p / CFG_FILE).is_file():
+                read_run_config(p)  # a clear error for a broken cfg.json first
+                _refuse_pickles(p)
+        sae, meta = read_foreign(p, k, res.hints)
+        sae = sae.to(device)
+    if res.hints.get("model"):  # a registry's model id outranks a TransformerLens name
+        meta["model_name"] = res.hints["model"]
+    if res.spec != str(path) or res.hints:
+        meta["source"] = res.spec
+    meta.setdefault("path", str(p))
     sae.train(train)
-    return sae
+    return sae, meta
+
+
+def _saelens_meta(cfg: dict) -> dict[str, Any]:
+    """``model_name`` / ``hook_name`` / ... from a SAELens cfg (top level or metadata)."""
+    out: dict[str, Any] = {}
+    for key in ("model_name", "hook_name", "context_size", "dataset_path", "neuronpedia_id"):
+        for sec in (cfg, cfg.get("metadata") or {}, cfg.get("meta") or {}):
+            if isinstance(sec, dict) and sec.get(key) is not None:
+                out[key] = sec[key]
+                break
+    return out
 
 
 def load_density(run_dir: str | Path, verify: bool = True) -> Tensor:
@@ -250,9 +293,11 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     data = _find_data_cfg(sk)
     sites = data.get("sites") or []
     site = sk.get("site") or (sites[0] if len(sites) == 1 else "")
-    hook = cfg.get("hook_name")
-    if not site and isinstance(hook, str) and hook.startswith("layers."):
-        site = hook
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    if not site and isinstance(hook, str):
+        from saekit.sources.sites import canonical_site
+
+        site = canonical_site(hook) if canonical_site(hook).startswith("layers.") else ""
     return RunInfo(
         run_dir=str(p),
         model=str(data.get("model", cfg.get("model_name", "")) or ""),
@@ -262,4 +307,34 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         context_len=int(data.get("context_len", 128)),
         data=data,
         saekit=dict(sk),
+    )
+
+
+def info_from_meta(spec: str | Path, meta: dict[str, Any]) -> RunInfo:
+    """The :class:`RunInfo` of an SAE from another library (a peer format, a hub spec).
+
+    The site is the recorded hook (TransformerLens names translated,
+    :func:`saekit.sources.sites.canonical_site`), the data an HF source on the recorded model
+    and the built-in corpus [our choice: the SAE's training dataset is usually a hub dataset,
+    not available offline; commands that read text take ``--data`` / ``--dataset``]. Its
+    ``data_config()`` is a FormatError naming ``--model`` / ``--site`` when the metadata
+    lacks the model or the hook.
+    """
+    from saekit.sources.sites import canonical_site
+
+    hook = meta.get("hook_name")
+    site = canonical_site(str(hook)) if hook else ""
+    data: dict[str, Any] = {"source": "hf", "model": str(meta.get("model_name") or "")}
+    if site:
+        data["sites"] = [site]
+    if isinstance(meta.get("context_size"), int):
+        data["context_len"] = int(meta["context_size"])
+    known = bool(data["model"] and site)
+    return RunInfo(
+        run_dir=str(spec),
+        model=data["model"],
+        site=site,
+        context_len=int(data.get("context_len", 128)),
+        data=data,
+        saekit={"data": data, "site": site, "foreign": meta} if known else {"foreign": meta},
     )

@@ -4,22 +4,22 @@ Keys ``W_enc [F, d]``, ``b_enc [F]``, ``W_dec [d, F]``, ``b_dec [d]``; encoding 
 ``TopK(x W_enc^T + b_enc)`` without subtracting ``b_dec``. Loaded with
 ``torch.load(weights_only=True)`` (never unpickled) and transposed to saekit's layout.
 ``k`` is not stored in the file: pass it, or it is read from an ``L0_<k>`` part of the
-path (the Qwen-Scope repo naming, e.g. ``SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``).
+path (the Qwen-Scope repo naming, e.g. ``SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``); the writer
+puts ``L0_<k>`` in the file name for that reason.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from saekit.config import SAEConfig
 from saekit.errors import ConfigError, FormatError
-from saekit.io.atomic import torch_load_tensors
-from saekit.io.saelens import load_state
+from saekit.io.portable import Portable, refuse, sae_from_portable, with_b_dec_input
 from saekit.sae import SAE
+from saekit.sources.sites import parse_site
 
 KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -29,11 +29,13 @@ def k_from_path(path: str | Path) -> int | None:
     return int(m[-1]) if m else None
 
 
-def load_qwenscope(path: str | Path, k: int | None = None) -> SAE:
-    """A TopK SAE from a Qwen-Scope ``.pt`` file."""
-    path = Path(path)
-    obj = torch_load_tensors(path)
-    if not isinstance(obj, dict) or not all(isinstance(obj.get(n), Tensor) for n in KEYS):
+def is_qwenscope(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(obj.get(n), Tensor) for n in KEYS)
+
+
+def portable(obj: dict[str, Tensor], path: Path, k: int | None) -> Portable:
+    """A Qwen-Scope tensor dict (already loaded) as a :class:`Portable`."""
+    if not is_qwenscope(obj):
         have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(f"{path}: expected a dict with tensors {list(KEYS)}, got {have}")
     W_enc, b_enc, W_dec, b_dec = (obj[n] for n in KEYS)
@@ -48,13 +50,45 @@ def load_qwenscope(path: str | Path, k: int | None = None) -> SAE:
     k = k if k is not None else k_from_path(path)
     if k is None:
         raise ConfigError(f"{path}: k is not stored in Qwen-Scope files; pass k (e.g. 50 or 100)")
-    cfg = SAEConfig(
-        d_in=d, d_sae=F, rule="topk", k=k, apply_b_dec_to_input=False, unit_norm_decoder=False
+    meta: dict[str, Any] = {"format": "qwenscope"}
+    m = re.search(r"layer(\d+)", path.name)
+    if m:
+        kind = "mlp_out" if "-MLP-" in str(path) else "resid_post"
+        meta["hook_name"] = f"layers.{m.group(1)}.{kind}"
+    return Portable(
+        "topk",
+        W_enc.t().contiguous(),
+        b_enc,
+        W_dec.t().contiguous(),
+        b_dec,
+        k=int(k),
+        apply_b_dec_to_input=False,
+        meta=meta,
     )
-    with torch.random.fork_rng(devices=[]):
-        sae = SAE(cfg)
-    sae.to(W_enc.dtype)
-    state = {"W_enc": W_enc.t().contiguous(), "b_enc": b_enc, "W_dec": W_dec.t().contiguous()}
-    state["b_dec"] = b_dec
-    load_state(sae, state, strict=False, where=str(path))
-    return sae
+
+
+def load_qwenscope(path: str | Path, k: int | None = None) -> SAE:
+    """A TopK SAE from a Qwen-Scope ``.pt`` file."""
+    from saekit.io.atomic import torch_load_tensors
+
+    path = Path(path)
+    return sae_from_portable(portable(torch_load_tensors(path), path, k))
+
+
+def write(p: Portable, out: Path) -> Path:
+    refuse("Qwen-Scope", p, ("topk",), " (Qwen-Scope SAEs are TopK)")
+    assert p.k is not None
+    p = with_b_dec_input(p, False)
+    if out.suffix != ".pt":
+        try:
+            layer = parse_site(str(p.meta.get("hook_name", "")))[0]
+        except ValueError:
+            layer = 0
+        out = out / f"layer{layer}.L0_{p.k}.sae.pt"
+    if k_from_path(out) != p.k:
+        raise FormatError(f"{out}: Qwen-Scope files do not store k; put L0_{p.k} in the path")
+    obj = {"W_enc": p.W_enc.t(), "b_enc": p.b_enc, "W_dec": p.W_dec.t(), "b_dec": p.b_dec}
+    from saekit.io.torch_files import save_tensor_dict
+
+    save_tensor_dict(out, obj)
+    return out

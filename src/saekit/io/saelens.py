@@ -10,7 +10,10 @@ no equivalent.
 Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens directory (no
 ``saekit`` section): the rule whose ``saelens_imports`` names the architecture loads it
 through its ``from_saelens`` hook (``standard`` -> relu, ``topk`` -> topk, ``jumprelu`` ->
-jumprelu, ``batchtopk`` -> batchtopk among the built-in rules).
+jumprelu, ``batchtopk`` -> batchtopk, ``abstopk`` -> abstopk among the built-in rules).
+First :func:`saekit.io.portable.canonical_saelens` folds ``rescale_acts_by_decoder_norm``
+(SAELens's TopK default) and converts ``gated`` and ``matryoshka_batchtopk`` exactly to
+``jumprelu`` unless a rule imports them itself.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 def supported_architectures() -> list[str]:
-    """SAELens architectures some registered rule loads."""
-    return saelens_import_architectures()
+    """SAELens architectures some registered rule loads (or saekit converts exactly)."""
+    from saekit.io.portable import CONVERTED
+
+    return sorted({*saelens_import_architectures(), *CONVERTED})
 
 
 def _layer_of(site: str) -> int | None:
@@ -83,7 +88,7 @@ def _cfg(sae: SAE, arch: str, extra: dict, site: str, model: str, data: dict | N
         "reshape_activations": "none",
         **extra,
     }
-    if sae.rule.signed and not arch.startswith("saekit."):
+    if sae.rule.signed and not arch.startswith("saekit.") and arch != "abstopk":
         warnings.warn(
             f"rule {cfg.rule!r} has signed codes; SAELens's {arch!r} inference applies a ReLU,"
             " so only saekit reproduces this SAE exactly",
@@ -141,20 +146,24 @@ def saekit_config_from_saelens(
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise FormatError(f"SAELens cfg needs a positive integer {key!r}, got {cfg.get(key)!r}")
     fields, rule_state = cls.from_saelens(cfg if k is None else {**cfg, "k": k}, weights or {})
-    sae_cfg = SAEConfig(
-        d_in=cfg["d_in"],
-        d_sae=cfg["d_sae"],
-        rule=cls.name,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        unit_norm_decoder=False,  # the loaded decoder is used as is
-    )
-    for name, v in fields.items():
-        setattr(sae_cfg, name, v)
+    base = {
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "rule": cls.name,
+        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+        "unit_norm_decoder": False,  # the loaded decoder is used as is
+    }
+    sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 
 
 def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None) -> SAE:
     """Build an SAE from a plain SAELens cfg dict and its ``sae_weights`` tensors."""
+    from saekit.io.portable import canonical_saelens
+
+    if cfg.get("architecture", "standard") not in supported_architectures():
+        saekit_config_from_saelens(cfg, k, weights)  # raises: unsupported architecture
+    cfg, weights = canonical_saelens(cfg, weights)
     sae_cfg, rule_state = saekit_config_from_saelens(cfg, k, weights)
     with torch.random.fork_rng(devices=[]):
         sae = SAE(sae_cfg)

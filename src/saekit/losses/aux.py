@@ -24,7 +24,6 @@ To add an aux loss, write one module in this package with a ``@register_aux`` su
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,6 +34,7 @@ from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 from saekit.losses.recon import nmse, scaled_like_recon
+from saekit.options import from_dict
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -50,16 +50,8 @@ class AuxOptions:
 
 
 def parse_options(cls: type, raw: Any, what: str) -> Any:
-    """``cls(**raw)`` with a one-line :class:`ConfigError` naming ``what`` and the fields."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} must be a JSON object, got {type(raw).__name__}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        known = [f.name for f in dataclasses.fields(cls)]
-        raise ConfigError(f"bad {what}: {e}; known options: {known}") from e
+    """``raw`` as ``cls`` (names and types checked); a ConfigError names ``what``."""
+    return from_dict(cls, {} if raw is None else raw, where=what)  # types and names checked
 
 
 class AuxLoss:
@@ -90,7 +82,7 @@ class AuxLoss:
             residual, scale_like = out.x - out.x_hat_n.detach(), None
         else:
             residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
-        pre = out.pre if out.pre.requires_grad else out.pre.detach()
+        pre = None if out.pre is None else out.pre if out.pre.requires_grad else out.pre.detach()
         loss = aux_k_loss(
             out.x_in,
             sae.W_enc,
@@ -104,6 +96,8 @@ class AuxLoss:
             signed=self.signed,
             scale_like=scale_like,
             comm=sae.comm,
+            latents=sae.rule.aux_latents(out),
+            chunk=sae.cfg.encoder_chunk,
         )
         return sae.cfg.aux_coeff * loss
 
@@ -113,7 +107,7 @@ def aux_k_loss(
     W_enc: Tensor,
     b_enc: Tensor,
     W_dec: Tensor,
-    pre: Tensor,
+    pre: Tensor | None,
     residual: Tensor,
     candidates: Tensor,
     k_aux: int,
@@ -121,27 +115,49 @@ def aux_k_loss(
     signed: bool = False,
     scale_like: tuple[str, Tensor] | None = None,
     comm: Comm = LOCAL,
+    latents: Tensor | None = None,
+    chunk: int = 0,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
+
+    ``latents [B, d_sae]`` (with grad; ``Rule.aux_latents``): the rule's own latent values
+    (e.g. the vSAE's sampled ``z``) from which the candidates are ranked (``|.|`` when
+    ``signed``) and taken, instead of the (ReLU'd) pre-activations.
 
     ``candidates [d_sae]`` (bool) are the latents allowed; ``weights [d_sae]`` optionally
     scale each latent's value. Returns the NMSE of the residual (``scale_like`` None: its own
     variance as denominator), or ``sum((e_aux - residual)^2)`` scaled as ``recon_loss(kind,
     ., x)`` scales (``scale_like = (kind, x)``); 0 without candidates. With ``comm`` the
     candidates, the top-k and the reconstruction span every latent shard and the sums the
-    global batch.
+    global batch. ``pre`` None (``SAEConfig.encoder_chunk``): the candidates'
+    pre-activations are computed ``chunk`` latents at a time.
     """
     n = int(comm.latent_sum(candidates.sum()))
     if n == 0 or k_aux <= 0:
-        return pre.new_zeros(())
+        return residual.new_zeros(())
     k = min(k_aux, n)
-    if comm.is_local:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
-        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+    ranked = latents if latents is not None else pre  # what the candidates are ranked by
+    sel = None
+    if ranked is None:
+        cols = candidates.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            sel, idx = kernels.chunked_row_topk(
+                x_in, W_enc, b_enc, k, max(chunk, 1), cols=cols, absolute=signed
+            )
+        mask = None
+    elif comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
+        assert ranked is not None
+        idx = kernels.masked_row_topk(ranked.detach(), candidates, k, absolute=signed)
+        mask = None
     else:
-        score = pre.abs() if signed else pre
-        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        assert ranked is not None
+        score = (ranked.abs() if signed else ranked).detach()
+        score = torch.where(candidates, score, torch.full_like(score, float("-inf")))
         idx, mask = comm.topk(score, k)
-    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre)
+    if latents is not None:
+        vals = latents.gather(1, idx)
+    else:
+        vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:

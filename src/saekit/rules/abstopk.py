@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, register
+from saekit.rules.base import Context, Rule, SAELensExport, Selection, register, saelens_int_k
 
 
 @register
@@ -15,12 +15,14 @@ class AbsTopK(Rule):
     follows Gao et al. and is SAEConfig.apply_b_dec_to_input]. Codes are signed, so L0 counts
     nonzeros and the aux-k loss ranks dead latents by ``|u|`` and keeps their signs (our
     choice; the paper does not specify an aux loss). Loss: NMSE + aux-k, as TopK. Inference:
-    the same per-token operation.
+    the same per-token operation, which is SAELens's ``abstopk`` architecture (exported and
+    imported as such).
     """
 
     name = "abstopk"
     signed = True
-    saelens_architecture = "topk"  # SAELens applies a ReLU: exact only for saekit (warned)
+    saelens_architecture = "abstopk"
+    saelens_imports = ("abstopk",)
     latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
@@ -29,3 +31,10 @@ class AbsTopK(Rule):
 
     def activate(self, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:
         return pre_sel
+
+    def saelens_export(self) -> SAELensExport:
+        return SAELensExport("abstopk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False})
+
+    @classmethod
+    def from_saelens(cls, cfg, weights):
+        return {"k": saelens_int_k(cfg)}, {}

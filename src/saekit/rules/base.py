@@ -17,7 +17,6 @@ knob for matched-sparsity comparisons.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -128,17 +127,17 @@ class Rule(nn.Module):
     #: selection, activation and loss terms are exact when latents are sharded across ranks
     #: (they reach other latents only through ``ctx.comm``)
     latent_shardable: ClassVar[bool] = False
+    #: ``select`` is the per-token top-``cfg.k`` of ``pre`` (mask None), so that the SAE may
+    #: compute it chunk by chunk without the dense pre-activations (``encoder_chunk``)
+    row_topk: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        try:
-            self.opts = self.Options(**cfg.rule_options)
-        except TypeError as e:
-            known = [f.name for f in dataclasses.fields(self.Options)]
-            raise ConfigError(
-                f"bad rule_options for rule {self.name!r}: {e}; known options: {known}"
-            ) from e
+        from saekit.options import from_dict
+
+        where = f"SAEConfig.rule_options of rule {self.name!r}"
+        self.opts = from_dict(self.Options, dict(cfg.rule_options), where=where)
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -154,6 +153,18 @@ class Rule(nn.Module):
     def export_threshold(self) -> Tensor | None:
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
+
+    def aux_latents(self, out: SAEOutput) -> Tensor | None:
+        """Dense latent values ``[B, d_sae]`` (with grad) the aux loss ranks and uses instead
+        of the pre-activations (None, the default: the pre-activations)."""
+        return None
+
+    @property
+    def input_norm(self) -> str:
+        """Per-token input normalisation the SAE applies before encoding: "none", or
+        "token" (each token standardised to mean 0, std 1 over ``d_in``, undone on the
+        reconstruction; see ``saekit.sae.token_standardise``)."""
+        return "none"
 
     # -------------------------------------------------------------- run hooks (trainer)
     #: the rule calibrates its inference state on held-back batches after training: the

@@ -18,6 +18,7 @@ class TopK(Rule):
     saelens_architecture = "topk"
     saelens_imports = ("topk",)
     latent_shardable = True
+    row_topk = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         idx, mask = ctx.comm.topk(pre, self.cfg.k)

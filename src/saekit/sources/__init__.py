@@ -12,7 +12,7 @@ from saekit.config import DataConfig
 from saekit.errors import ConfigError
 from saekit.sources.base import ActivationSource, Batch, MemorySource
 
-SOURCES = ("hf", "synthetic", "cache")
+SOURCES = ("hf", "synthetic", "cache", "saelens_synthetic")
 
 __all__ = ["SOURCES", "ActivationSource", "Batch", "MemorySource", "build_source"]
 
@@ -23,7 +23,8 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
     ``seed`` seeds the data order (HF shuffle buffer, cache read order, synthetic sample
     stream; the synthetic *dictionary* is fixed by ``synthetic["seed"]``). For ``cache``,
     ``data_cfg.sites`` selects cached sites, except that the untouched default site list
-    means "all cached sites". ``kwargs`` go to the source class (e.g. a preloaded
+    means "all cached sites"; a SAELens ``CacheActivationsRunner`` cache is read too
+    (:mod:`saekit.sources.saelens_cache`). ``kwargs`` go to the source class (e.g. a preloaded
     ``model=``/``tokenizer=`` for ``hf``).
     """
     kind = data_cfg.source
@@ -35,16 +36,22 @@ def build_source(data_cfg: DataConfig, seed: int = 0, **kwargs: Any) -> Activati
         from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 
         return SyntheticSource(SyntheticConfig.from_dict(dict(data_cfg.synthetic)), seed, **kwargs)
+    if kind == "saelens_synthetic":  # SAELens's SynthSAEBench models (needs sae_lens)
+        from saekit.sources.saelens_synthetic import SAELensSyntheticSource
+
+        return SAELensSyntheticSource(dict(data_cfg.synthetic), seed, **kwargs)
     if kind == "cache":
-        from saekit.sources.cache import CacheSource, read_manifest
+        from saekit.sources.cache import CacheSource
+        from saekit.sources.saelens_cache import SAELensCacheSource, is_saelens_cache
 
         if not data_cfg.cache_dir:
             raise ConfigError("source=cache needs DataConfig.cache_dir")
+        cls = SAELensCacheSource if is_saelens_cache(data_cfg.cache_dir) else CacheSource
         sites: list[str] | None = list(data_cfg.sites) or None
         if sites == DataConfig().sites and not set(sites) <= set(
-            read_manifest(data_cfg.cache_dir, verify=False)["sites"]
+            cls.cached_sites(data_cfg.cache_dir)
         ):
             sites = None
         kwargs.setdefault("verify", data_cfg.verify)
-        return CacheSource(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
+        return cls(data_cfg.cache_dir, seed=seed, sites=sites, **kwargs)
     raise ConfigError(f"unknown data source {kind!r}: choose from {', '.join(SOURCES)}")

@@ -48,6 +48,27 @@ class ActivationSource:
         names this source will supply. Default: none."""
         return set()
 
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
+        """Rows ``[lo, hi)`` of ``next_batch(batch_size)``, advancing the stream as it does.
+
+        Default: the whole batch, cut. Sources that can read part of a batch cheaply
+        override it (used by data-parallel shards, :mod:`saekit.sources.shard`).
+        """
+        from saekit.sources.shard import slice_batch
+
+        return slice_batch(self.next_batch(batch_size), lo, hi, batch_size)
+
+    def shard(self, rank: int, world: int) -> ActivationSource:
+        """This source as rank ``rank`` of ``world`` data-parallel ranks sees it.
+
+        Default: :class:`~saekit.sources.shard.RowShard` (rows of the global batch).
+        """
+        if world == 1:
+            return self
+        from saekit.sources.shard import RowShard
+
+        return RowShard(self, rank, world)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         while True:
             try:
@@ -121,6 +142,9 @@ class MemorySource(ActivationSource):
         return order
 
     def next_batch(self, batch_size: int) -> Batch:
+        return self.next_batch_part(batch_size, 0, batch_size)
+
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
         idx = []
         need = batch_size
         while need > 0:
@@ -131,7 +155,7 @@ class MemorySource(ActivationSource):
             idx.append(self._order(epoch)[off : off + take])
             self.pos += take
             need -= take
-        i = torch.cat(idx)
+        i = torch.cat(idx)[lo:hi]
         return Batch(
             acts={k: v[i] for k, v in self.acts.items()},
             inputs={n: {s: t[i] for s, t in d.items()} for n, d in self.inputs.items()},

@@ -85,6 +85,15 @@ class CacheConfig(Options):
     batch_size: int = option(4096, "tokens per source batch while writing", ge=1)
     overwrite: bool = option(False, "replace an existing cache", switch=True)
     seed: int = option(0, "data order seed", ge=0)
+    format: str = option(
+        "saekit",
+        "saekit (sharded .npy + manifest) or saelens (the Arrow dataset of SAELens's"
+        " CacheActivationsRunner, rows of context_size tokens)",
+        choices=("saekit", "saelens"),
+    )
+    context_size: int = option(
+        0, "format saelens: tokens per row (0: the data's context_len, else 128)", ge=0
+    )
 
 
 def _site_dirs(sites: list[str]) -> dict[str, str]:
@@ -119,12 +128,22 @@ def write_cache(
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    format: str = "saekit",
+    context_size: int = 0,
 ) -> Path:
     """Write ``n_tokens`` tokens of every site of ``source`` to ``out_dir``; returns it.
 
     ``source`` may be a :class:`DataConfig`: the source is then ``build_source(source,
     seed)`` (closed at the end) and the config is recorded in the provenance.
+    ``format="saelens"`` writes SAELens's layout instead
+    (:func:`saekit.sources.saelens_cache.write_saelens_cache`).
     """
+    if format == "saelens":
+        from saekit.sources.saelens_cache import write_saelens_cache
+
+        return write_saelens_cache(
+            source, out_dir, n_tokens, context_size, dtype, batch_size, overwrite, seed=seed
+        )
     if isinstance(source, DataConfig):
         from saekit.sources import build_source
 
@@ -324,7 +343,7 @@ class CacheSource(ActivationSource):
     ) -> None:
         self.dir = Path(cache_dir)
         self.verify = verify
-        self.manifest = man = read_manifest(self.dir, verify)
+        self.manifest = man = self._read_manifest()
         available = list(man["sites"])
         if sites is None:
             sites = available
@@ -350,6 +369,13 @@ class CacheSource(ActivationSource):
         self.tokens = self._open(None, "token_ids") if man.get("has_token_ids") else None
         self.pos = 0
         self._window: tuple[int, int, np.ndarray] | None = None
+
+    def _read_manifest(self) -> dict[str, Any]:
+        return read_manifest(self.dir, self.verify)
+
+    @staticmethod
+    def cached_sites(cache_dir: str | Path) -> list[str]:
+        return list(read_manifest(cache_dir, verify=False)["sites"])
 
     def _open(self, site: str | None, kind: str) -> list[np.ndarray]:
         arrays = []
@@ -443,11 +469,15 @@ class CacheSource(ActivationSource):
         return t.float() if t.is_floating_point() else t
 
     def next_batch(self, batch_size: int) -> Batch:
+        return self.next_batch_part(batch_size, 0, batch_size)
+
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
+        """Rows ``[lo, hi)`` of the next batch: only those rows are read from disk."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         pos0 = self.pos
         try:
-            rows = self._rows(batch_size)
+            rows = self._rows(batch_size)[lo:hi]
         except StopIteration:
             self.pos = pos0
             raise

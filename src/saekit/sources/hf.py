@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import sys
 from collections import deque
 from collections.abc import Collection, Iterator
@@ -47,6 +48,7 @@ from saekit.config import DataConfig
 from saekit.device import resolve_device
 from saekit.errors import ConfigError, DataError, MissingFileError
 from saekit.io.paths import reading
+from saekit.sources.backends import adapt_model
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
 from saekit.sources.text import check_dataset, iter_texts
@@ -255,7 +257,11 @@ class HFSource(ActivationSource):
         check_dataset(cfg.dataset)
         self.cfg = dataclasses.replace(cfg, sites=list(cfg.sites))
         self.seed, self.part, self.chunk = seed, part, chunk
+        #: (rank, world): this source reads every world-th document from the rank-th on
+        self.doc_shard = (0, 1)
         self.grad_reduction = grad_reduction
+        if model is not None:  # TransformerLens / nnsight models (saekit.sources.backends)
+            model, tokenizer = adapt_model(model, tokenizer)
         if model is None:
             model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, tokenizer=tokenizer)
         elif tokenizer is None:
@@ -334,6 +340,7 @@ class HFSource(ActivationSource):
         return {
             "sites": list(self.sites),
             "dataset": c.dataset,
+            **({"data_files": list(c.data_files)} if c.data_files else {}),
             "split": c.dataset_split,
             "part": self.part,
             "context_len": c.context_len,
@@ -342,6 +349,7 @@ class HFSource(ActivationSource):
             "shuffle_buffer": c.shuffle_buffer,
             "seed": self.seed,
             "chunk": self.chunk,
+            **({"doc_shard": list(self.doc_shard)} if self.doc_shard != (0, 1) else {}),
         }
 
     def _reset(self) -> None:
@@ -354,14 +362,36 @@ class HFSource(ActivationSource):
         self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
         self._k = 0  # model batches produced
         self._next_gid = 0  # kept tokens produced
-        self._gen = torch.Generator().manual_seed(self.seed) if self.cfg.shuffle_buffer else None
+        rank, world = self.doc_shard
+        seed = self.seed if world == 1 else (self.seed * 1_000_003 + rank * 7_919 + world) % 2**63
+        self._gen = torch.Generator().manual_seed(seed) if self.cfg.shuffle_buffer else None
         self._buf = _Buffer(self._dims, self.with_grad)
         self._taken: list[list[int]] = []
 
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
         c = self.cfg
-        return iter_texts(c.dataset, c.dataset_split, c.text_field, part=self.part)
+        texts = iter_texts(
+            c.dataset,
+            c.dataset_split,
+            c.text_field,
+            part=self.part,
+            data_files=tuple(c.data_files),
+            streaming=c.streaming,
+        )
+        rank, world = self.doc_shard
+        return texts if world == 1 else itertools.islice(texts, rank, None, world)
+
+    def shard(self, rank: int, world: int) -> ActivationSource:
+        """Rank ``rank`` of ``world``: documents dealt by rank (every ``world``-th one), its own
+        shuffle buffer; asked for ``B / world`` tokens per batch. Call before any batch."""
+        if world == 1:
+            return self
+        from saekit.sources.shard import LocalPart
+
+        self.doc_shard = (rank, world)
+        self._reset()
+        return LocalPart(self, rank, world)
 
     def _tokenize_more(self) -> None:
         """Append the windows of the next few documents to the sequence queue."""

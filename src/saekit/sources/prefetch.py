@@ -43,6 +43,14 @@ class PrefetchSource(ActivationSource):
             raise RuntimeError("PrefetchSource.request_inputs after the first batch")
         return self.source.request_inputs(names)
 
+    def shard(self, rank: int, world: int) -> ActivationSource:
+        """Prefetch from the wrapped source's shard (before the first batch)."""
+        if world == 1:
+            return self
+        if self._thread is not None:
+            raise RuntimeError("PrefetchSource.shard must be called before the first batch")
+        return PrefetchSource(self.source.shard(rank, world), self.batch_size, self.depth)
+
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=self.depth)

@@ -6,6 +6,11 @@ A site is ``layers.{i}.{kind}`` with kind one of ``resid_pre`` (block input),
 generically (the ``nn.ModuleList`` with ``num_hidden_layers`` entries), so BERT, GPT-2 and
 Llama/Qwen-style models work, and most others. In transformers 5 a decoder block returns a
 tensor, elsewhere a tuple: :func:`get_hidden` / :func:`with_hidden` accept both.
+
+TransformerLens hook names are accepted as aliases (:func:`canonical_site`):
+``blocks.N.hook_resid_pre`` / ``hook_resid_post`` / ``hook_mlp_out`` / ``hook_attn_out`` name
+``layers.N.resid_pre`` / ``resid_post`` / ``mlp_out`` / ``attn_out``;
+:func:`transformer_lens_name` goes the other way.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from saekit.errors import ConfigError
 
 KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 _SITE_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(KINDS) + r")$")
+_TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(KINDS) + r")$")
 
 # sub-module paths inside a block, tried in order
 _SUBMODULES = {
@@ -40,11 +46,25 @@ class Site:
     pre: bool  # True: the module's input (forward pre-hook); False: its output
 
 
+def canonical_site(name: str) -> str:
+    """``name`` with a TransformerLens hook name (``blocks.3.hook_resid_post``) translated."""
+    m = _TL_RE.match(name)
+    return f"layers.{m.group(1)}.{m.group(2)}" if m else name
+
+
+def transformer_lens_name(site: str) -> str:
+    """The TransformerLens hook name of a saekit site (``layers.3.mlp_out`` ->
+    ``blocks.3.hook_mlp_out``)."""
+    layer, kind = parse_site(site)
+    return f"blocks.{layer}.hook_{kind}"
+
+
 def parse_site(name: str) -> tuple[int, str]:
-    m = _SITE_RE.match(name)
+    m = _SITE_RE.match(canonical_site(name))
     if not m:
         raise ConfigError(
             f"bad hook site {name!r}: expected layers.<i>.<kind> with kind in {', '.join(KINDS)}"
+            " (or a TransformerLens name such as blocks.<i>.hook_resid_post)"
         )
     return int(m.group(1)), m.group(2)
 
@@ -70,8 +90,12 @@ def _get_path(mod: nn.Module, path: str) -> nn.Module | None:
 
 
 def resolve_site(model: nn.Module, name: str) -> Site:
-    """Resolve ``layers.3.resid_post`` etc. to a module on ``model``."""
+    """Resolve ``layers.3.resid_post`` etc. to a module on ``model``; a model with
+    TransformerLens hook points (``hook_dict``) resolves to the hook point itself."""
     layer, kind = parse_site(name)
+    hooks = getattr(model, "hook_dict", None)
+    if isinstance(hooks, dict) and transformer_lens_name(name) in hooks:
+        return Site(name, layer, kind, hooks[transformer_lens_name(name)], pre=False)
     blocks = find_blocks(model)
     if layer >= len(blocks):
         raise ConfigError(

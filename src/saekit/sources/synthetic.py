@@ -33,6 +33,12 @@ the sample stream on ``stream_seed`` (default: the config seed). Samples are gen
 fixed blocks of ``block_size``, each from its own generator seeded by ``(stream_seed,
 block)``, so sample ``t`` of the stream is the same whatever the batch sizes were.
 ``meta["codes"]`` holds the dense true coefficients ``[B, n_features]`` (``return_codes``).
+
+Named input ``grad`` (on request, :meth:`SyntheticSource.request_inputs`; e.g. for gtopk):
+``dL/dx`` of a synthetic downstream loss ``L(x) = 1/2 sum_i w_i (d_i . (x - bias))^2``, ``d_i``
+the true features and ``w_i`` log-normal importances fixed by the config seed, i.e.
+``(x - bias) M`` with ``M = D^T diag(w) D`` (:attr:`SyntheticSource.downstream_metric`), a
+stand-in for a language model's loss gradient whose metric is known.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from saekit.options import Options, fail, from_dict, option, validate
 from saekit.sources.base import ActivationSource, Batch
 
 SITE = "synthetic"
+#: the downstream loss's importances are seeded by the config seed plus this
+DOWNSTREAM_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -150,6 +158,24 @@ class SyntheticSource(ActivationSource):
         self._build_hierarchy(g)
         self.pos = 0
         self._block: tuple[int, Tensor, Tensor] | None = None
+        self._with_grad = False
+        gw = torch.Generator().manual_seed(cfg.seed + DOWNSTREAM_SEED_OFFSET)
+        #: importances ``w_i`` of the downstream loss (see the module doc)
+        self.downstream_weights = torch.exp(torch.randn(n, generator=gw))
+        #: ``M = D^T diag(w) D`` [d, d]: the downstream loss's metric on errors
+        self.downstream_metric = self.dictionary.T @ (
+            self.downstream_weights[:, None] * self.dictionary
+        )
+
+    def downstream_grad(self, x: Tensor) -> Tensor:
+        """``dL/dx = (x - bias) M`` of the downstream loss, ``[B, d]``."""
+        return (x - self.bias) @ self.downstream_metric
+
+    def request_inputs(self, names) -> set[str]:
+        """Supply the named input ``"grad"`` with every batch when asked."""
+        if "grad" in names:
+            self._with_grad = True
+        return set(names) & {"grad"}
 
     # ------------------------------------------------------------ structure
     def _make_dictionary(self, g: torch.Generator) -> Tensor:
@@ -246,23 +272,30 @@ class SyntheticSource(ActivationSource):
         return x, codes
 
     def next_batch(self, batch_size: int) -> Batch:
+        return self.next_batch_part(batch_size, 0, batch_size)
+
+    def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
+        """Samples ``[lo, hi)`` of the next batch: only the blocks they fall in are generated."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         bs = self.cfg.block_size
         xs, cs = [], []
-        end = self.pos + batch_size
-        while self.pos < end:
-            block, off = divmod(self.pos, bs)
+        pos, end = self.pos + lo, self.pos + hi
+        while pos < end:
+            block, off = divmod(pos, bs)
             if self._block is None or self._block[0] != block:
                 self._block = (block, *self.sample_block(block))
-            take = min(end - self.pos, bs - off)
+            take = min(end - pos, bs - off)
             xs.append(self._block[1][off : off + take])
             cs.append(self._block[2][off : off + take])
-            self.pos += take
+            pos += take
+        self.pos += batch_size
         meta: dict[str, Any] = {}
         if self.cfg.return_codes:
             meta["codes"] = torch.cat(cs)
-        return Batch(acts={SITE: torch.cat(xs)}, meta=meta)
+        x = torch.cat(xs)
+        inputs = {"grad": {SITE: self.downstream_grad(x)}} if self._with_grad else {}
+        return Batch(acts={SITE: x}, inputs=inputs, meta=meta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "synthetic", "pos": self.pos, "stream_seed": self.stream_seed}

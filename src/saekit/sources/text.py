@@ -8,8 +8,10 @@
   paragraph stays one document); repeated documents are dropped. No download is needed.
 - a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON
   object per line, the text in ``text_field``);
-- otherwise a Hugging Face dataset id or local dataset directory, through
-  ``datasets.load_dataset(..., streaming=True)`` when the ``datasets`` package is installed.
+- through the ``datasets`` package (``pip install 'saekit[datasets]'``): a builder with
+  ``data_files`` (``json``, ``parquet``, ``text``, ``csv``, ``arrow``), a local
+  ``.parquet`` / ``.csv`` / ``.json`` / ``.arrow`` file, a ``save_to_disk`` directory or a hub
+  dataset id, streamed by default (:mod:`saekit.sources.hf_datasets`).
 
 Held-out text: documents are assigned to a *part* deterministically by their index, every
 ``eval_every``-th document (index % eval_every == eval_every - 1) goes to ``"eval"``, the
@@ -87,7 +89,7 @@ def _keep(index: int, part: str, eval_every: int) -> bool:
 
 def _looks_like_path(dataset: str) -> bool:
     return (
-        dataset.endswith((".txt", ".jsonl", ".json"))
+        dataset.endswith((".txt", ".jsonl", ".json", ".parquet", ".csv", ".arrow"))
         or dataset.startswith((".", "/", "~"))
         or "\\" in dataset
     )
@@ -163,22 +165,12 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _iter_hf(dataset: str, split: str, text_field: str) -> Iterator[str]:
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise ConfigError(
-            f"dataset {dataset!r} is not a local .txt/.jsonl file and the `datasets` package "
-            "is not installed (pip install datasets), so it cannot be loaded as an HF dataset"
-        ) from e
-    ds = datasets.load_dataset(dataset, split=split, streaming=True)
-    for row in ds:
-        if text_field not in row:
-            raise DataError(
-                f"dataset {dataset!r} rows have no field {text_field!r} "
-                f"(fields: {', '.join(sorted(row))})"
-            )
-        yield row[text_field]
+def _iter_hf(
+    dataset: str, split: str, text_field: str, data_files: tuple[str, ...], streaming: bool
+) -> Iterator[str]:
+    from saekit.sources.hf_datasets import iter_dataset_texts
+
+    return iter_dataset_texts(dataset, split, text_field, data_files, streaming)
 
 
 def check_dataset(dataset: str) -> None:
@@ -194,8 +186,12 @@ def iter_texts(
     part: str | None = None,
     eval_every: int = 10,
     max_chars: int = 2000,
+    data_files: tuple[str, ...] | list[str] = (),
+    streaming: bool = True,
 ) -> Iterator[str]:
     """Documents of ``dataset`` (see the module doc); empty documents are skipped.
+
+    ``data_files`` / ``streaming``: for HF datasets (:mod:`saekit.sources.hf_datasets`).
 
     ``part`` is ``"train"``, ``"eval"`` or ``"all"`` (None: from ``split`` for local and
     built-in corpora, ``"all"`` for HF datasets). Raises FileNotFoundError for a missing
@@ -205,11 +201,15 @@ def iter_texts(
         raise ConfigError(f"unknown part {part!r}: choose from {', '.join(PARTS)}")
     if eval_every < 2:
         raise ConfigError(f"eval_every must be >= 2, got {eval_every}")
+    files = tuple(data_files)
+    path = Path(dataset).expanduser()
     if dataset == "":
         docs: Iterator[str] = iter(builtin_documents(max_chars))
         part = part or _part_from_split(split)
+    elif files or (path.is_file() and path.suffix in (".parquet", ".csv", ".json", ".arrow")):
+        docs = _iter_hf(dataset, split, text_field, files, streaming)
+        part = part or "all"
     else:
-        path = Path(dataset).expanduser()
         if path.is_file():
             part = part or _part_from_split(split)
             if path.suffix == ".jsonl":
@@ -217,14 +217,17 @@ def iter_texts(
             elif path.suffix == ".txt":
                 docs = _iter_txt(path)
             else:
-                raise FormatError(f"unsupported text file {path}: expected .txt or .jsonl")
+                raise FormatError(
+                    f"unsupported text file {path}: expected .txt, .jsonl, or (through the"
+                    " datasets package) .parquet, .csv, .json, .arrow"
+                )
         elif path.is_dir():
-            docs = _iter_hf(str(path), split, text_field)
+            docs = _iter_hf(str(path), split, text_field, files, streaming)
             part = part or "all"
         elif _looks_like_path(dataset):
             raise MissingFileError(f"text file not found: {path}")
         else:
-            docs = _iter_hf(dataset, split, text_field)
+            docs = _iter_hf(dataset, split, text_field, files, streaming)
             part = part or "all"
     index = 0
     for doc in docs:

@@ -13,7 +13,7 @@ from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 @dataclass
 class ReLUOptions:
     l1_coeff: float = 5.0  # weight of the L1 penalty (on inputs with E||x||^2 = d_in)
-    weight_by_decoder_norm: bool = True  # penalise sum_i |f_i| * ||d_i|| (April update)
+    weight_by_decoder_norm: bool = True  # penalise sum_i |f_i| * ||d_i|| (SAE.decoder_norms)
     l1_warmup_steps: int = 0  # linear warm-up of l1_coeff from 0
 
 
@@ -40,7 +40,7 @@ class ReLU(Rule):
     def loss_terms(self, out, ctx: Context) -> dict[str, Tensor]:
         f = out.codes.to_dense()
         if self.opts.weight_by_decoder_norm:
-            f = f * ctx.sae.W_dec.norm(dim=1)
+            f = f * ctx.sae.decoder_norms()
         w = self.opts.l1_coeff * _warmup(ctx.step, self.opts.l1_warmup_steps)
         return {"l1": w * f.abs().sum(-1).mean()}
 

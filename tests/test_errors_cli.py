@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fractions
+import json
 import pickle
 from pathlib import Path
 
@@ -198,3 +199,11 @@ def test_pickle_as_hf_model_weights(tmp_path: Path, capsys, name: str, error: st
     flags = ["--model", str(d), "--out-dir", str(tmp_path / "r"), "--progress", "false"]
     assert main(["train", *flags, "--total-tokens", "256", "--batch-size", "128"]) == 1
     one_line(capsys, str(d), "not a readable model", error)
+
+
+def test_cache_disk_full_on_a_tiny_tmpfs(tmp_path: Path, capsys) -> None:
+    with tiny_tmpfs(tmp_path / "full", size="64k") as full:
+        args = ["cache", "--out", str(full / "c"), "--tokens", "4096", "--source", "synthetic"]
+        assert main([*args, "--synthetic", json.dumps(SYN)]) == 1
+        one_line(capsys, str(full / "c"), "the disk is full")
+        assert sorted(p.name for p in full.iterdir()) == []  # no partial cache, no temp dir

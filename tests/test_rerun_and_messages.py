@@ -66,6 +66,21 @@ def test_cli_rerun_prints_saved_metrics(tmp_path: Path, capsys) -> None:
     assert fve_line and fve_line[0] in out
 
 
+def test_cli_rerun_builds_no_source(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The finished run is recognised before any model or source is built."""
+    import saekit.sources
+
+    flags = syn_flags(tmp_path / "run")
+    assert main(["train", *flags]) == 0
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run must not build its source")
+
+    monkeypatch.setattr(saekit.sources, "build_source", refuse)
+    assert main(["train", *flags]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
 def test_killed_after_last_checkpoint_keeps_final_metrics(tmp_path: Path) -> None:
     """Final files lost after the last checkpoint: the re-run writes them with the metrics
     the checkpoint recorded (9e49562 wrote empty final metrics)."""

@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a wrapped library message may span several)."""
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors (:class:`~saekit.errors.SaekitError`, and OSErrors that
     mean a full disk, a read-only filesystem or a missing permission) print one line
@@ -218,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SaekitError as e:
-        print(f"saekit {args.command}: error: {e}", file=sys.stderr)
+        print(f"saekit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         err = path_error(e, only_env=True)
         if err is None:
             raise
-        print(f"saekit {args.command}: error: {err}", file=sys.stderr)
+        print(f"saekit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"saekit {args.command}: interrupted", file=sys.stderr)

@@ -126,10 +126,14 @@ def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
     """
     from saekit.distributed.launch import from_env, rank_device
     from saekit.sources import build_source
-    from saekit.train import train
+    from saekit.train import finished_run, train
 
     strategy = from_env(rc.dist, rc.train.device)
     try:
+        if strategy.world == 1:  # a finished run: found before any model is loaded
+            done = finished_run(rc.plan, rc.train, rc.data)
+            if done is not None:
+                return done
         rc.train.device = rank_device(rc.train.device)
         rc.data.device = rank_device(rc.data.device)
         source = build_source(rc.data, rc.train.seed)

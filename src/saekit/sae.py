@@ -122,6 +122,11 @@ class SAE(nn.Module):
         self.rule = build_rule(cfg)
         #: architecture parts (saekit.arch); empty for a plain SAE (no state_dict entries)
         self.arch = ArchStack(cfg)
+        if self.rule.input_norm == "token" and d_out != d:
+            raise ConfigError(
+                f"rule {cfg.rule!r} standardises every input token, which a reconstruction of"
+                f" another width (d_out={d_out}, d_in={d}) cannot undo; pick another rule"
+            )
         for name in self.rule.requires:
             input_kind(name)  # every required input is a registered name
         self.recon_kind = check_recon(
@@ -174,7 +179,23 @@ class SAE(nn.Module):
         return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
 
     def _to_sae_units(self, x: Tensor) -> Tensor:
+        if self.rule.input_norm == "token":
+            x = token_standardise(x)
         return x * self.input_scale if self.cfg.normalize_input else x
+
+    def _to_raw_units(self, x_hat_n: Tensor, like: Tensor | None) -> Tensor:
+        """Undo :meth:`_to_sae_units`; per-token normalisation needs the input ``like``."""
+        out = x_hat_n / self.output_scale if self.cfg.normalize_input else x_hat_n
+        if self.rule.input_norm == "token":
+            if like is None:
+                raise DataError(
+                    f"rule {self.cfg.rule!r} standardises every token, so a raw reconstruction"
+                    " needs that token's mean and std: call decode(codes, like=x)"
+                )
+            flat = self._flat(like)
+            mu = flat.mean(-1, keepdim=True)
+            out = out * (flat - mu).std(-1, keepdim=True) + mu
+        return out
 
     def _encoder_input(self, xn: Tensor) -> Tensor:
         return xn - self.comm.latent_input(self.b_dec) if self.cfg.apply_b_dec_to_input else xn
@@ -277,14 +298,11 @@ class SAE(nn.Module):
             out = kernels.dense_decode(codes.dense, self.W_dec)  # type: ignore[arg-type]
         return self.comm.latent_sum(out) + self.b_dec
 
-    def decode(self, codes: Codes) -> Tensor:
+    def decode(self, codes: Codes, like: Tensor | None = None) -> Tensor:
         """Reconstruction in raw units, ``[N, d_out]`` (without a skip path's term: that
-        needs the input, see :meth:`forward`)."""
-        return self._out_raw(self.decode_n(codes))
-
-    def _out_raw(self, out: Tensor) -> Tensor:
-        """A reconstruction from SAE units to raw units."""
-        return out / self.output_scale if self.cfg.normalize_input else out
+        needs the input, see :meth:`forward`). ``like``: the encoded inputs, needed when the
+        rule standardises every token (``Rule.input_norm == "token"``)."""
+        return self._to_raw_units(self.decode_n(codes), like)
 
     def target_units(self, target: Tensor) -> Tensor:
         """A raw reconstruction target ``[..., d_out]`` flattened, in SAE units."""
@@ -314,7 +332,7 @@ class SAE(nn.Module):
         extra = self.arch.decode_extra(self, xn)
         if extra is not None:
             x_hat_n = x_hat_n + extra
-        x_hat = self._out_raw(x_hat_n)
+        x_hat = self._to_raw_units(x_hat_n, x)
         return SAEOutput(
             x_hat=x_hat.reshape(shape),
             codes=codes,
@@ -420,7 +438,8 @@ class SAE(nn.Module):
         if target is not None:
             target = self.comm.gather_batch(target.reshape(-1, self.d_out)).float()
         if self.cfg.normalize_input:
-            self.input_scale.fill_(float((self.d_in / x.pow(2).sum(-1).mean()).sqrt()))
+            base = token_standardise(x) if self.rule.input_norm == "token" else x
+            self.input_scale.fill_(float((self.d_in / base.pow(2).sum(-1).mean()).sqrt()))
         xn = self._to_sae_units(x)
         self.arch.init_from_data(self, xn, target)  # e.g. a transcoder's output scale
         yn = xn if target is None else self.target_units(target)
@@ -475,6 +494,18 @@ class SAE(nn.Module):
         }
         self.arch.fold(self, out, s, so)
         return out
+
+
+#: added to each token's std before dividing (the top-AFA code's and SAELens's layer_norm)
+TOKEN_NORM_EPS = 1e-5
+
+
+def token_standardise(x: Tensor) -> Tensor:
+    """``(x - mean(x)) / (std(x) + 1e-5)`` per row (unbiased std over ``d_in``): top-AFA's
+    ``input_unit_norm`` and SAELens's ``normalize_activations="layer_norm"``; undone with
+    ``x_hat * std + mean``, as both do."""
+    xc = x - x.mean(-1, keepdim=True)
+    return xc / (xc.std(-1, keepdim=True) + TOKEN_NORM_EPS)
 
 
 @torch.no_grad()

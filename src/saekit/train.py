@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from saekit import arch, tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
-from saekit.errors import ConfigError, DistributedError, TrainingError
+from saekit.errors import ConfigError, DistributedError, SaekitError, TrainingError
 from saekit.evaluate.core import fve
 from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
@@ -257,14 +258,7 @@ class Trainer:
 
     def configs(self) -> dict:
         """The configs a checkpoint must match to be resumed."""
-        train = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
-        data = None
-        if self.data_cfg is not None:
-            data = {
-                k: v for k, v in to_dict(self.data_cfg).items() if k not in RESUMABLE_DATA_FIELDS
-            }
-        saes = {n: {"site": site, "sae": to_dict(cfg)} for n, (site, cfg) in self.sae_cfgs.items()}
-        return {"saes": saes, "train": train, "data": data}
+        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -584,6 +578,7 @@ class Trainer:
                     # like a kill after a checkpoint
                     return self._result(self.whole_saes(), completed=False)
         calibrated_now = completed and self.calibrate()
+        self.strategy.root(self._warn_if_worse)
         if self.last_ckpt_step != self.step or calibrated_now:
             self.save_checkpoint()
         saes = self.whole_saes()
@@ -597,6 +592,33 @@ class Trainer:
             n = min(DEFAULT_CALIBRATION_TOKENS, self.cfg.total_tokens // 4)
             n = max(4 * self.cfg.batch_size, n)
         return -(-n // self.cfg.batch_size)
+
+    def _warn_if_worse(self, drop: float = 0.05) -> None:
+        """Warn for every SAE whose logged training FVE fell by more than ``drop`` over the
+        run (first logged step to last) while its L0 did not fall by a tenth (a sparsity
+        penalty warming up trades FVE for L0): it got worse as it trained."""
+        rows, _ = metrics_log.read_rows(self.out_dir / metrics_log.FILE)
+        first: dict[str, tuple[float, float]] = {}
+        last: dict[str, tuple[float, float]] = {}
+        for r in rows:
+            name, f, l0 = r.get("sae"), r.get("fve"), r.get("l0")
+            if (
+                isinstance(name, str)
+                and isinstance(f, (int, float))
+                and isinstance(l0, (int, float))
+            ):
+                first.setdefault(name, (float(f), float(l0)))
+                last[name] = (float(f), float(l0))
+        for name, (f0, l0) in first.items():
+            f1, l1 = last[name]
+            if f1 < f0 - drop and l1 >= 0.9 * l0:
+                warnings.warn(
+                    f"SAE {name!r}: training FVE fell from {f0:.3f} to {f1:.3f} during the run"
+                    f" at L0 {l0:.1f} -> {l1:.1f}: it got worse as it trained (check the rule's"
+                    " options and the lr)",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def calibration_pending(self) -> bool:
         """Some rule of the plan calibrates and has not yet been calibrated in this run.
@@ -710,6 +732,67 @@ class Trainer:
         )
 
 
+def run_configs(
+    train_cfg: TrainConfig, data_cfg: DataConfig | None, saes: dict[str, tuple[str, SAEConfig]]
+) -> dict:
+    """The configs a checkpoint records and must match to be resumed (resolved SAE configs)."""
+    train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
+    data = None
+    if data_cfg is not None:
+        data = {k: v for k, v in to_dict(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
+    slots = {n: {"site": site, "sae": to_dict(c)} for n, (site, c) in saes.items()}
+    return {"saes": slots, "train": train, "data": data}
+
+
+def _as_trained(cfg: SAEConfig, d_in: int, train_cfg: TrainConfig) -> SAEConfig:
+    """``cfg`` as :meth:`Trainer._make_slot` completes it (a mismatch only costs the fast
+    path of :func:`finished_run`: the trainer then decides)."""
+    cfg = cfg.resolved(d_in)
+    if cfg.dead_tokens == 0:
+        cfg.dead_tokens = auto_dead_tokens(train_cfg.total_tokens, train_cfg.batch_size)
+    return cfg
+
+
+def finished_run(
+    sae_cfgs: SAEConfig | dict[str, Any] | Callable[[list[str]], Any],
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig | None,
+) -> TrainResult | None:
+    """The result of a finished run of these configs in ``out_dir``, found without building
+    a source (no model is loaded); None when there is none (then train, or resume, it).
+
+    ``sae_cfgs`` as for :func:`train`, or a function of the source's sites returning them.
+    """
+    from saekit.io.native import load_sae
+
+    out = Path(train_cfg.out_dir)
+    if not (train_cfg.resume and (out / "checkpoint" / ckpt.STATE_JSON).is_file()):
+        return None
+    with run_lock(out):
+        try:
+            meta = ckpt.read_meta(out / "checkpoint", verify=False)
+            width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
+            sites = list(width)
+            plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
+            want = run_configs(
+                train_cfg,
+                data_cfg,
+                {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()},
+            )
+            dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
+            done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
+            if not done or ckpt.describe_diff(meta["configs"], json.loads(json.dumps(want))):
+                return None
+            if not rundir.is_finished(list(dirs.values()), meta["step"]):
+                return None
+            dev = resolve_device(train_cfg.device)
+            saes = {n: load_sae(d, device=str(dev), train=True) for n, d in dirs.items()}
+        except (SaekitError, KeyError, TypeError, ValueError, AttributeError):
+            return None  # the trainer reports the precise problem
+    res = TrainResult(saes, dirs, out, int(meta["step"]), int(meta["tokens"]))
+    return rundir.finished_result(res)
+
+
 def train(
     sae_cfgs: SAEConfig | dict[str, Any],
     train_cfg: TrainConfig,
@@ -744,6 +827,8 @@ def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
 
 __all__ = [
     "TrainResult",
+    "finished_run",
+    "run_configs",
     "Trainer",
     "TrainingError",
     "default_lr",

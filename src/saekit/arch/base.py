@@ -316,9 +316,7 @@ def gather(acts: Mapping[str, Tensor], sites: list[str], where: str = "batch") -
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1)
 
 
-def views(
-    cfg: SAEConfig, site: str, acts: Mapping[str, Tensor]
-) -> tuple[Tensor, Tensor | None]:
+def views(cfg: SAEConfig, site: str, acts: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     """``(x, target)`` of an SAE at ``site`` from per-site activations: its input sites
     concatenated, and its target sites concatenated (None when the target is ``x``)."""
     ins, outs = arch_sites(cfg, site)

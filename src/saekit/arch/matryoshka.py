@@ -96,9 +96,7 @@ def prefix_codes(codes: Codes, lo: int, hi: int) -> Codes:
     return Codes(codes.d_sae, dense=dense)
 
 
-def prefix_reconstructions(
-    sae: SAE, codes: Codes, widths: list[int], base: Tensor
-) -> list[Tensor]:
+def prefix_reconstructions(sae: SAE, codes: Codes, widths: list[int], base: Tensor) -> list[Tensor]:
     """``x̂_m`` in SAE units for each width: ``base`` (``b_dec`` plus any skip term) plus the
     decoded contribution of latents ``< m``; built block by block (each latent decoded once)."""
     out, acc, lo = [], base, 0
@@ -191,7 +189,7 @@ class PrefixFVE:
         preds = prefix_reconstructions(sae, out.codes, self.widths, base)
         y = target.reshape(-1, target.shape[-1]).double()
         for i, p in enumerate(preds):
-            p = sae._out_raw(p).double()
+            p = sae._to_raw_units(p, x).double()
             self.err[i] += float((y - p).pow(2).sum())
         self.sq += float(y.pow(2).sum())
         s = y.sum(0)

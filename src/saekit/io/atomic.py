@@ -157,7 +157,11 @@ def torch_load_tensors(path: str | Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        if "Unsupported global" in str(e):
+            why = next(ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln)
+            why = why.split(". Please")[0]  # saekit never allowlists globals
         raise FormatError(
             f"refusing to load {p}: it is not a plain tensor file readable with"
-            f" torch.load(weights_only=True) (saekit never unpickles arbitrary objects): {e}"
+            f" torch.load(weights_only=True) (saekit never unpickles arbitrary objects): {why}"
         ) from e

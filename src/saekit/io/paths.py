@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +38,9 @@ PATH_ERRNOS: dict[int, tuple[str, str]] = {
 }
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def path_error(
     e: OSError, path: str | Path | None = None, action: str = "write", only_env: bool = False
 ) -> PathError | None:
@@ -46,9 +50,12 @@ def path_error(
     """
     if isinstance(e, PathError):
         return e
-    known = ENVIRONMENT_ERRNOS.get(e.errno or -1)
+    code = e.errno
+    if code is None and _SHORT_WRITE.search(str(e)):
+        code = errno.ENOSPC  # numpy's tofile on a full disk: "N requested and M written"
+    known = ENVIRONMENT_ERRNOS.get(code or -1)
     if known is None and not only_env:
-        known = PATH_ERRNOS.get(e.errno or -1)
+        known = PATH_ERRNOS.get(code or -1)
     if known is None:
         return None
     what, fix = known

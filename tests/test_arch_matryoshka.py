@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peer_helpers import needs_peers, run_peers
 from saekit import SAE, SAEConfig
 from saekit.arch.matryoshka import pareto_widths, prefix_reconstructions, resolve_widths
 from saekit.errors import ConfigError
@@ -167,3 +168,46 @@ def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path) -> None:
     assert fves[-1] == pytest.approx(r["sae"]["core"]["fve"], abs=1e-6)
     assert fves[0] < fves[-1]  # a smaller prefix explains less
     assert "matryoshka" not in r["baselines"]["random"]
+
+
+@needs_peers
+def test_sae_lens_loads_matryoshka_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from saekit.io import save_sae
+
+    x = torch.randn(64, 8) * 2
+    for rule in ("batchtopk", "topk"):
+        sae = make(rule)
+        sae.init_from_data(x)
+        sae.train()
+        opt = torch.optim.Adam(sae.parameters(), 1e-2)
+        for s in range(3):
+            loss, _, out = sae.loss(x, step=s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sae.observe(out.codes, 64)
+        sae.eval()
+        save_sae(sae, tmp_path / rule, {"site": "layers.1.resid_post"})
+        with torch.no_grad():
+            ref = {"x": x, "x_hat": sae(x).x_hat.contiguous()}
+        save_file(ref, str(tmp_path / rule / "expected.safetensors"))
+    code = """
+        import sys, warnings
+        warnings.filterwarnings("ignore")
+        import torch
+        from safetensors.torch import load_file
+        from sae_lens import SAE
+        for rule in ("batchtopk", "topk"):
+            d = f"{sys.argv[1]}/{rule}"
+            sae = SAE.load_from_disk(d)
+            e = load_file(d + "/expected.safetensors")
+            with torch.no_grad():
+                err = float((sae(e["x"]) - e["x_hat"]).abs().max())
+            print(rule, type(sae).__name__, err)
+    """
+    lines = [ln.split() for ln in run_peers(code, str(tmp_path)).splitlines() if ln.strip()]
+    got = {ln[0]: (ln[1], float(ln[2])) for ln in lines}
+    assert got["batchtopk"][0] == "JumpReLUSAE" and got["topk"][0] == "TopKSAE"
+    assert all(err < 1e-4 for _, err in got.values()), got

@@ -230,7 +230,7 @@ class SAE(nn.Module):
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x_in))
         sel = self.rule.init_selection(pre, ctx) if init else self.rule.select(pre, ctx)
         if sel.dense is not None:
-            dense = self.arch.dense_codes(self, sel.dense, pre, ctx)
+            dense = self.arch.dense_codes(self, sel, pre, ctx)
             return Codes(self.d_sae, dense=dense), pre, x_in, sel, ctx
         assert sel.indices is not None
         if dense_grad:

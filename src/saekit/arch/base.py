@@ -79,12 +79,15 @@ class ArchPart(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def code_values(self, sae: SAE, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:
-        """Values of the selected latents (sparse path): default the rule's ``activate``."""
+        """Values of the selected latents (sparse path): default the rule's ``activate``;
+        ``sel.extras`` may carry what :meth:`rule_output` needs (it reaches ``out.extras``)."""
         return sae.rule.activate(pre_sel, sel, ctx)
 
-    def dense_codes(self, sae: SAE, dense: Tensor, pre: Tensor, ctx: Context) -> Tensor:
-        """Codes of dense rules from the rule's ``dense`` output (default: as is)."""
-        return dense
+    def dense_codes(self, sae: SAE, sel: Selection, pre: Tensor, ctx: Context) -> Tensor:
+        """Codes of dense rules from the rule's selection (default: ``sel.dense`` as is);
+        ``sel.extras`` may carry what :meth:`rule_output` needs (it reaches ``out.extras``)."""
+        assert sel.dense is not None
+        return sel.dense
 
     def decode_extra(self, sae: SAE, xn: Tensor) -> Tensor | None:
         """A term added to the reconstruction in SAE units (a skip path), or None."""
@@ -224,9 +227,12 @@ class ArchStack(nn.ModuleDict):
         p = self.part("encoder")
         return p.code_values(sae, pre_sel, sel, ctx) if p else sae.rule.activate(pre_sel, sel, ctx)
 
-    def dense_codes(self, sae: SAE, dense: Tensor, pre: Tensor, ctx: Context) -> Tensor:
+    def dense_codes(self, sae: SAE, sel: Selection, pre: Tensor, ctx: Context) -> Tensor:
         p = self.part("encoder")
-        return p.dense_codes(sae, dense, pre, ctx) if p else dense
+        if p is None:
+            assert sel.dense is not None
+            return sel.dense
+        return p.dense_codes(sae, sel, pre, ctx)
 
     def rule_output(self, out: SAEOutput) -> SAEOutput:
         p = self.part("encoder")

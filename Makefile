@@ -18,6 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/saekit train
+	@echo "saekit is installed in $(VENV): run 'source $(VENV)/bin/activate' to put it on PATH"
 
 # test set-up outside Python: Chromium for the dashboard's browser checks, installed where
 # root and apt-get allow; otherwise those tests skip and say why (never fails the target)

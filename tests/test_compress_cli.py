@@ -98,6 +98,8 @@ def test_cli_table(tiny_lm, tmp_path, capsys):
     res = json.loads((tmp_path / "table.json").read_text())
     assert [(r["method"], r["ratio"]) for r in res["rows"]] == [("svd", 0.5), ("saes", 0.5)]
     assert all(r["params_after"] < res["params_original"] for r in res["rows"])
+    md = (tmp_path / "table.md").read_text()  # the README's "markdown + table.json"
+    assert "| SVD |" in md and md.strip() in text
 
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -27,8 +27,10 @@ def test_core_by_hand():
     assert core.fve(x, x_hat) == pytest.approx(0.5)
     # per token: 1 - 1/5, 1 - 0/1, 1 - 4/4  -> mean (0.8 + 1 + 0) / 3
     assert core.fve_legacy(x, x_hat) == pytest.approx(1.8 / 3)
-    # sum ||x||^2 = 1 + 13 + 20 = 34
-    assert core.nmse(x, x_hat) == pytest.approx(5 / 34)
+    # OpenAI's normalised MSE is per token: (1/1 + 0/13 + 4/20) / 3 (issue 10, fidelity 10:
+    # it was the pooled 5/34 under OpenAI's name); pooled: sum ||x||^2 = 1 + 13 + 20 = 34
+    assert core.nmse(x, x_hat) == pytest.approx(1.2 / 3)
+    assert core.nmse_pooled(x, x_hat) == pytest.approx(5 / 34)
     cos = [1 / math.sqrt(2), 1.0, 4 / math.sqrt(20)]
     assert core.cosine(x, x_hat) == pytest.approx(sum(cos) / 3)
     ratios = [math.sqrt(2), 1.0, 4 / math.sqrt(20)]
@@ -81,6 +83,7 @@ def test_accumulator_matches_pure_functions_and_hist():
     assert r["n_tokens"] == 64
     assert r["fve"] == pytest.approx(core.fve(x, x_hat), rel=1e-10)
     assert r["nmse"] == pytest.approx(core.nmse(x, x_hat))
+    assert r["nmse_pooled"] == pytest.approx(core.nmse_pooled(x, x_hat))
     assert r["cos"] == pytest.approx(core.cosine(x, x_hat))
     assert r["l2_ratio"] == pytest.approx(core.l2_ratio(x, x_hat))
     assert r["rel_bias"] == pytest.approx(core.relative_reconstruction_bias(x, x_hat))
@@ -300,6 +303,23 @@ def test_probe_beats_chance_on_planted_direction():
         rng.normal(size=(150, d)), y[tr], rng.normal(size=(50, d)), y[te], ks=(1,)
     )
     assert r0["top_1_test_accuracy"] < 0.8
+
+
+def test_probe_is_balanced_one_vs_rest():
+    """Issue 10, fidelity 8: on 5 classes an uninformed probe scored 0.8 ("always no")."""
+    rng = np.random.default_rng(2)
+    y = np.array(list("abcde") * 40)
+    X = rng.normal(size=(200, 6))  # no signal at all
+    r = probing.sparse_probe_accuracy(X[:150], y[:150], X[150:], y[150:], ks=(1, 2))
+    assert 0.3 < r["top_1_test_accuracy"] < 0.7  # chance on a balanced set is 0.5
+    assert r["balanced_sizes"] == {c: [60, 20] for c in "abcde"}
+    idx = probing.balanced_one_vs_rest(y, "a", np.random.default_rng(0))
+    assert (y[idx] == "a").sum() == 40 and len(idx) == 80 and len(set(idx.tolist())) == 80
+    neg = y[idx][y[idx] != "a"]
+    assert sorted(np.unique(neg, return_counts=True)[1].tolist()) == [10, 10, 10, 10]
+    few = np.array(["a"] * 10 + ["b"] * 3)
+    idx = probing.balanced_one_vs_rest(few, "a", np.random.default_rng(0))
+    assert (few[idx] == "a").sum() == 3 and len(idx) == 6  # the class is subsampled
 
 
 def test_probe_multiclass_and_bad_file(tmp_path):

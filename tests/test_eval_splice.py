@@ -138,3 +138,31 @@ def test_baselines_spliced_alongside():
     assert r["baselines"]["same"]["ce_recovered"] == pytest.approx(r["ce_recovered"])
     assert r["baselines"]["same"]["kl_score"] == pytest.approx(r["kl_score"])
     assert r["baselines"]["zero"]["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_special_tokens_keep_their_activation_and_leave_the_averages():
+    """Issue 10, fidelity 7: BOS (id 0 here) was replaced although training drops it."""
+    model = _gpt2()
+    ids, mask = _batch()
+    ids = ids.clamp_min(1)
+    ids[:, 0] = 0  # a BOS at the start of every row
+    dead = SAE(SAEConfig(d_in=32, d_sae=64, k=4, rule="topk"))
+    with torch.no_grad():
+        dead.W_dec.zero_()
+        dead.b_dec.zero_()
+    site = "layers.0.resid_post"
+    r = splice.splice_metrics(model, dead, site, [(ids, mask)], special_ids=[0])
+    assert r["special_tokens"] == "excluded" and r["n_special_excluded"] == 3
+    assert r["n_tokens_kl"] == 12 + 8 + 5 - 3 and r["n_tokens_ce"] == 11 + 7 + 4 - 3
+    inc = splice.splice_metrics(
+        model, dead, site, [(ids, mask)], special_ids=[0], include_special=True
+    )
+    assert inc["n_tokens_kl"] == 12 + 8 + 5 and inc["special_tokens"] == "included"
+    plain = splice.splice_metrics(model, dead, site, [(ids, mask)])
+    assert inc["kl_sae"] == pytest.approx(plain["kl_sae"])  # nothing special: as before
+    # the BOS position kept its clean activation: its logits are the clean ones
+    keep = ids != 0
+    logits = splice.splice_batch(model, dead, site, ids, mask, replace_at=keep)
+    torch.testing.assert_close(logits["sae"][:, 0], logits["clean"][:, 0])
+    assert not torch.allclose(logits["sae"][:, 1], logits["clean"][:, 1])
+    assert not torch.allclose(logits["zero"][:, 0], logits["clean"][:, 0])  # zero: everywhere

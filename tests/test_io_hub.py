@@ -82,6 +82,8 @@ def test_hf_spec_offline_miss_names_the_cause(fake_hub: Path) -> None:
 REGISTRY = """
 gemma-scope-2b-pt-res-canonical:
   conversion_func: gemma_2
+  links:
+    model: https://huggingface.co/google/gemma-2-2b
   model: gemma-2-2b
   repo_id: google/gemma-scope-2b-pt-res
   saes:
@@ -112,7 +114,7 @@ def test_saelens_spec_through_the_registry(fake_hub: Path, tmp_path: Path, monke
     p = fake_hub_file(fake_hub, "google/gemma-scope-2b-pt-res", "layer_5/width_16k/l0_9/params.npz")
     np.savez(p, **arrays)
     _, meta = open_sae("saelens:gemma-scope-2b-pt-res-canonical/layer_5/width_16k/canonical")
-    assert meta["format"] == "gemmascope" and meta["model_name"] == "gemma-2-2b"
+    assert meta["format"] == "gemmascope" and meta["model_name"] == "google/gemma-2-2b"
     with pytest.raises(ConfigError, match="no SAE 'nope' in release 'my-topk'"):
         load_sae("saelens:my-topk/nope")
     with pytest.raises(ConfigError, match="no release 'nope'"):
@@ -153,3 +155,32 @@ def test_eval_and_dashboard_take_hub_specs(fake_hub: Path, tmp_path: Path) -> No
     rc = main(["dashboard", "hf://org/minilm-saes/l3", "--out", str(tmp_path / "dash"),
                "--features", "3", "--tokens", "600"])  # fmt: skip
     assert rc == 0 and (tmp_path / "dash" / "index.html").is_file()
+
+
+REAL_REGISTRY = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import numpy as np
+from saekit.io.native import open_sae
+sae, meta = open_sae("saelens:gemma-scope-2b-pt-res-canonical/layer_0/width_16k/canonical")
+print(json.dumps({"format": meta["format"], "model": meta["model_name"], "hook": meta["hook_name"],
+                  "d_sae": sae.d_sae}))
+"""
+
+
+def test_saelens_spec_with_the_real_registry(tmp_path: Path) -> None:
+    """SAELens's own pretrained_saes.yaml (peers venv) resolves the spec to its repo and path."""
+    from peer_helpers import PEERS, run_peers
+
+    if not PEERS.exists():
+        pytest.skip("benchmarks/.peers venv not set up (benchmarks/setup_peers.sh)")
+    hub_dir = tmp_path / "hub"
+    arrays = {n: np.random.rand(*s).astype(np.float32) for n, s in
+              (("W_enc", (D, F)), ("W_dec", (F, D)), ("b_enc", (F,)), ("b_dec", (D,)),
+               ("threshold", (F,)))}  # fmt: skip
+    rel = "layer_0/width_16k/average_l0_105/params.npz"  # the registry's path for that id
+    np.savez(fake_hub_file(hub_dir, "google/gemma-scope-2b-pt-res", rel), **arrays)
+    out = run_peers(REAL_REGISTRY, env={"HF_HUB_CACHE": str(hub_dir)})
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == {"format": "gemmascope", "model": "google/gemma-2-2b",
+                   "hook": "layers.0.resid_post", "d_sae": F}  # fmt: skip

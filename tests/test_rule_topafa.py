@@ -11,7 +11,8 @@ from saekit.rules.topafa import afa_k
 
 def test_topafa_hand_example() -> None:
     q, _ = torch.linalg.qr(torch.randn(6, 6))
-    sae = make("topafa", d_in=6, d_sae=6, k=1, init_b_dec="zeros")
+    opts = {"normalize": "none"}  # raw norms: the hand values below
+    sae = make("topafa", d_in=6, d_sae=6, k=1, init_b_dec="zeros", rule_options=opts)
     with torch.no_grad():
         sae.W_dec.copy_(q)  # orthonormal atoms (rows)
         sae.W_enc.copy_(q.t())
@@ -78,3 +79,62 @@ def test_topafa_prefix_search_equals_full_sort(m_hint):
     s = (a * dec_norm).pow(2)
     # the selected sets agree (orders may differ only among equal scores)
     assert torch.equal(s.gather(1, order[:, :km]), s.gather(1, order_full[:, :km]))
+
+
+def test_topafa_k_max_is_reachable() -> None:
+    """Issue 10, fidelity 3: k_max=8 capped k at 7 (the 1e8 guard sat on the cap)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(32, 40, generator=g)
+    dec_norm = torch.ones(40)
+    target = torch.full((32,), 100.0)  # far beyond any prefix: every token wants the cap
+    k, order = afa_k(a, dec_norm, target, k_max=8)
+    assert k.tolist() == [8] * 32 and order.shape[1] >= 8
+    k_all, _ = afa_k(a, dec_norm, target)  # no cap: the authors' guard keeps k < width
+    assert int(k_all.max()) == 39
+    sae = make("topafa", d_sae=24, rule_options={"k_max": 8, "normalize": "none"})
+    with torch.no_grad():
+        out = sae(torch.randn(16, 12) * 50)
+    assert int(out.extras["k_per_token"].max()) == 8
+
+
+def test_topafa_standardises_every_token_by_default() -> None:
+    sae = make("topafa", d_sae=24)
+    assert sae.rule.opts.normalize == "token" and sae.rule.input_norm == "token"
+    x = torch.randn(16, 12)
+    scale = torch.rand(16, 1) * 5 + 0.5
+    with torch.no_grad():
+        out = sae(x)
+        moved = sae(x * scale + 3.0)  # another affine map per token: the same codes
+    assert torch.allclose(out.codes.to_dense(), moved.codes.to_dense(), atol=1e-4)
+    # ||x|| is the same for every token in the AFA bound and loss
+    norms = out.x.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 11**0.5), rtol=1e-4, atol=1e-4)
+    # the reconstruction is mapped back with each token's mean and std
+    mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True)
+    torch.testing.assert_close(out.x_hat, out.x_hat_n * sd + mu)
+    torch.testing.assert_close(sae.decode(out.codes, like=x), out.x_hat)
+    with pytest.raises(ValueError, match="like=x"):
+        sae.decode(out.codes)
+    with pytest.raises(ValueError, match="normalize"):
+        make("topafa", rule_options={"normalize": "layer"})
+
+
+def test_topafa_refuses_the_saelens_export(tmp_path) -> None:
+    """Issue 10, fidelity 3: it was exported as plain TopK with k=cfg.k (other codes)."""
+    import json
+
+    from saekit.errors import FormatError
+    from saekit.io import load_sae, save_sae
+    from saekit.io.saelens import saelens_export
+
+    sae = make("topafa", d_sae=24)
+    with pytest.raises(FormatError, match="SAELens has no such architecture"):
+        saelens_export(sae)
+    with pytest.warns(UserWarning, match="not loadable by SAELens"):
+        save_sae(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "saekit.topafa" and "k" not in cfg
+    assert cfg["saekit"]["saelens_export"].startswith("refused")
+    x = torch.randn(8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(load_sae(tmp_path)(x).x_hat, sae(x).x_hat)

@@ -134,3 +134,15 @@ def test_cli_cache_format_saelens(tmp_path: Path) -> None:
     assert main(["train", "--source", "cache", "--cache-dir", str(tmp_path / "c"), "--d-sae", "32",
                  "--k", "4", "--total-tokens", "1280", "--batch-size", "128",
                  "--out-dir", str(tmp_path / "run"), "--progress", "false"]) == 0  # fmt: skip
+
+
+def test_cli_cache_format_saelens_from_a_model(tmp_path: Path) -> None:
+    """The HF source holds generators (not picklable): writing must not hash the source."""
+    from saekit.cli import main
+
+    rc = main(["cache", "--out", str(tmp_path / "c"), "--tokens", "256", "--context-len", "16",
+               "--format", "saelens", "--shuffle-buffer", "0"])  # fmt: skip
+    assert rc == 0
+    src = SAELensCacheSource(tmp_path / "c", shuffle=False)
+    assert src.sites == ["layers.3.resid_post"] and src.n == 256 and src.d_in(src.sites[0]) == 384
+    assert src.tokens is not None  # token ids ride along, as in SAELens's caches

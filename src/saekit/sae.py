@@ -148,7 +148,23 @@ class SAE(nn.Module):
         return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
 
     def _to_sae_units(self, x: Tensor) -> Tensor:
+        if self.rule.input_norm == "token":
+            x = token_standardise(x)
         return x * self.input_scale if self.cfg.normalize_input else x
+
+    def _to_raw_units(self, x_hat_n: Tensor, like: Tensor | None) -> Tensor:
+        """Undo :meth:`_to_sae_units`; per-token normalisation needs the input ``like``."""
+        out = x_hat_n / self.input_scale if self.cfg.normalize_input else x_hat_n
+        if self.rule.input_norm == "token":
+            if like is None:
+                raise DataError(
+                    f"rule {self.cfg.rule!r} standardises every token, so a raw reconstruction"
+                    " needs that token's mean and std: call decode(codes, like=x)"
+                )
+            flat = self._flat(like)
+            mu = flat.mean(-1, keepdim=True)
+            out = out * (flat - mu).std(-1, keepdim=True) + mu
+        return out
 
     def _encoder_input(self, xn: Tensor) -> Tensor:
         return xn - self.comm.latent_input(self.b_dec) if self.cfg.apply_b_dec_to_input else xn
@@ -250,10 +266,10 @@ class SAE(nn.Module):
             out = kernels.dense_decode(codes.dense, self.W_dec)  # type: ignore[arg-type]
         return self.comm.latent_sum(out) + self.b_dec
 
-    def decode(self, codes: Codes) -> Tensor:
-        """Reconstruction in raw units, ``[N, d_in]``."""
-        out = self.decode_n(codes)
-        return out / self.input_scale if self.cfg.normalize_input else out
+    def decode(self, codes: Codes, like: Tensor | None = None) -> Tensor:
+        """Reconstruction in raw units, ``[N, d_in]``. ``like``: the encoded inputs, needed
+        when the rule standardises every token (``Rule.input_norm == "token"``)."""
+        return self._to_raw_units(self.decode_n(codes), like)
 
     def _inputs_units(self, inputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         """Named inputs flattened to ``[N, ...]`` and in SAE units (saekit.inputs)."""
@@ -275,7 +291,7 @@ class SAE(nn.Module):
         xn = self._to_sae_units(self._flat(x))
         codes, pre, x_in, sel, _ = self._select(xn, self._inputs_units(inputs), step)
         x_hat_n = self.decode_n(codes)
-        x_hat = x_hat_n / self.input_scale if self.cfg.normalize_input else x_hat_n
+        x_hat = self._to_raw_units(x_hat_n, x)
         return SAEOutput(
             x_hat=x_hat.reshape(shape),
             codes=codes,
@@ -370,7 +386,8 @@ class SAE(nn.Module):
         """
         x = self.comm.gather_batch(self._flat(x)).float()
         if self.cfg.normalize_input:
-            self.input_scale.fill_(float((self.d_in / x.pow(2).sum(-1).mean()).sqrt()))
+            base = token_standardise(x) if self.rule.input_norm == "token" else x
+            self.input_scale.fill_(float((self.d_in / base.pow(2).sum(-1).mean()).sqrt()))
         xn = self._to_sae_units(x)
         how = self.cfg.init_b_dec
         if how == "geometric_median":
@@ -420,6 +437,18 @@ class SAE(nn.Module):
             "b_dec": (self.b_dec / s).clone(),
         }
         return out
+
+
+#: added to each token's std before dividing (the top-AFA code's and SAELens's layer_norm)
+TOKEN_NORM_EPS = 1e-5
+
+
+def token_standardise(x: Tensor) -> Tensor:
+    """``(x - mean(x)) / (std(x) + 1e-5)`` per row (unbiased std over ``d_in``): top-AFA's
+    ``input_unit_norm`` and SAELens's ``normalize_activations="layer_norm"``; undone with
+    ``x_hat * std + mean``, as both do."""
+    xc = x - x.mean(-1, keepdim=True)
+    return xc / (xc.std(-1, keepdim=True) + TOKEN_NORM_EPS)
 
 
 @torch.no_grad()

@@ -548,6 +548,7 @@ class Trainer:
                     # like a kill after a checkpoint
                     return self._result(self.whole_saes(), completed=False)
         calibrated_now = completed and self.calibrate()
+        self.strategy.root(self._warn_if_worse)
         if self.last_ckpt_step != self.step or calibrated_now:
             self.save_checkpoint()
         saes = self.whole_saes()
@@ -561,6 +562,33 @@ class Trainer:
             n = min(DEFAULT_CALIBRATION_TOKENS, self.cfg.total_tokens // 4)
             n = max(4 * self.cfg.batch_size, n)
         return -(-n // self.cfg.batch_size)
+
+    def _warn_if_worse(self, drop: float = 0.05) -> None:
+        """Warn for every SAE whose logged training FVE fell by more than ``drop`` over the
+        run (first logged step to last) while its L0 did not fall by a tenth (a sparsity
+        penalty warming up trades FVE for L0): it got worse as it trained."""
+        rows, _ = metrics_log.read_rows(self.out_dir / metrics_log.FILE)
+        first: dict[str, tuple[float, float]] = {}
+        last: dict[str, tuple[float, float]] = {}
+        for r in rows:
+            name, f, l0 = r.get("sae"), r.get("fve"), r.get("l0")
+            if (
+                isinstance(name, str)
+                and isinstance(f, (int, float))
+                and isinstance(l0, (int, float))
+            ):
+                first.setdefault(name, (float(f), float(l0)))
+                last[name] = (float(f), float(l0))
+        for name, (f0, l0) in first.items():
+            f1, l1 = last[name]
+            if f1 < f0 - drop and l1 >= 0.9 * l0:
+                warnings.warn(
+                    f"SAE {name!r}: training FVE fell from {f0:.3f} to {f1:.3f} during the run"
+                    f" at L0 {l0:.1f} -> {l1:.1f}: it got worse as it trained (check the rule's"
+                    " options and the lr)",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def calibration_pending(self) -> bool:
         """Some rule of the plan calibrates and has not yet been calibrated in this run.

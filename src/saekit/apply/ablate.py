@@ -55,11 +55,11 @@ def ablation_fn(
             x = h.reshape(-1, shape[-1]).to(p.device, p.dtype)
             codes = sae.encode(x)
             dense = codes.to_dense()
-            x_hat = sae.decode(codes)
+            x_hat = sae.decode(codes, like=x)
             if idx:
                 dense = dense.clone()
                 dense[:, idx] = 0
-            x_abl = sae.decode(Codes(sae.d_sae, dense=dense))
+            x_abl = sae.decode(Codes(sae.d_sae, dense=dense), like=x)
             new = x_abl + (x - x_hat) if keep_error else x_abl
         return new.reshape(shape).to(h.device, h.dtype)
 

@@ -4,9 +4,9 @@
 feature, value); :func:`build_dashboard` writes
 
 - ``index.html``: every rendered feature with its density, max activation and top token, in
-  a table sortable by clicking a header (a small inline script, allowed by a CSP hash; open
-  ``index.html#sort=density-desc`` to sort on load), and a log10-density histogram of all
-  features;
+  a table listed by density (highest first) and sortable by clicking a header (a small
+  inline script, allowed by a CSP hash; ``index.html#sort=max-desc`` sorts on load), and a
+  log10-density histogram of all features;
 - ``features/<i>.html``: top activating contexts (±``context`` tokens, background intensity
   ∝ |activation| / max; red positive, blue negative, for signed rules), quantile-sampled
   contexts (``n_quantiles`` equal-count groups of the nonzero activations, ``per_quantile``
@@ -60,6 +60,10 @@ class DashboardConfig(Options):
     n_neighbours: int = option(8, "nearest decoder directions listed", ge=0)
     n_logits: int = option(10, "promoted / suppressed tokens listed", ge=0)
     seed: int = option(0, "seed of the random feature choice", ge=0)
+    neuronpedia: bool = option(
+        False, "also write OUT/neuronpedia/batch-N.json, Neuronpedia's upload format"
+    )
+    features_per_batch: int = option(128, "features per Neuronpedia batch file", ge=1)
 
 
 @dataclass
@@ -359,12 +363,12 @@ def build_dashboard(
     if W_U is not None and W_U.shape[1] != W.shape[1]:
         W_U = None  # the site's width differs from the LM head's
     rng = np.random.default_rng(cfg.seed)
-    rows = []
+    rows, np_records = [], []
     for f in feats:
         cos = (Wn @ Wn[f]).numpy()
         cos[f] = -np.inf
         nb = [(int(g), float(cos[g])) for g in np.argsort(-cos)[: cfg.n_neighbours]]
-        logits = None
+        logits, eff = None, None
         if W_U is not None and tok is not None:
             eff = (W_U.float() @ W[f]).numpy()
             top, bot = np.argsort(-eff)[: cfg.n_logits], np.argsort(eff)[: cfg.n_logits]
@@ -375,6 +379,14 @@ def build_dashboard(
         page = _feature_page(f, fd, cfg, rendered, nb, logits, meta, rng)
         write_text(out / "features" / f"{f}.html", page)
         seq, pos, val = fd.of(f)
+        if cfg.neuronpedia:
+            from saekit.io.neuronpedia import feature_record
+
+            decode = tok.decode if tok is not None else str
+            np_records.append(
+                feature_record(f, seq, pos, val, col.tokens, col.n_tokens, W[f].numpy(), eff,
+                               decode, cfg, np.random.default_rng(cfg.seed + f))
+            )  # fmt: skip
         if len(val):
             i = int(np.argmax(np.abs(val)))
             top_tok, vmax = col.tokens[int(seq[i])][int(pos[i])], float(val[i])
@@ -382,6 +394,7 @@ def build_dashboard(
             top_tok, vmax = "", 0.0
         rows.append((f, len(val) / col.n_tokens, vmax, top_tok))
 
+    rows.sort(key=lambda r: (-r[1], r[0]))  # the index lists features by density, highest first
     fired = counts > 0
     log_d = np.log10(counts[fired] / col.n_tokens)
     n_dead = int((~fired).sum())
@@ -416,4 +429,26 @@ def build_dashboard(
         **{k: str(v) for k, v in meta.items()},
     }
     write_json(out / "dashboard.json", json_safe(summary))
+    if cfg.neuronpedia:
+        _write_neuronpedia(out / "neuronpedia", np_records, col, cfg, meta)
     return index
+
+
+def _write_neuronpedia(
+    out: Path, records: list[dict[str, Any]], col: Collected, cfg: DashboardConfig, meta: dict
+) -> None:
+    from saekit.io.neuronpedia import write_batches
+    from saekit.sources.sites import parse_site
+
+    try:
+        layer = parse_site(str(meta.get("site", "")))[0]
+    except ValueError:
+        layer = 0
+    prompts = {
+        "n_prompts_total": len(col.tokens),
+        "n_tokens_in_prompt": max((len(t) for t in col.tokens), default=0),
+        "dataset": str(meta.get("data", "")),
+    }
+    model = str(meta.get("model", "")).split("/")[-1]
+    sae_set = str(meta.get("sae_set") or f"saekit-{meta.get('rule', 'sae')}")
+    write_batches(out, records, model, layer, sae_set, cfg.features_per_batch, prompts)

@@ -127,27 +127,28 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
 
     require("matplotlib.ticker", "the bench plot")
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from saekit.evaluate.labels import label_points, log_ticks
     from saekit.io.atomic import save_figure
 
     rows = report["table"]
     keys = list(rows)
     names = [rows[k]["label"] for k in keys]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    ax = axes[0, 0]
+    scatter = ax = axes[0, 0]
+    points: list[tuple[float, float, str]] = []
     for k, n in zip(keys, names):
         x, y = mean_of(rows[k], "l0"), mean_of(rows[k], "fve")
         if x is None or y is None:
             continue
         ax.errorbar(x, y, xerr=rows[k]["l0"]["sd"], yerr=rows[k]["fve"]["sd"], fmt="o")
-        ax.annotate(n, (x, y), fontsize=7)
+        points.append((x, y, n))
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    log_ticks(ax.xaxis)
+    ax.margins(x=0.25, y=0.12)
     ax.set_xlabel("L0 (eval)")
     ax.set_ylabel("FVE")
     ax.set_title("reconstruction vs sparsity")
@@ -184,5 +185,6 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         f" {report['size']['n_features']} features, seeds {report['config']['seeds']}"
     )
     fig.tight_layout()
+    label_points(scatter, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -98,11 +98,15 @@ def run(args: argparse.Namespace) -> int:
             cfg,
             progress=lambda s: print(s, flush=True),
         )
-        print(markdown_table(res))
+        table = markdown_table(res)
+        print(table)
         if out:
+            from saekit.io.atomic import write_text
+
             out.mkdir(parents=True, exist_ok=True)
             (out / "table.json").write_text(json.dumps(res, indent=2))
-            print(f"wrote {out / 'table.json'}")
+            write_text(out / "table.md", table + "\n")
+            print(f"wrote {out / 'table.json'} and {out / 'table.md'}")
         return 0
     if out is None:
         raise ConfigError("--out is required (or use --table)")

@@ -9,7 +9,9 @@ Definitions (``x`` input, ``x̂`` reconstruction, ``a`` codes; sums over tokens 
 * ``fve_legacy``: SAEBench/Neuronpedia's per-token variant, mean over tokens of
   1 − ‖x−x̂‖²/‖x−μ_batch‖², μ_batch the mean of the batch given to ``update`` (so it depends
   on the eval batch size; reported only for comparison).
-* ``nmse``: Σ‖x−x̂‖² / Σ‖x‖² (OpenAI's normalised MSE, *not* mean-centred).
+* ``nmse``: mean over tokens of ‖x−x̂‖² / ‖x‖², OpenAI's normalised MSE
+  (``openai/sparse_autoencoder``'s ``normalized_mean_squared_error``: a per-token ratio,
+  *not* mean-centred). ``nmse_pooled``: Σ‖x−x̂‖² / Σ‖x‖², the same ratio pooled over tokens.
 * ``mse``: mean over tokens of ‖x−x̂‖² (summed over dims; never divided by a batch size).
 * ``cos``: mean over tokens of cos(x, x̂). ``l2_ratio``: mean ‖x̂‖/‖x‖.
 * ``rel_bias``: E‖x̂‖² / E⟨x, x̂⟩ (Gated-SAE paper, eq. 10; 1 = no shrinkage).
@@ -70,7 +72,13 @@ def fve_legacy(x: Tensor, x_hat: Tensor) -> float:
 
 
 def nmse(x: Tensor, x_hat: Tensor) -> float:
-    """Σ‖x−x̂‖² / Σ‖x‖² (not mean-centred)."""
+    """OpenAI's normalised MSE: mean over rows of ‖x−x̂‖² / ‖x‖² (not mean-centred)."""
+    x, x_hat = _f64(x), _f64(x_hat)
+    return float(((x - x_hat).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-300)).mean())
+
+
+def nmse_pooled(x: Tensor, x_hat: Tensor) -> float:
+    """Σ‖x−x̂‖² / Σ‖x‖² over all rows (not mean-centred)."""
     x, x_hat = _f64(x), _f64(x_hat)
     return float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-300))
 
@@ -143,6 +151,7 @@ class CoreAccumulator:
         self.sum_dot = 0.0
         self.sum_cos = 0.0
         self.sum_l2r = 0.0
+        self.sum_nmse = 0.0  # Σ_t ‖x−x̂‖²/‖x‖²
         self.sum_legacy = 0.0
         self.sum_l0 = 0.0
         self.sum_l1 = 0.0
@@ -173,6 +182,7 @@ class CoreAccumulator:
         self.sum_dot += float((x * x_hat).sum())
         self.sum_cos += float((x * x_hat).sum(-1).div((xn * xhn).clamp_min(1e-300)).sum())
         self.sum_l2r += float((xhn / xn.clamp_min(1e-300)).sum())
+        self.sum_nmse += float((err / xn.pow(2).clamp_min(1e-300)).sum())
         den = (x - x.mean(0)).pow(2).sum(-1).clamp_min(1e-300)
         self.sum_legacy += float((1 - err / den).sum())
         tok_l0 = c.l0().cpu()
@@ -203,7 +213,8 @@ class CoreAccumulator:
             "fve": fve_,
             "fvu": 1 - fve_,
             "fve_legacy": self.sum_legacy / n,
-            "nmse": self.sum_err / self.sum_x2 if self.sum_x2 > 0 else math.nan,
+            "nmse": self.sum_nmse / n,
+            "nmse_pooled": self.sum_err / self.sum_x2 if self.sum_x2 > 0 else math.nan,
             "mse": self.sum_err / n,
             "cos": self.sum_cos / n,
             "l2_ratio": self.sum_l2r / n,

@@ -87,20 +87,31 @@ def zf_plot(
 def frontier(
     points: Sequence[dict[str, Any]], x: str, y: str, path: str | Path, title: str = ""
 ) -> Path:
-    """Scatter of ``y`` vs ``x`` over runs, each point labelled with its ``name``."""
+    """Scatter of ``y`` vs ``x`` over runs, each point labelled with its ``name`` (labels kept
+    apart, :func:`saekit.evaluate.labels.label_points`); a log x axis when ``x`` spans more
+    than a factor 10."""
+    from saekit.evaluate.labels import label_points, log_ticks
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs, ys, names = [], [], []
     for p in points:
         xv, yv = p.get(x), p.get(y)
         if xv is None or yv is None or xv != xv or yv != yv:  # missing or NaN
             continue
         marker = {"sae": "o", "random": "x", "pca": "s"}.get(p.get("kind", "sae"), "o")
         ax.scatter([xv], [yv], marker=marker)
-        ax.annotate(
-            str(p.get("name", "")), (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
+        xs.append(float(xv))
+        ys.append(float(yv))
+        names.append(str(p.get("name", "")))
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+        log_ticks(ax.xaxis)
+    ax.margins(x=0.2, y=0.12)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title or f"{y} vs {x}")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    label_points(ax, xs, ys, names)
     return _save(plt, fig, path)

@@ -5,12 +5,16 @@ Input: a JSONL file with ``text`` and ``label`` fields (and an optional ``split`
 is run through the model, activations at the SAE's site are mean-pooled over real tokens
 (attention mask; special tokens excluded when the tokenizer marks them), and so are the
 SAE codes (mean of the per-token codes). For each class c (one-vs-rest; a binary task has
-one class), on the train set we pick the top-k latents (or raw dimensions) by
+one class) the train and the test split are each **balanced** as SAEBench's
+``prepare_probe_data`` does: the examples of c and as many others, drawn evenly from the
+other classes (:func:`balanced_one_vs_rest`; without it, "always no" scores 0.8 on five
+classes). On the balanced train set we pick the top-k latents (or raw dimensions) by
 |mean_pos − mean_neg|, fit sklearn ``LogisticRegression(C=1, max_iter=1000)`` on those k
-columns, and report test accuracy; accuracies are averaged over classes. k ∈ {1, 2, 5}
-by default. Selection uses the raw pooled values (as SAEBench); the k chosen columns are
-then standardised with the train mean / std before fitting (our choice: LR with C=1 is
-scale-sensitive, and code and activation scales differ widely).
+columns, and report accuracy on the balanced test set (chance: 0.5); accuracies are
+averaged over classes. k ∈ {1, 2, 5} by default. Selection uses the raw pooled values (as
+SAEBench); the k chosen columns are then standardised with the train mean / std before
+fitting (our choice: LR with C=1 is scale-sensitive, and code and activation scales differ
+widely).
 """
 
 from __future__ import annotations
@@ -64,14 +68,40 @@ def top_k_by_mean_diff(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-diff, kind="stable")[:k]
 
 
+def balanced_one_vs_rest(y: np.ndarray, c: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a balanced "c vs rest" set: ``n`` examples of ``c`` and ``n`` others.
+
+    The others are drawn evenly from every other class (``ceil(n / n_other_classes)`` each,
+    fewer where a class has fewer; the shortfall from the remaining ones), as SAEBench's
+    ``prepare_probe_data``; ``n`` is the number of examples of ``c``, or of the others when
+    they are fewer (then ``c`` is subsampled). Shuffled.
+    """
+    pos = np.nonzero(y == c)[0]
+    others = [np.nonzero(y == o)[0] for o in sorted(set(y.tolist()) - {c})]
+    n = min(len(pos), sum(len(o) for o in others))
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    per = -(-n // max(len(others), 1))
+    drawn = [rng.permutation(o) for o in others]
+    neg = np.concatenate([d[:per] for d in drawn])
+    if len(neg) < n:  # some classes were short: top up from what is left
+        rest = rng.permutation(np.concatenate([d[per:] for d in drawn]))
+        neg = np.concatenate([neg, rest[: n - len(neg)]])
+    neg = rng.permutation(neg)[:n]
+    pos = rng.permutation(pos)[:n]
+    return rng.permutation(np.concatenate([pos, neg]))
+
+
 def sparse_probe_accuracy(
     X_train: np.ndarray,
     y_train: Sequence[str],
     X_test: np.ndarray,
     y_test: Sequence[str],
     ks: Sequence[int] = DEFAULT_KS,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Test accuracy of top-k probes per k (one-vs-rest, averaged over classes)."""
+    """Balanced test accuracy of top-k probes per k (one-vs-rest, averaged over classes;
+    train and test balanced per class by :func:`balanced_one_vs_rest`, seeded)."""
     from saekit.extras import require
 
     LogisticRegression = require("sklearn.linear_model", "sparse probing").LogisticRegression
@@ -85,15 +115,23 @@ def sparse_probe_accuracy(
     sd = np.where(sd > 0, sd, 1.0)
     Xtr, Xte = (X_train - mu) / sd, (X_test - mu) / sd
     out: dict[str, Any] = {"classes": classes, "n_train": len(ytr), "n_test": len(yte)}
+    rng = np.random.default_rng(seed)
+    sets = {
+        c: (balanced_one_vs_rest(ytr, c, rng), balanced_one_vs_rest(yte, c, rng)) for c in targets
+    }
+    out["balanced_sizes"] = {c: [len(a), len(b)] for c, (a, b) in sets.items()}
     for k in ks:
         accs = []
         for c in targets:
-            b_tr, b_te = (ytr == c).astype(int), (yte == c).astype(int)
-            cols = top_k_by_mean_diff(X_train, b_tr, k)  # selection on raw values
+            i_tr, i_te = sets[c]
+            if len(i_te) == 0 or len(set(ytr[i_tr] == c)) < 2:
+                continue
+            b_tr, b_te = (ytr[i_tr] == c).astype(int), (yte[i_te] == c).astype(int)
+            cols = top_k_by_mean_diff(X_train[i_tr], b_tr, k)  # selection on raw values
             clf = LogisticRegression(C=1.0, max_iter=1000)
-            clf.fit(Xtr[:, cols], b_tr)
-            accs.append(float((clf.predict(Xte[:, cols]) == b_te).mean()))
-        out[f"top_{k}_test_accuracy"] = float(np.mean(accs))
+            clf.fit(Xtr[i_tr][:, cols], b_tr)
+            accs.append(float((clf.predict(Xte[i_te][:, cols]) == b_te).mean()))
+        out[f"top_{k}_test_accuracy"] = float(np.mean(accs)) if accs else float("nan")
     return out
 
 
@@ -177,8 +215,8 @@ def probe_run(
         te = np.array([i for i, s in enumerate(splits) if s == "test"], dtype=int)
     raw, codes, n_tok = pooled_features(model, tokenizer, sae, site_name, texts, context_len)
     y = np.asarray(labels)
-    sae_res = sparse_probe_accuracy(codes[tr], y[tr], codes[te], y[te], ks)
-    llm_res = sparse_probe_accuracy(raw[tr], y[tr], raw[te], y[te], ks)
+    sae_res = sparse_probe_accuracy(codes[tr], y[tr], codes[te], y[te], ks, seed)
+    llm_res = sparse_probe_accuracy(raw[tr], y[tr], raw[te], y[te], ks, seed)
     out: dict[str, Any] = {
         "n_tokens": n_tok,
         "n_texts": len(texts),

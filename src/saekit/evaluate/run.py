@@ -58,6 +58,12 @@ class EvalConfig(Options):
     splice_batch_size: int = option(
         0, "sequences per spliced forward (0: the run's model batch)", ge=0
     )
+    splice_special: bool = option(
+        False,
+        "splice the reconstruction at special tokens (BOS, ...) too and count them; default:"
+        " they keep their activation and leave the averages (SAEBench's"
+        " exclude_special_tokens_from_reconstruction), as training drops them",
+    )
     pca_fit_tokens: int = option(16_384, "first eval tokens used to fit the PCA baseline", ge=1)
     baselines: bool = option(True, "also evaluate the random-decoder SAE and PCA baselines")
     plots: bool = option(True, "write PNG plots")
@@ -386,8 +392,12 @@ def _splice(
         streaming=dc.streaming,
     )
     bs = cfg.splice_batch_size or dc.model_batch_size
-    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens)
-    sp = splice_metrics(source.model, st.sae, st.site, batches, base_models)
+    special = getattr(source.tokenizer, "all_special_ids", None) or []
+    counted = [] if cfg.splice_special else special
+    batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens, counted)
+    sp = splice_metrics(
+        source.model, st.sae, st.site, batches, base_models, special, cfg.splice_special
+    )
     for name, r in sp.pop("baselines", {}).items():
         result["baselines"][name]["splice"] = r
     result["sae"]["splice"] = sp

@@ -7,12 +7,18 @@ For each batch of token sequences we run the model four times at the SAE's hook 
 * ``zero``: the activation replaced by zeros (SAEBench's zero ablation),
 * ``sae_err``: x̂ + (x − x̂) (error term kept: numerically the clean run; a sanity check).
 
+Special tokens (BOS, EOS, ... : the tokenizer's ``all_special_ids``), which training drops
+(``DataConfig.exclude_special``), keep their clean activation in the ``sae``, ``sae_err``
+and baseline runs and leave every average, as SAEBench's
+``exclude_special_tokens_from_reconstruction`` does (an SAE never trained on BOS would
+otherwise be charged for it); ``include_special=True`` replaces them too and counts them.
+The zero ablation zeroes every position.
+
 CE is the next-token cross-entropy averaged over positions t whose token and next token are
-both real (attention mask 1): ``n_tokens_ce`` of them. KL(p_clean ‖ p_patched) =
-Σ_v p_clean(log p_clean − log p_patched) is averaged over every real position
-(``n_tokens_kl``). Replacement happens at every position (padding included; padded
-positions are masked out of all metrics and, with the attention mask, never reach real
-ones). Then
+both real (attention mask 1) and whose token is not an excluded special one: ``n_tokens_ce``
+of them. KL(p_clean ‖ p_patched) = Σ_v p_clean(log p_clean − log p_patched) is averaged
+over every such position (``n_tokens_kl``). Padded positions are masked out of all metrics
+and, with the attention mask, never reach real ones. Then
 
 * ``ce_recovered`` = (CE_zero − CE_sae) / (CE_zero − CE_clean),
 * ``kl_score`` = (KL_zero − KL_sae) / KL_zero,
@@ -54,10 +60,14 @@ class SpliceAccumulator:
         self.n_ce = 0
         self.n_kl = 0
 
-    def update(self, logits: dict[str, Tensor], ids: Tensor, mask: Tensor) -> None:
-        """Add one batch: ``logits[run] [B, T, V]``, ``ids``/``mask [B, T]``."""
-        mask = mask.bool()
-        ce_mask = mask[:, :-1] & mask[:, 1:]
+    def update(
+        self, logits: dict[str, Tensor], ids: Tensor, mask: Tensor, keep: Tensor | None = None
+    ) -> None:
+        """Add one batch: ``logits[run] [B, T, V]``, ``ids``/``mask [B, T]``; ``keep [B, T]``
+        (default: every real position) says which positions the averages count."""
+        real = mask.bool()
+        mask = real if keep is None else real & keep.bool()
+        ce_mask = mask[:, :-1] & real[:, 1:]
         target = ids[:, 1:]
         logp_clean = torch.log_softmax(logits["clean"].float(), -1)
         p_clean = logp_clean.exp()
@@ -129,8 +139,13 @@ def splice_batch(
     ids: Tensor,
     mask: Tensor,
     baselines: dict[str, Any] | None = None,
+    replace_at: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Logits of the runs ``clean``, ``sae``, ``zero``, ``sae_err`` (and ``base:<name>``)."""
+    """Logits of the runs ``clean``, ``sae``, ``zero``, ``sae_err`` (and ``base:<name>``).
+
+    ``replace_at [B, T]`` (bool; default every position): where the autoencoders' output
+    replaces the activation; elsewhere it stays clean. The zero run zeroes every position.
+    """
     from saekit.sources.sites import hook_site
 
     site = resolve_site(model, site_name)
@@ -142,7 +157,9 @@ def splice_batch(
                 return torch.zeros_like(h)
             x_hat = ae(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
             if mode == "sae_err":
-                return x_hat + (h - x_hat)
+                x_hat = x_hat + (h - x_hat)
+            if replace_at is not None:
+                x_hat = torch.where(replace_at.to(h.device)[..., None], x_hat, h)
             return x_hat
 
         return fn
@@ -162,23 +179,37 @@ def splice_metrics(
     site_name: str,
     batches: Iterable[tuple[Tensor, Tensor]],
     baselines: dict[str, Any] | None = None,
+    special_ids: Iterable[int] = (),
+    include_special: bool = False,
 ) -> dict[str, Any]:
     """CE / KL metrics over ``batches`` of ``(input_ids, attention_mask)``.
 
     ``baselines``: other autoencoders (anything whose call returns ``.x_hat``) spliced the
     same way; their CE recovered / KL score are under ``result["baselines"]``.
+    ``special_ids`` (e.g. ``tokenizer.all_special_ids``): kept clean and out of the averages
+    unless ``include_special`` (see the module docstring).
     """
     was = sae.training
     sae.train(False)
     acc = SpliceAccumulator()
     dev = next(model.parameters()).device
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long, device=dev)
+    n_special = 0
     try:
         for ids, mask in batches:
             ids, mask = ids.to(dev), mask.to(dev)
-            acc.update(splice_batch(model, sae, site_name, ids, mask, baselines), ids, mask)
+            keep = None
+            if special.numel() and not include_special:
+                keep = ~torch.isin(ids, special)
+                n_special += int((mask.bool() & ~keep).sum())
+            logits = splice_batch(model, sae, site_name, ids, mask, baselines, replace_at=keep)
+            acc.update(logits, ids, mask, keep)
     finally:
         sae.train(was)
-    return acc.result()
+    out = acc.result()
+    out["special_tokens"] = "included" if include_special else "excluded"
+    out["n_special_excluded"] = n_special
+    return out
 
 
 def _windows(tokenizer: Any, text: str, context_len: int) -> list[tuple[list[int], list[int]]]:
@@ -194,10 +225,17 @@ def _windows(tokenizer: Any, text: str, context_len: int) -> list[tuple[list[int
 
 
 def token_batches(
-    tokenizer: Any, texts: Iterable[str], context_len: int, batch_size: int, max_tokens: int
+    tokenizer: Any,
+    texts: Iterable[str],
+    context_len: int,
+    batch_size: int,
+    max_tokens: int,
+    special_ids: Iterable[int] = (),
 ) -> Iterable[tuple[Tensor, Tensor]]:
     """Cut texts into windows of ``context_len`` tokens and yield right-padded batches of
-    ``batch_size`` windows until at least ``max_tokens`` real tokens have been yielded."""
+    ``batch_size`` windows until at least ``max_tokens`` real tokens have been yielded
+    (tokens in ``special_ids`` not counted)."""
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -221,7 +259,8 @@ def token_batches(
             rows, queue = queue[:batch_size], queue[batch_size:]
             ids, mask = emit(rows)
             yield ids, mask
-            seen += int(mask.sum())
+            counted = mask.bool() & ~torch.isin(ids, special) if special.numel() else mask
+            seen += int(counted.sum())
             if seen >= max_tokens:
                 return
     if queue:

@@ -124,6 +124,7 @@ def registry_entry(release: str, sae_id: str, path: Path | None = None) -> dict[
                 repo_id=rel["repo_id"],
                 conversion_func=rel.get("conversion_func"),
                 model=rel.get("model"),
+                links=rel.get("links") or {},
                 release=release,
                 sae_id=sae_id,
             )
@@ -133,6 +134,16 @@ def registry_entry(release: str, sae_id: str, path: Path | None = None) -> dict[
         f"saelens:{release}/{sae_id}: no SAE {sae_id!r} in release {release!r};"
         f" ids are {', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''}"
     )
+
+
+def _hf_model_id(entry: dict[str, Any]) -> str | None:
+    """The Hugging Face id of a registry release's model: its ``links.model`` hub URL when it
+    has one (SAELens's ``model`` is often a TransformerLens name such as ``gpt2-small``)."""
+    link = (entry.get("links") or {}).get("model") if isinstance(entry.get("links"), dict) else None
+    prefix = "https://huggingface.co/"
+    if isinstance(link, str) and link.startswith(prefix):
+        return link[len(prefix) :].strip("/")
+    return entry.get("model")
 
 
 def resolve(spec: str | os.PathLike) -> Resolved:
@@ -148,8 +159,9 @@ def resolve(spec: str | os.PathLike) -> Resolved:
         release, sae_id = rest.split("/", 1)
         entry = registry_entry(release, sae_id)
         hints: dict[str, Any] = {"repo_id": entry["repo_id"], "registry": entry}
-        if entry.get("model"):
-            hints["model"] = entry["model"]
+        model = _hf_model_id(entry)
+        if model:
+            hints["model"] = model
         if entry.get("norm_scaling_factor"):
             hints["norm_scaling_factor"] = entry["norm_scaling_factor"]
         fmt = CONVERSION_FORMATS.get(str(entry.get("conversion_func")))

@@ -224,6 +224,8 @@ def open_sae(
                 _refuse_pickles(p)
         sae, meta = read_foreign(p, k, res.hints)
         sae = sae.to(device)
+    if res.hints.get("model"):  # a registry's model id outranks a TransformerLens name
+        meta["model_name"] = res.hints["model"]
     if res.spec != str(path) or res.hints:
         meta["source"] = res.spec
     meta.setdefault("path", str(p))

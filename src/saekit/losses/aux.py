@@ -96,6 +96,7 @@ class AuxLoss:
             signed=self.signed,
             scale_like=scale_like,
             comm=sae.comm,
+            latents=sae.rule.aux_latents(out),
             chunk=sae.cfg.encoder_chunk,
         )
         return sae.cfg.aux_coeff * loss
@@ -114,9 +115,14 @@ def aux_k_loss(
     signed: bool = False,
     scale_like: tuple[str, Tensor] | None = None,
     comm: Comm = LOCAL,
+    latents: Tensor | None = None,
     chunk: int = 0,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
+
+    ``latents [B, d_sae]`` (with grad; ``Rule.aux_latents``): the rule's own latent values
+    (e.g. the vSAE's sampled ``z``) from which the candidates are ranked (``|.|`` when
+    ``signed``) and taken, instead of the (ReLU'd) pre-activations.
 
     ``candidates [d_sae]`` (bool) are the latents allowed; ``weights [d_sae]`` optionally
     scale each latent's value. Returns the NMSE of the residual (``scale_like`` None: its own
@@ -130,8 +136,9 @@ def aux_k_loss(
     if n == 0 or k_aux <= 0:
         return residual.new_zeros(())
     k = min(k_aux, n)
+    ranked = latents if latents is not None else pre  # what the candidates are ranked by
     sel = None
-    if pre is None:
+    if ranked is None:
         cols = candidates.nonzero(as_tuple=True)[0]
         with torch.no_grad():
             sel, idx = kernels.chunked_row_topk(
@@ -139,12 +146,18 @@ def aux_k_loss(
             )
         mask = None
     elif comm.latent_world == 1:  # no [B, d_sae] score tensor (see kernels.masked_row_topk)
-        idx, mask = kernels.masked_row_topk(pre.detach(), candidates, k, absolute=signed), None
+        assert ranked is not None
+        idx = kernels.masked_row_topk(ranked.detach(), candidates, k, absolute=signed)
+        mask = None
     else:
-        score = pre.abs() if signed else pre
-        score = torch.where(candidates, score.detach(), torch.full_like(pre, float("-inf")))
+        assert ranked is not None
+        score = (ranked.abs() if signed else ranked).detach()
+        score = torch.where(candidates, score, torch.full_like(score, float("-inf")))
         idx, mask = comm.topk(score, k)
-    vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
+    if latents is not None:
+        vals = latents.gather(1, idx)
+    else:
+        vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
     if not signed:
         vals = torch.relu(vals)
     if weights is not None:

@@ -154,6 +154,18 @@ class Rule(nn.Module):
         """Per-latent threshold for JumpReLU-style inference export, if any."""
         return None
 
+    def aux_latents(self, out: SAEOutput) -> Tensor | None:
+        """Dense latent values ``[B, d_sae]`` (with grad) the aux loss ranks and uses instead
+        of the pre-activations (None, the default: the pre-activations)."""
+        return None
+
+    @property
+    def input_norm(self) -> str:
+        """Per-token input normalisation the SAE applies before encoding: "none", or
+        "token" (each token standardised to mean 0, std 1 over ``d_in``, undone on the
+        reconstruction; see ``saekit.sae.token_standardise``)."""
+        return "none"
+
     # -------------------------------------------------------------- run hooks (trainer)
     #: the rule calibrates its inference state on held-back batches after training: the
     #: trainer then calls begin_calibration, calibrate (per batch) and end_calibration

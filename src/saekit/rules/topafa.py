@@ -7,13 +7,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
+from saekit.errors import ConfigError, FormatError
+from saekit.rules.base import Context, Rule, SAELensExport, Selection, SparsityKnob, register
 
 
 @dataclass
 class TopAFAOptions:
     afa_coeff: float = 1 / 32  # lambda_AFA of the norm-matching loss (paper sweeps 1/128..1/16)
     k_max: int = 0  # cap on k per token (0: no cap, the paper's setting)
+    normalize: str = "token"  # token: standardise each token (the authors' code); none
+
+
+NORMALIZE = ("token", "none")
 
 
 def afa_k(
@@ -22,9 +27,10 @@ def afa_k(
     """Per-token k* and the latents sorted by decoder-scaled activation.
 
     ``s_i = (a_i ||d_i||)^2`` sorted descending, ``c_j = sqrt(cumsum(s)_j)`` with the last
-    entry set to 1e8 (as in the authors' code), ``k* = argmin_j |c_j - target| + 1``.
-    With ``k_max`` only the top ``k_max`` entries are considered. Returns ``(k* [B], order
-    [B, M])`` with ``M >= max(k*)``.
+    entry set to 1e8 (as in the authors' code, so that not every latent is kept), ``k* =
+    argmin_j |c_j - target| + 1``. With ``k_max`` below the width only the top ``k_max``
+    entries are considered, with no 1e8 entry, so ``k*`` can reach ``k_max``. Returns
+    ``(k* [B], order [B, M])`` with ``M >= max(k*)``.
 
     ``c`` is non-decreasing, so the argmin lies at the first ``j`` with ``c_j >= target`` or
     just before it: only a sorted prefix is needed. The prefix starts at ``m_hint`` entries
@@ -38,7 +44,8 @@ def afa_k(
         top = s.topk(m, dim=1, sorted=True)
         c = top.values.cumsum(1)
         if m == K:
-            c[:, -1] = 1e8
+            if s.shape[1] == K:  # every latent: the authors' guard against keeping all
+                c[:, -1] = 1e8
             break
         if bool((c[:, -1].sqrt() >= target).all()):
             break
@@ -61,18 +68,44 @@ class TopAFA(Rule):
     ``extras["k_per_token"]`` holds k*. Aux loss: the authors' code's scaling
     (``aux_form = "bussmann"``: ``aux_penalty * MSE`` of the live residual; their code is
     built on BatchTopK's).
+
+    Inputs: with ``normalize="token"`` (default: the authors' code, ``input_unit_norm``
+    on in its default config and every reported run) each token is standardised, ``(x -
+    mean) / (std + 1e-5)`` over ``d_in``, before the SAE and the reconstruction mapped
+    back with the token's mean and std (:func:`saekit.sae.token_standardise`), so ``||x||``
+    is the same for every token in the AFA bound and loss; ``"none"`` feeds the (scaled)
+    raw inputs.
+
+    SAELens has no top-AFA architecture: :meth:`saelens_export` refuses (the run directory
+    is saekit's only). Exporting as TopK with ``k = cfg.k`` gave other codes (SAELens L0
+    4.0 against 20.8 here), and no fixed k nor threshold reproduces a per-token k.
     """
 
     name = "topafa"
     Options = TopAFAOptions
     default_recon = "nmse"
-    saelens_architecture = "topk"
     sparsity = SparsityKnob("free")
     aux_form = "bussmann"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
+        if self.opts.normalize not in NORMALIZE:
+            raise ConfigError(
+                f"topafa normalize={self.opts.normalize!r} (rule_options); use"
+                f" {' or '.join(NORMALIZE)}"
+            )
         self._m_hint = 0  # sorted-prefix length tried first by afa_k (not state: speed only)
+
+    @property
+    def input_norm(self) -> str:
+        return self.opts.normalize
+
+    def saelens_export(self) -> SAELensExport:
+        raise FormatError(
+            "top-AFA chooses k per token from the norm bound and SAELens has no such"
+            " architecture (as TopK with a fixed k its codes would differ); load the run"
+            " directory with saekit.io.load_sae"
+        )
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
         a = torch.relu(pre.detach())

@@ -194,8 +194,13 @@ def write_saelens_cache(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        ds = ds_mod.Dataset.from_generator(
-            gen, features=ds_mod.Features(feats), cache_dir=str(tmp / "build")
+        import uuid
+
+        ds = ds_mod.Dataset.from_generator(  # a fingerprint given: the source is not hashed
+            gen,
+            features=ds_mod.Features(feats),
+            cache_dir=str(tmp / "build"),
+            fingerprint=uuid.uuid4().hex,
         )
         ds.save_to_disk(str(tmp / "data"), num_shards=num_shards)
         del ds

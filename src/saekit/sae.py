@@ -113,7 +113,7 @@ class SAE(nn.Module):
         self.register_buffer("fire_freq", torch.zeros(F))  # EMA of per-token firing rate
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.rule = build_rule(cfg)
-        for name in self.rule.requires:
+        for name in self.requires:
             input_kind(name)  # every required input is a registered name
         self.recon_kind = check_recon(
             cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
@@ -129,6 +129,12 @@ class SAE(nn.Module):
         #: batch-global reductions and cross-shard selections; a strategy sets it while
         #: training on several ranks (saekit.distributed), else one process
         self.comm: Comm = LOCAL
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Named inputs this SAE reads besides x (its rule's ``requires``); the trainer and
+        ``saekit eval`` ask their source for them (:mod:`saekit.inputs`)."""
+        return tuple(self.rule.requires)
 
     # ------------------------------------------------------------------ shapes and units
     @property

@@ -198,7 +198,7 @@ class Trainer:
         self.slots = [self._own(b) for b in built if st.owns(b.index)]
         del built
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
-        wanted = {name for s in self.slots for name in s.sae.rule.requires}
+        wanted = {name for s in self.slots for name in s.sae.requires}
         self.inputs = self.source.request_inputs(wanted) if wanted else set()
 
     # ------------------------------------------------------------------ setup
@@ -423,6 +423,13 @@ class Trainer:
         out.extras["terms"] = {k: v.detach() for k, v in terms.items()}
         return out
 
+    def slot_inputs(self, s: _Slot, batch: Batch) -> dict[str, Tensor]:
+        """The named inputs one SAE reads from ``batch``: ``batch.inputs[name][s.site]`` for
+        each name it requires (on the trainer's device and dtype). The one place an input
+        could come from elsewhere in the batch (another site, for a transcoder's target)."""
+        got = site_inputs(batch.inputs, s.site, s.sae.requires)
+        return {n: t.to(self.device, self.dtype) for n, t in got.items()}
+
     def train_step(self, batch: Batch) -> dict[str, SAEOutput]:
         """One optimisation step of every SAE on ``batch``."""
         self._check_finite(batch)
@@ -432,8 +439,7 @@ class Trainer:
         outs = {}
         for s in self.slots:
             x = batch.acts[s.site].to(self.device, self.dtype)
-            inputs = site_inputs(batch.inputs, s.site, s.sae.rule.requires)
-            inputs = {n: t.to(self.device, self.dtype) for n, t in inputs.items()}
+            inputs = self.slot_inputs(s, batch)
             if self.step == 0:
                 s.sae.init_from_data(x)
             outs[s.name] = self._update(s, x, inputs, factor)

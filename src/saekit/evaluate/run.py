@@ -292,7 +292,7 @@ def _setup(
     if src.source.d_in(site) != sae.d_in:
         src.source.close()
         raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
-    wanted = set(getattr(sae.rule, "requires", ()))
+    wanted = set(getattr(sae, "requires", ()))
     if wanted:  # named inputs the rule reads (gtopk: "grad"), when the source has them
         src.source.request_inputs(wanted)
     G = getattr(src.source, "dictionary", None)
@@ -313,7 +313,7 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
         return b.acts[st.site].to(cfg.device).float(), b.meta.get("codes")
 
     def inputs(b: Batch) -> dict[str, Tensor]:
-        got = site_inputs(b.inputs, st.site, getattr(st.sae.rule, "requires", ()))
+        got = site_inputs(b.inputs, st.site, getattr(st.sae, "requires", ()))
         return {n: t.to(cfg.device).float() for n, t in got.items()}
 
     stream = _take(st.src, cfg.batch_size, cfg.tokens)

@@ -379,18 +379,11 @@ def _splice(
             src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
         return
     from saekit.evaluate.splice import splice_metrics, token_batches
-    from saekit.sources.text import iter_texts
+    from saekit.sources.text import config_texts
 
     dc = st.data_cfg
     source: Any = src.source
-    texts = iter_texts(
-        dc.dataset,
-        src.text_split,
-        dc.text_field,
-        part=src.text_part,
-        data_files=tuple(dc.data_files),
-        streaming=dc.streaming,
-    )
+    texts = config_texts(dc, split=src.text_split, part=src.text_part)
     bs = cfg.splice_batch_size or dc.model_batch_size
     special = getattr(source.tokenizer, "all_special_ids", None) or []
     counted = [] if cfg.splice_special else special

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from saekit.options import Options, fail, from_dict, option, to_dict
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: values of TrainConfig.autocast (see saekit.device.autocast_dtype)
+AUTOCASTS = ("auto", "none", "bfloat16")
 
 
 def _rules() -> list[str]:
@@ -213,7 +215,7 @@ class TrainConfig(Options):
     autocast: str = option(
         "auto",
         "SAE forward autocast: auto (bfloat16 on CUDA, none on CPU), none, bfloat16",
-        choices=("auto", "none", "bfloat16"),
+        choices=AUTOCASTS,
     )
     threads: int = option(0, "torch CPU threads (0: torch default)", ge=0, resumable=True)
     progress: bool = option(True, "show a tqdm progress bar", resumable=True)
@@ -340,6 +342,7 @@ class DistConfig(Options):
 
 
 __all__ = [
+    "AUTOCASTS",
     "DTYPES",
     "DataConfig",
     "DistConfig",

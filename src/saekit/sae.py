@@ -127,7 +127,7 @@ class SAE(nn.Module):
                 f"rule {cfg.rule!r} standardises every input token, which a reconstruction of"
                 f" another width (d_out={d_out}, d_in={d}) cannot undo; pick another rule"
             )
-        for name in self.rule.requires:
+        for name in self.requires:
             input_kind(name)  # every required input is a registered name
         self.recon_kind = check_recon(
             cfg.recon_loss if cfg.recon_loss != "auto" else self.rule.default_recon
@@ -143,6 +143,12 @@ class SAE(nn.Module):
         #: batch-global reductions and cross-shard selections; a strategy sets it while
         #: training on several ranks (saekit.distributed), else one process
         self.comm: Comm = LOCAL
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Named inputs this SAE reads besides x (its rule's ``requires``); the trainer and
+        ``saekit eval`` ask their source for them (:mod:`saekit.inputs`)."""
+        return tuple(self.rule.requires)
 
     # ------------------------------------------------------------------ shapes and units
     @property

@@ -214,7 +214,7 @@ class Trainer:
         self.slots = [self._own(b) for b in built if st.owns(b.index)]
         del built
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
-        wanted = {name for s in self.slots for name in s.sae.rule.requires}
+        wanted = {name for s in self.slots for name in s.sae.requires}
         self.inputs = self.source.request_inputs(wanted) if wanted else set()
 
     # ------------------------------------------------------------------ setup
@@ -256,9 +256,9 @@ class Trainer:
         sae.rule.setup_training(self.total_steps)
         return slot
 
-    def configs(self) -> dict:
-        """The configs a checkpoint must match to be resumed."""
-        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs)
+    def configs(self, form: Callable[[Any], dict] = to_dict) -> dict:
+        """The configs a checkpoint must match to be resumed (``form``: see run_configs)."""
+        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs, form)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -347,7 +347,8 @@ class Trainer:
                 _note(f"starting afresh: the earlier metrics log is kept as {moved}")
             return None
         meta, files = ckpt.read_checkpoint(self.ckpt_dir)
-        diff = ckpt.describe_diff(meta.get("configs"), json.loads(json.dumps(self.configs())))
+        now, dflt = json.loads(json.dumps(self.configs())), self.configs(ckpt.field_defaults)
+        diff = ckpt.describe_diff(meta.get("configs"), now, defaults=dflt)
         if diff:
             raise ckpt.CheckpointError(
                 f"checkpoint {self.ckpt_dir} is from a run with other configs; use another"
@@ -442,16 +443,22 @@ class Trainer:
         out.extras["terms"] = {k: v.detach() for k, v in terms.items()}
         return out
 
+    def slot_inputs(self, s: _Slot, batch: Batch) -> dict[str, Tensor]:
+        """The named inputs one SAE reads from ``batch``: ``batch.inputs[name][s.site]`` for
+        each name it requires (on the trainer's device and dtype). The one place an input
+        could come from elsewhere in the batch (another site, for a transcoder's target)."""
+        got = site_inputs(batch.inputs, s.site, s.sae.requires)
+        return {n: t.to(self.device, self.dtype) for n, t in got.items()}
+
     def slot_data(self, s: _Slot, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """What one SAE reads from ``batch``, on the trainer's device and dtype: ``x`` (its
-        input sites, :func:`saekit.arch.views`) and its named inputs (those its rule
-        requires at its site, and ``"target"`` when it predicts other sites than it reads)."""
+        input sites, :func:`saekit.arch.views`) and its named inputs (:meth:`slot_inputs`,
+        and ``"target"`` when it predicts other sites than it reads)."""
         x, target = arch.views(s.cfg, s.site, batch.acts)
-        inputs = site_inputs(batch.inputs, s.site, s.sae.rule.requires)
+        inputs = self.slot_inputs(s, batch)
         if target is not None:
-            inputs["target"] = target
-        conv = {n: t.to(self.device, self.dtype) for n, t in inputs.items()}
-        return x.to(self.device, self.dtype), conv
+            inputs["target"] = target.to(self.device, self.dtype)
+        return x.to(self.device, self.dtype), inputs
 
     def train_step(self, batch: Batch) -> dict[str, SAEOutput]:
         """One optimisation step of every SAE on ``batch``."""
@@ -733,14 +740,18 @@ class Trainer:
 
 
 def run_configs(
-    train_cfg: TrainConfig, data_cfg: DataConfig | None, saes: dict[str, tuple[str, SAEConfig]]
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig | None,
+    saes: dict[str, tuple[str, SAEConfig]],
+    form: Callable[[Any], dict] = to_dict,
 ) -> dict:
-    """The configs a checkpoint records and must match to be resumed (resolved SAE configs)."""
-    train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
+    """The configs a checkpoint records and must match to be resumed (resolved SAE configs);
+    ``form=checkpoint.field_defaults`` gives the same tree of the fields' defaults."""
+    train = {k: v for k, v in form(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
     data = None
     if data_cfg is not None:
-        data = {k: v for k, v in to_dict(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
-    slots = {n: {"site": site, "sae": to_dict(c)} for n, (site, c) in saes.items()}
+        data = {k: v for k, v in form(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
+    slots = {n: {"site": site, "sae": form(c)} for n, (site, c) in saes.items()}
     return {"saes": slots, "train": train, "data": data}
 
 
@@ -774,14 +785,13 @@ def finished_run(
             width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
             sites = list(width)
             plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
-            want = run_configs(
-                train_cfg,
-                data_cfg,
-                {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()},
-            )
+            trained = {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()}
+            want = run_configs(train_cfg, data_cfg, trained)
+            dflt = run_configs(train_cfg, data_cfg, trained, ckpt.field_defaults)
             dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
             done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
-            if not done or ckpt.describe_diff(meta["configs"], json.loads(json.dumps(want))):
+            want = json.loads(json.dumps(want))
+            if not done or ckpt.describe_diff(meta["configs"], want, defaults=dflt):
                 return None
             if not rundir.is_finished(list(dirs.values()), meta["step"]):
                 return None

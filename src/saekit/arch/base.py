@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.errors import ConfigError, DataError
+from saekit.options import Options
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -46,7 +47,7 @@ STAGES = ("objective", "encoder", "wiring")
 
 
 @dataclass
-class NoArchOptions:
+class NoArchOptions(Options):
     """This part takes no options."""
 
 

@@ -27,7 +27,7 @@ FVE of every prefix (section ``matryoshka``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from saekit import kernels
 from saekit.arch.base import ArchPart, register_arch
 from saekit.errors import ConfigError
 from saekit.losses import recon_loss
+from saekit.options import Options, option
 
 if TYPE_CHECKING:
     from saekit.rules.base import Context, SAELensExport
@@ -45,12 +46,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class MatryoshkaOptions:
-    widths: list[int] = field(default_factory=list)  # prefix widths ([]: d_sae/16, /4, d_sae)
-    weights: list[float] = field(default_factory=list)  # per-prefix loss weights ([]: 1 each)
-    sample: int = 0  # >0: widths drawn per step (Nabeshima), this many below d_sae
-    pareto_power: float = 0.5  # Nabeshima's truncated-Pareto exponent for sampled widths
-    min_width: int = 1  # smallest sampled width
+class MatryoshkaOptions(Options):
+    """Options of Matryoshka SAEs (``--arch-options``)."""
+
+    widths: list[int] = option([], "prefix widths ([]: d_sae/16, d_sae/4, d_sae)")
+    weights: list[float] = option([], "per-prefix loss weights ([]: 1 each, the papers' sum)")
+    sample: int = option(0, ">0: this many widths below d_sae drawn per step (Nabeshima)", ge=0)
+    pareto_power: float = option(0.5, "Nabeshima's truncated-Pareto exponent", gt=0)
+    min_width: int = option(1, "smallest sampled width", ge=1)
 
 
 def resolve_widths(widths: list[int], d_sae: int) -> list[int]:

@@ -322,7 +322,7 @@ def _setup(
             f"site(s) {ins} -> {outs} have widths {got}, the SAE (d_in, d_out)"
             f" {(sae.d_in, sae.d_out)}"
         )
-    wanted = set(getattr(sae.rule, "requires", ()))
+    wanted = set(getattr(sae, "requires", ()))
     if wanted:  # named inputs the rule reads (gtopk: "grad"), when the source has them
         src.source.request_inputs(wanted)
     G = getattr(src.source, "dictionary", None)
@@ -350,7 +350,7 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
         return None if y is None else y.to(cfg.device).float()
 
     def inputs(b: Batch) -> dict[str, Tensor]:
-        got = site_inputs(b.inputs, st.site, getattr(st.sae.rule, "requires", ()))
+        got = site_inputs(b.inputs, st.site, getattr(st.sae, "requires", ()))
         return {n: t.to(cfg.device).float() for n, t in got.items()}
 
     ins, outs = arch_sites(sae.cfg, st.site)
@@ -419,18 +419,11 @@ def _splice(
             src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
         return
     from saekit.evaluate.splice import splice_metrics, token_batches
-    from saekit.sources.text import iter_texts
+    from saekit.sources.text import config_texts
 
     dc = st.data_cfg
     source: Any = src.source
-    texts = iter_texts(
-        dc.dataset,
-        src.text_split,
-        dc.text_field,
-        part=src.text_part,
-        data_files=tuple(dc.data_files),
-        streaming=dc.streaming,
-    )
+    texts = config_texts(dc, split=src.text_split, part=src.text_part)
     bs = cfg.splice_batch_size or dc.model_batch_size
     special = getattr(source.tokenizer, "all_special_ids", None) or []
     counted = [] if cfg.splice_special else special

@@ -150,7 +150,7 @@ def _train_and_eval(
         run_dir = result.run_dirs[name]
         r = eval_row(run_dir, size)
         sae = load_sae(run_dir)
-        ins = site_inputs(b.inputs, SITE, sae.rule.requires)
+        ins = site_inputs(b.inputs, SITE, sae.requires)
         r.update(
             rule=rule_of(name),
             options=dict(cfgs[name].rule_options),

@@ -27,7 +27,16 @@ from saekit.sae import SAE
 from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 from saekit.train import TrainResult, train
 
-RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa"]
+#: SAEs with architecture parts (saekit.arch), checked under ddp: name -> SAEConfig fields
+#: (nmse: the parts' loss terms must divide by the global batch's variance)
+ARCHS: dict[str, dict] = {
+    "batchtopk+matryoshka": {
+        "rule": "batchtopk", "arch": ["matryoshka"], "arch_options": {"widths": [8, 25]},
+        "recon_loss": "nmse",
+    },
+    "topk+gated": {"rule": "topk", "arch": ["gated"], "recon_loss": "nmse"},
+}  # fmt: skip
+RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa", *ARCHS]
 LATENT_RULES = ["topk", "batchtopk", "abstopk", "mutual_choice"]
 B, D, F, K = 64, 16, 51, 4  # F odd: uneven latent shards
 #: cpu (gloo) or cuda (NCCL, one GPU per rank): SAEKIT_DIST_DEVICE, as in test_distributed.py
@@ -40,7 +49,8 @@ def make_sae(rule: str) -> SAE:
 
 def _make_sae(rule: str) -> SAE:
     torch.manual_seed(1)
-    sae = SAE(SAEConfig(d_in=D, d_sae=F, rule=rule, k=K, aux_k=8, dead_tokens=100))
+    fields = ARCHS.get(rule, {"rule": rule})
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, k=K, aux_k=8, dead_tokens=100, **fields))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.1)

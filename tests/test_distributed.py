@@ -28,9 +28,16 @@ from safetensors.torch import load_file
 from saekit.cli import main as cli_main
 from saekit.distributed.comm import LOCAL
 from saekit.distributed.state import cat_optim, cat_state, shard_range, slice_optim, slice_state
-from saekit.distributed.strategy import DataParallel, LayerParallel, Strategy, resume_ranks
+from saekit.distributed.strategy import (
+    DataParallel,
+    LayerParallel,
+    Strategy,
+    _check_shardable,
+    resume_ranks,
+)
 from saekit.errors import ConfigError
 from saekit.io.checkpoint import read_checkpoint
+from saekit.sae import SAE, SAEConfig
 from saekit.sources import MemorySource
 from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 
@@ -234,7 +241,8 @@ def test_latents_fixed_batch_selections_and_gradients(worker_run: Path) -> None:
             if "latents" in modes:
                 assert modes["latents"]["aux"] > 0, rule
         assert set(res) - {"rank"} == {
-            "topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa"
+            "topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa",
+            "batchtopk+matryoshka", "topk+gated",
         }  # fmt: skip
 
 
@@ -370,6 +378,11 @@ def test_strategies_refuse_what_they_cannot_split() -> None:
     lay.rank, lay.world = 0, 3
     with pytest.raises(ConfigError, match="at most 2 processes"):
         lay.validate(999, 2)
+    for arch in (["matryoshka"], ["gated"]):  # their loss terms need every latent
+        sae = SAE(SAEConfig(d_in=4, d_sae=16, k=2, arch=arch))
+        with pytest.raises(ConfigError, match=r"arch .* use --strategy ddp or layers"):
+            _check_shardable(sae, 2)
+    _check_shardable(SAE(SAEConfig(d_in=4, d_sae=16, k=2)), 2)
 
 
 def test_dist_flags_and_run_document_section(tmp_path: Path) -> None:

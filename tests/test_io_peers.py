@@ -25,6 +25,8 @@ from saekit.io.native import open_sae
 
 pytestmark = needs_peers
 D, F, K = 16, 64, 5
+QWEN = ("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_5", "layer3.sae.pt")  # L0_5: k = K
+GOODFIRE = ("Goodfire/Llama-3.1-8B-Instruct-SAE-l19", "Llama-3.1-8B-Instruct-SAE-l19.pth")
 
 WRITE_PEER_FILES = r"""
 import json, math, sys, warnings
@@ -147,6 +149,30 @@ for tag, (repo, folder, s) in hub["llamascope"].items():
     cfg, state, _ = llama_scope_sae_huggingface_loader(repo, folder,
                                                        cfg_overrides={"dtype": "float32"})
     expected[f"llamascope/{tag}"] = jumprelu_codes(cfg, state, fold=s)
+from sae_lens.loading.pretrained_sae_loaders import get_goodfire_huggingface_loader
+from sae_lens.saes import StandardSAE, StandardSAEConfig
+def goodfire_codes(repo, folder):
+    cfg, state, _ = get_goodfire_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": D, "d_sae": F})
+    sae = StandardSAE(StandardSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                        apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    with torch.no_grad():
+        return sae.encode(x)
+for tag, (repo, folder) in hub["goodfire"].items():
+    expected[f"goodfire/{tag}"] = goodfire_codes(repo, folder)
+from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader
+from sae_lens.saes import TopKSAE, TopKSAEConfig
+def qwen_codes(repo, folder, d_in, d_sae):
+    cfg, state, _ = qwen_scope_sae_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": d_in, "d_sae": d_sae})
+    sae = TopKSAE(TopKSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        k=cfg["activation_fn_kwargs"]["k"], apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    with torch.no_grad():
+        return sae.encode(x)
+for tag, (repo, folder) in hub["qwenscope"].items():
+    expected[f"qwenscope/{tag}"] = qwen_codes(repo, folder, D, F)
 save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
 """
 
@@ -190,6 +216,24 @@ for tag, (repo, folder, s) in hub.items():
     if s:
         sae.fold_activation_norm_scaling_factor(s)
     got[tag] = sae.encode(x)
+from sae_lens.loading.pretrained_sae_loaders import get_goodfire_huggingface_loader
+from sae_lens.saes import StandardSAE, StandardSAEConfig
+repo, folder, d_sae = json.loads((out / "w" / "goodfire.json").read_text())
+cfg, state, _ = get_goodfire_huggingface_loader(repo, folder,
+    cfg_overrides={"d_in": x.shape[1], "d_sae": d_sae})
+sae = StandardSAE(StandardSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                    apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+sae.load_state_dict(state)
+got["goodfire"] = sae.encode(x)
+from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader
+from sae_lens.saes import TopKSAE, TopKSAEConfig
+for tag, (repo, folder) in json.loads((out / "w" / "qwen.json").read_text()).items():
+    cfg, state, _ = qwen_scope_sae_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": x.shape[1], "d_sae": d_sae})
+    sae = TopKSAE(TopKSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        k=cfg["activation_fn_kwargs"]["k"], apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    got[tag] = sae.encode(x)
 save_file({k: v.detach().contiguous() for k, v in got.items()}, str(out / "got.safetensors"))
 """
 
@@ -222,7 +266,23 @@ def _hub_files(hub: Path) -> dict:
     hp["dataset_average_activation_norm"] = {"in": norm_in, "out": norm_in}
     fake_hub_file(hub, llama_repo, f"{llama_folder}/hyperparams.json").write_text(json.dumps(hp))
     s = math.sqrt(D) / norm_in  # the registry's norm_scaling_factor for this SAE
+    # Goodfire: the one file of a repo SAELens's loader knows, its layout (nn.Linear weights)
+    good_repo, good_file = GOODFIRE
+    torch.save(
+        {
+            "encoder_linear.weight": torch.randn(F, D),
+            "encoder_linear.bias": torch.randn(F) * 0.1,
+            "decoder_linear.weight": torch.randn(D, F),
+            "decoder_linear.bias": torch.randn(D),
+        },
+        fake_hub_file(hub, good_repo, good_file),
+    )
+    qw = {"W_enc": torch.randn(F, D), "b_enc": torch.randn(F) * 0.1}
+    qw.update(W_dec=torch.randn(D, F), b_dec=torch.randn(D))
+    torch.save(qw, fake_hub_file(hub, *QWEN))
     return {
+        "qwenscope": {"res": list(QWEN)},
+        "goodfire": {"res": [good_repo, good_file]},
         "gemmascope": {"res": [gemma_repo, gemma_folder]},
         "llamascope": {"res": [llama_repo, llama_folder, s]},
     }
@@ -278,13 +338,14 @@ def test_saelens_files(peer_files, name: str) -> None:
     close(codes(sae, x), expected[f"saelens/{name}"], f"SAELens {name}")
 
 
-@pytest.mark.parametrize("fmt", ["gemmascope", "llamascope"])
+@pytest.mark.parametrize("fmt", ["gemmascope", "llamascope", "goodfire", "qwenscope"])
 def test_scope_files_match_saelens_loaders(peer_files, fmt: str) -> None:
     out, x, expected = peer_files
     hub = json.loads((out / "hub.json").read_text())[fmt]["res"]
     sae, meta = open_sae(fake_hub_file(out / "hub", hub[0], hub[1]))
     close(codes(sae, x), expected[f"{fmt}/res"], fmt)
-    assert meta["hook_name"] == "layers.3.resid_post"
+    layer = 19 if fmt == "goodfire" else 3
+    assert meta["hook_name"] == f"layers.{layer}.resid_post"
 
 
 def test_peers_read_saekit_files(tmp_path: Path) -> None:
@@ -312,6 +373,17 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
     write_format(sae, fake_hub_file(hub, ll[0], ll[1] + "/x").parent, "llamascope", meta)
     ours["llamascope"] = codes(sae, x)
     (w / "hub.json").write_text(json.dumps({"gemmascope": g, "llamascope": ll}))
+    sae = trained("relu", D, F, K, steps=8)
+    write_format(sae, fake_hub_file(hub, GOODFIRE[0], GOODFIRE[1]), "goodfire", meta)
+    ours["goodfire"] = codes(sae, x)
+    (w / "goodfire.json").write_text(json.dumps([*GOODFIRE, F]))
+    # Qwen-Scope: written into the repo folder, whose name holds k (as SAELens's loader wants)
+    sae = trained("topk", D, F, K, steps=8)
+    path = write_format(sae, fake_hub_file(hub, QWEN[0], "x").parent, "qwenscope", meta)
+    assert path.name == QWEN[1]
+    qwen = {"qwenscope": list(QWEN)}
+    ours["qwenscope"] = codes(sae, x)
+    (w / "qwen.json").write_text(json.dumps(qwen))
     run_peers(READ_SAEKIT_FILES, str(tmp_path), env={"HF_HUB_CACHE": str(hub)})
     got = load_file(str(tmp_path / "got.safetensors"))
     assert set(got) == set(ours)

@@ -26,7 +26,17 @@ from saekit.io.native import open_sae
 pytestmark = needs_peers
 D, F, K = 16, 64, 5
 QWEN = ("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_5", "layer3.sae.pt")  # L0_5: k = K
+GEMMA2 = ("google/gemma-scope-2-4b-pt", "resid_post/layer_3_width_16k_l0_small")  # Gemma Scope 2
 GOODFIRE = ("Goodfire/Llama-3.1-8B-Instruct-SAE-l19", "Llama-3.1-8B-Instruct-SAE-l19.pth")
+
+# SAELens's Gemma Scope 2 loader reads tensor shapes by an HTTP range request: read the file
+LOCAL_SHAPES = """
+import sae_lens.loading.pretrained_sae_loaders as L
+from huggingface_hub import hf_hub_download
+def local_shapes(repo, filename):
+    return {k: list(v.shape) for k, v in load_file(hf_hub_download(repo, filename)).items()}
+L.get_safetensors_tensor_shapes = local_shapes
+"""
 
 WRITE_PEER_FILES = r"""
 import json, math, sys, warnings
@@ -173,6 +183,11 @@ def qwen_codes(repo, folder, d_in, d_sae):
         return sae.encode(x)
 for tag, (repo, folder) in hub["qwenscope"].items():
     expected[f"qwenscope/{tag}"] = qwen_codes(repo, folder, D, F)
+# <local shapes>
+for tag, (repo, folder) in hub["gemmascope2"].items():
+    cfg, state, _ = L.gemma_3_sae_huggingface_loader(repo, folder)
+    assert cfg["architecture"] == "jumprelu", cfg
+    expected[f"gemmascope2/{tag}"] = jumprelu_codes(cfg, state)
 save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
 """
 
@@ -225,6 +240,13 @@ sae = StandardSAE(StandardSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
                                     apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
 sae.load_state_dict(state)
 got["goodfire"] = sae.encode(x)
+# <local shapes>
+repo, folder = json.loads((out / "w" / "gemma2.json").read_text())
+cfg, state, _ = L.gemma_3_sae_huggingface_loader(repo, folder)
+sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                  apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+sae.load_state_dict(state)
+got["gemmascope2"] = sae.encode(x)
 from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader
 from sae_lens.saes import TopKSAE, TopKSAEConfig
 for tag, (repo, folder) in json.loads((out / "w" / "qwen.json").read_text()).items():
@@ -236,6 +258,9 @@ for tag, (repo, folder) in json.loads((out / "w" / "qwen.json").read_text()).ite
     got[tag] = sae.encode(x)
 save_file({k: v.detach().contiguous() for k, v in got.items()}, str(out / "got.safetensors"))
 """
+
+WRITE_PEER_FILES = WRITE_PEER_FILES.replace("# <local shapes>\n", LOCAL_SHAPES)
+READ_SAEKIT_FILES = READ_SAEKIT_FILES.replace("# <local shapes>\n", LOCAL_SHAPES)
 
 
 def _hub_files(hub: Path) -> dict:
@@ -280,7 +305,13 @@ def _hub_files(hub: Path) -> dict:
     qw = {"W_enc": torch.randn(F, D), "b_enc": torch.randn(F) * 0.1}
     qw.update(W_dec=torch.randn(D, F), b_dec=torch.randn(D))
     torch.save(qw, fake_hub_file(hub, *QWEN))
+    g2 = {k.lower(): torch.from_numpy(v) for k, v in arrays.items()}  # w_enc, w_dec, ...
+    save_file(g2, str(fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/params.safetensors")))
+    g2cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-4b-pt", "width": F}
+    g2cfg.update(hf_hook_point_in="model.layers.3.output", affine_connection=False)
+    fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/config.json").write_text(json.dumps(g2cfg))
     return {
+        "gemmascope2": {"res": list(GEMMA2)},
         "qwenscope": {"res": list(QWEN)},
         "goodfire": {"res": [good_repo, good_file]},
         "gemmascope": {"res": [gemma_repo, gemma_folder]},
@@ -338,7 +369,9 @@ def test_saelens_files(peer_files, name: str) -> None:
     close(codes(sae, x), expected[f"saelens/{name}"], f"SAELens {name}")
 
 
-@pytest.mark.parametrize("fmt", ["gemmascope", "llamascope", "goodfire", "qwenscope"])
+@pytest.mark.parametrize(
+    "fmt", ["gemmascope", "gemmascope2", "llamascope", "goodfire", "qwenscope"]
+)
 def test_scope_files_match_saelens_loaders(peer_files, fmt: str) -> None:
     out, x, expected = peer_files
     hub = json.loads((out / "hub.json").read_text())[fmt]["res"]
@@ -384,6 +417,12 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
     qwen = {"qwenscope": list(QWEN)}
     ours["qwenscope"] = codes(sae, x)
     (w / "qwen.json").write_text(json.dumps(qwen))
+    sae = trained("jumprelu", D, F, K, steps=8)
+    write_format(
+        sae, fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/params.safetensors"), "gemmascope", meta
+    )
+    ours["gemmascope2"] = codes(sae, x)
+    (w / "gemma2.json").write_text(json.dumps(GEMMA2))
     run_peers(READ_SAEKIT_FILES, str(tmp_path), env={"HF_HUB_CACHE": str(hub)})
     got = load_file(str(tmp_path / "got.safetensors"))
     assert set(got) == set(ours)

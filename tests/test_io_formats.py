@@ -397,3 +397,56 @@ def test_portable_from_sae_is_what_saelens_loads() -> None:
     assert p.architecture == "topk" and p.k == K
     w = sae.folded_weights()
     assert torch.equal(p.W_enc, w["W_enc"]) and torch.equal(p.b_dec, w["b_dec"])
+
+
+def _prefix_ref(codes_: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, m: int):
+    return codes_[:, :m] @ W_dec[:m] + b_dec
+
+
+def test_matryoshka_files_read_as_matryoshka_saes(tmp_path: Path, x: torch.Tensor) -> None:
+    from saekit.arch.matryoshka import prefix_reconstructions
+
+    # dictionary_learning: widths are the cumulative group_sizes
+    sd = _dl_state("MatryoshkaBatchTopKSAE")
+    torch.save(sd, tmp_path / "ae.pt")
+    sae = load_sae(tmp_path / "ae.pt")
+    assert sae.cfg.rule == "batchtopk" and sae.cfg.arch == ["matryoshka"]
+    assert sae.arch["matryoshka"].widths == [10, 40]
+    ref = _dl_ref("MatryoshkaBatchTopKSAE", sd, x)
+    with torch.no_grad():
+        out = sae(x)
+        base = torch.zeros_like(out.x_hat_n) + sae.b_dec
+        (pred,) = prefix_reconstructions(sae, out.codes, [10], base)
+    close(out.codes.to_dense(), ref)
+    close(sae._to_raw_units(pred, x), _prefix_ref(ref, sd["W_dec"], sd["b_dec"], 10))
+    # SAELens: an inference save (jumprelu; widths in its metadata) and a training
+    # checkpoint (matryoshka_batchtopk, topk_threshold, rescale_acts_by_decoder_norm)
+    w = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F) * 0.1}
+    w.update(W_dec=torch.randn(F, D), b_dec=torch.randn(D))
+    details = {"k": K, "matryoshka_widths": [8, F]}
+    base_cfg = {"d_in": D, "d_sae": F, "apply_b_dec_to_input": True}
+    meta = {"training_architecture": "matryoshka_batchtopk"}
+    meta["training_architecture_details"] = details
+    inf = tmp_path / "inf"
+    inf.mkdir()
+    save_file({**w, "threshold": torch.full((F,), 0.5)}, str(inf / "sae_weights.safetensors"))
+    cfg = {**base_cfg, "architecture": "jumprelu", "metadata": meta}
+    (inf / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(inf)
+    assert sae.cfg.rule == "jumprelu" and sae.arch["matryoshka"].widths == [8, F]
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    close(codes(sae, x), torch.relu(pre) * (pre > 0.5))
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_file({**w, "topk_threshold": torch.tensor(0.5)}, str(ck / "sae_weights.safetensors"))
+    cfg = {**base_cfg, **details, "architecture": "matryoshka_batchtopk"}
+    cfg["rescale_acts_by_decoder_norm"] = True
+    (ck / "cfg.json").write_text(json.dumps({**cfg, "metadata": meta}))
+    sae = load_sae(ck)
+    assert sae.cfg.rule == "batchtopk" and sae.arch["matryoshka"].widths == [8, F]
+    norm = w["W_dec"].norm(dim=1)
+    scaled = torch.relu(pre * norm)  # SAELens compares the rescaled pre-activations
+    close(codes(sae, x), scaled * (scaled > 0.5))
+    with torch.no_grad():
+        x_hat = sae(x).x_hat
+    close(x_hat, (scaled * (scaled > 0.5) / norm) @ w["W_dec"] + w["b_dec"])

@@ -123,6 +123,8 @@ saes = {
                            "save_inference_model"),
     "matryoshka_training": (MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
         d_in=D, d_sae=F, k=K, matryoshka_widths=[16, 64])), "save_inference_model"),
+    "matryoshka_checkpoint": (MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D, d_sae=F, k=K, matryoshka_widths=[16, 64])), "save_model"),
 }
 for name, (sae, save) in saes.items():
     perturb(sae)
@@ -339,6 +341,10 @@ def test_dictionary_learning_trainer_files(peer_files, i: int) -> None:
     assert sae.cfg.rule == DL[i], meta
     assert meta["hook_name"] == "layers.2.resid_post" and meta["model_name"] == "org/model"
     close(codes(sae, x), expected[f"dl/trainer_{i}"], f"dictionary_learning trainer_{i}")
+    if i == 5:  # MatryoshkaBatchTopKSAE: a saekit Matryoshka SAE of its group widths
+        sizes = torch.load(out / "dl" / "trainer_5" / "ae.pt", weights_only=True)["group_sizes"]
+        assert sae.cfg.arch == ["matryoshka"]
+        assert sae.arch["matryoshka"].widths == sizes.cumsum(0).tolist()
 
 
 @pytest.mark.parametrize("name", ["layers.2", "layers.2.mlp"])
@@ -359,6 +365,7 @@ SAELENS = [
     "topk_checkpoint",
     "batchtopk_training",
     "matryoshka_training",
+    "matryoshka_checkpoint",
 ]
 
 
@@ -366,6 +373,10 @@ SAELENS = [
 def test_saelens_files(peer_files, name: str) -> None:
     out, x, expected = peer_files
     sae, _ = open_sae(out / "saelens" / name)
+    if name.startswith("matryoshka"):
+        assert sae.cfg.arch == ["matryoshka"] and sae.arch["matryoshka"].widths == [16, 64]
+    if name == "matryoshka_checkpoint":  # SAELens's training encode: the batch top-k
+        sae.train()
     close(codes(sae, x), expected[f"saelens/{name}"], f"SAELens {name}")
 
 

@@ -124,6 +124,12 @@ class ArchPart(nn.Module):
         """Turn the rule's SAELens export into this architecture's, in place (raise
         :class:`~saekit.errors.FormatError` when SAELens has no equivalent)."""
 
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+        """This part's ``arch_options`` when a plain SAELens ``cfg.json`` describes it (read
+        into saekit by :mod:`saekit.io.saelens` and every peer format), else None."""
+        return None
+
     # ---------------------------------------------------------------- evaluation
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
         """``saekit eval`` sections: name -> accumulator with ``update(sae, x, target, out)``
@@ -278,6 +284,19 @@ class ArchStack(nn.ModuleDict):
         return out
 
 
+def arch_from_saelens(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """``(SAEConfig.arch, arch_options)`` of the parts a plain SAELens ``cfg.json``
+    describes (each part's :meth:`ArchPart.from_saelens`); ``([], {})`` for a plain SAE."""
+    names: list[str] = []
+    opts: dict[str, Any] = {}
+    for name in arch_names():
+        got = _REGISTRY[name].from_saelens(cfg)
+        if got is not None:
+            names.append(name)
+            opts.update(got)
+    return names, opts
+
+
 # ---------------------------------------------------------------------- data side
 def arch_sites(cfg: SAEConfig, site: str) -> tuple[list[str], list[str]]:
     """``(input sites, target sites)`` of an SAE with config ``cfg`` planned at ``site``."""
@@ -336,6 +355,7 @@ __all__ = [
     "ArchPart",
     "ArchStack",
     "NoArchOptions",
+    "arch_from_saelens",
     "arch_names",
     "arch_sites",
     "gather",

@@ -27,6 +27,7 @@ FVE of every prefix (section ``matryoshka``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,15 @@ class Matryoshka(ArchPart):
 
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         exp.cfg["matryoshka_widths"] = list(self.widths)  # SAELens's training-cfg field
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``matryoshka_widths``: a SAELens training cfg's field, which its inference saves
+        keep in ``metadata.training_architecture_details``."""
+        meta = cfg.get("metadata") or {}
+        details = meta.get("training_architecture_details") or {}
+        widths = cfg.get("matryoshka_widths") or details.get("matryoshka_widths")
+        return {"widths": [int(w) for w in widths]} if widths else None
 
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
         return {"matryoshka": PrefixFVE(self.widths)}

@@ -13,8 +13,8 @@ class                       tensors                                             
 ``AutoEncoderTopK``         ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k``,       topk
                             ``threshold`` (unused by its default encode)
 ``BatchTopKSAE``            as TopK; inference ``ReLU(pre) * 1[ReLU(pre) > theta]``    batchtopk
-``MatryoshkaBatchTopKSAE``  ``W_enc [d,F]``, ``b_enc``, ``W_dec [F,d]``, ``b_dec``,    batchtopk
-                            ``k``, ``threshold``, ``group_sizes``
+``MatryoshkaBatchTopKSAE``  ``W_enc [d,F]``, ``b_enc``, ``W_dec [F,d]``, ``b_dec``,    batchtopk,
+                            ``k``, ``threshold``, ``group_sizes``                      matryoshka
 ``JumpReluAutoEncoder``     ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``,                jumprelu
                             ``threshold [F]``; no b_dec subtraction
 ``GatedAutoEncoder``        ``encoder.weight``, ``r_mag``, ``gate_bias``,              jumprelu
@@ -23,7 +23,8 @@ class                       tensors                                             
 
 Codes equal the class's own ``encode`` on the loaded state dict (``from_pretrained``'s
 optional decoder renormalisation of ``AutoEncoder`` is not applied; it rescales codes).
-Matryoshka SAEs are BatchTopK at inference (every group active). Write: ``relu`` ->
+Matryoshka SAEs are BatchTopK at inference (every group active) with the ``matryoshka`` part
+(:mod:`saekit.arch`; widths: the cumulative ``group_sizes``). Write: ``relu`` ->
 ``AutoEncoder``, ``topk`` -> ``AutoEncoderTopK``, ``jumprelu`` -> ``JumpReluAutoEncoder``.
 """
 
@@ -136,9 +137,12 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
         )
     if cls == "MatryoshkaBatchTopKSAE":
         W, b, Wd, b_dec, th = _get(sd, path, "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-        meta["group_sizes"] = [int(g) for g in sd.get("group_sizes", torch.tensor([])).tolist()]
+        sizes = [int(g) for g in sd.get("group_sizes", torch.tensor([])).tolist()]
+        meta["group_sizes"] = sizes
         th = th.reshape(-1)[0].expand(W.shape[1]).clone()
-        return Portable("batchtopk", W, b, Wd, b_dec, th, k, meta=meta)
+        widths = [int(w) for w in torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist()]
+        extra_cfg = {"matryoshka_widths": widths} if widths else {}
+        return Portable("batchtopk", W, b, Wd, b_dec, th, k, meta=meta, cfg_extra=extra_cfg)
     if cls == "JumpReluAutoEncoder":
         W, b, Wd, b_dec, th = _get(sd, path, "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         return Portable("jumprelu", W, b, Wd, b_dec, th, apply_b_dec_to_input=False, meta=meta)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.arch import arch_from_saelens
 from saekit.config import SAEConfig
 from saekit.errors import FormatError
 from saekit.rules.base import saelens_import_architectures, saelens_import_rule
@@ -157,6 +158,9 @@ def saekit_config_from_saelens(
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
         "unit_norm_decoder": False,  # the loaded decoder is used as is
     }
+    arch, arch_options = arch_from_saelens(cfg)  # e.g. matryoshka_widths -> "matryoshka"
+    if arch:
+        base.update(arch=arch, arch_options=arch_options)
     sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 

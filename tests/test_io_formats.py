@@ -165,6 +165,8 @@ def test_dictionary_learning_ae_pt(tmp_path: Path, x: torch.Tensor, cls: str) ->
     close(sae(x).x_hat, ref @ W_dec + b_dec)
     assert meta["hook_name"] == "layers.4.resid_post"
     assert meta["dictionary_learning_class"] == cls
+    arch = {"GatedAutoEncoder": ["gated"], "MatryoshkaBatchTopKSAE": ["matryoshka"]}
+    assert sae.cfg.arch == arch.get(cls, [])
 
 
 def test_dictionary_learning_without_config(tmp_path: Path, x: torch.Tensor) -> None:
@@ -300,6 +302,9 @@ def test_saelens_gated_and_abstopk(tmp_path: Path, x: torch.Tensor) -> None:
     xin = x - b_dec
     ref = ((xin @ W + bg) > 0).float() * torch.relu(xin @ (W * r.exp()) + bm)  # GatedSAE.encode
     close(codes(sae, x), ref)
+    assert sae.cfg.rule == "relu" and sae.cfg.arch == ["gated"]  # a saekit Gated SAE
+    assert torch.equal(sae.b_enc, bg) and torch.equal(sae.arch["gated"].r_mag, r)
+    close(sae(x).x_hat, ref @ W_dec + b_dec)
     w = {"W_enc": W, "b_enc": bm, "W_dec": W_dec, "b_dec": b_dec}
     save_file(w, str(tmp_path / "sae_weights.safetensors"))
     cfg.update(architecture="abstopk", k=K)
@@ -364,7 +369,15 @@ ROUND_TRIPS = [
     ("llamascope", "batchtopk", {}),
     ("goodfire", "relu", {}),
     ("qwenscope", "topk", {}),
+    # architecture parts (saekit.arch): kept where the format holds them, else exactly converted
+    ("saelens", "relu", {"arch": ["gated"]}),
+    ("saelens", "jumprelu", {"arch": ["gated"]}),
+    ("dictionary_learning", "relu", {"arch": ["gated"], "normalize_input": True}),
+    ("gemmascope", "relu", {"arch": ["gated"]}),
+    ("saelens", "batchtopk", {"arch": ["matryoshka"], "arch_options": {"widths": [10, 40]}}),
+    ("dictionary_learning", "batchtopk", {"arch": ["matryoshka"]}),
 ]
+HOLDS = {"saelens": ("gated", "matryoshka"), "dictionary_learning": ("gated",)}
 
 
 @pytest.mark.parametrize(("fmt", "rule", "kw"), ROUND_TRIPS, ids=lambda v: str(v))
@@ -380,6 +393,10 @@ def test_round_trip_through_every_writer(
     close(back(x).x_hat, sae(x).x_hat)
     if fmt != "qwenscope":
         assert got.get("hook_name") in (None, "layers.2.resid_post")
+    kept = [a for a in sae.cfg.arch if a in HOLDS.get(fmt, ())]
+    assert back.cfg.arch == kept
+    if "matryoshka" in kept:
+        assert back.arch["matryoshka"].widths == sae.arch["matryoshka"].widths
 
 
 def test_writers_refuse_what_they_cannot_hold(tmp_path: Path) -> None:

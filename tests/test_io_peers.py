@@ -208,14 +208,15 @@ enc = sc.encode(x)
 got["sparsify"] = torch.zeros(x.shape[0], sc.num_latents).scatter(-1, enc.top_indices, enc.top_acts)
 from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
 from dictionary_learning.trainers.top_k import AutoEncoderTopK
+from dictionary_learning.dictionary import GatedAutoEncoder
 for name, cls in (("relu", AutoEncoder), ("topk", AutoEncoderTopK),
-                  ("jumprelu", JumpReluAutoEncoder)):
+                  ("jumprelu", JumpReluAutoEncoder), ("gated", GatedAutoEncoder)):
     path = out / "w" / f"dl_{name}" / "ae.pt"
     ae = (cls.from_pretrained(str(path), normalize_decoder=False) if cls is AutoEncoder
           else cls.from_pretrained(str(path)))
     got[f"dl_{name}"] = ae.encode(x)
 from sae_lens import SAE
-for name in ("topk", "jumprelu", "relu"):
+for name in ("topk", "jumprelu", "relu", "gated", "matryoshka"):
     got[f"saelens_{name}"] = SAE.load_from_disk(str(out / "w" / f"saelens_{name}")).encode(x)
 from sae_lens.saes import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.loading.pretrained_sae_loaders import (gemma_2_sae_huggingface_loader,
@@ -331,7 +332,7 @@ def peer_files(tmp_path_factory) -> tuple[Path, torch.Tensor, dict[str, torch.Te
     return out, x, load_file(str(out / "expected.safetensors"))
 
 
-DL = ["relu", "topk", "batchtopk", "jumprelu", "jumprelu", "batchtopk"]  # saekit rule per trainer
+DL = ["relu", "topk", "batchtopk", "jumprelu", "relu", "batchtopk"]  # saekit rule per trainer
 
 
 @pytest.mark.parametrize("i", range(6))
@@ -339,6 +340,7 @@ def test_dictionary_learning_trainer_files(peer_files, i: int) -> None:
     out, x, expected = peer_files
     sae, meta = open_sae(out / "dl" / f"trainer_{i}")
     assert sae.cfg.rule == DL[i], meta
+    assert sae.cfg.arch == {4: ["gated"], 5: ["matryoshka"]}.get(i, [])
     assert meta["hook_name"] == "layers.2.resid_post" and meta["model_name"] == "org/model"
     close(codes(sae, x), expected[f"dl/trainer_{i}"], f"dictionary_learning trainer_{i}")
     if i == 5:  # MatryoshkaBatchTopKSAE: a saekit Matryoshka SAE of its group widths
@@ -373,6 +375,8 @@ SAELENS = [
 def test_saelens_files(peer_files, name: str) -> None:
     out, x, expected = peer_files
     sae, _ = open_sae(out / "saelens" / name)
+    if name == "gated":
+        assert sae.cfg.rule == "relu" and sae.cfg.arch == ["gated"]
     if name.startswith("matryoshka"):
         assert sae.cfg.arch == ["matryoshka"] and sae.arch["matryoshka"].widths == [16, 64]
     if name == "matryoshka_checkpoint":  # SAELens's training encode: the batch top-k
@@ -407,6 +411,13 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
         ours[f"dl_{rule}"] = codes(sae, x)
         write_format(sae, w / f"saelens_{rule}", "saelens", meta)
         ours[f"saelens_{rule}"] = codes(sae, x)
+    sae = trained("relu", D, F, K, steps=8, arch=["gated"])  # saekit's Gated SAE
+    for fmt, name in (("dictionary_learning", "dl_gated"), ("saelens", "saelens_gated")):
+        write_format(sae, w / name, fmt, meta)
+        ours[name] = codes(sae, x)
+    sae = trained("batchtopk", D, F, K, steps=8, arch=["matryoshka"])
+    write_format(sae, w / "saelens_matryoshka", "saelens", meta)
+    ours["saelens_matryoshka"] = codes(sae, x)
     hub = tmp_path / "hub"
     g = ("google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_9", None)
     sae = trained("jumprelu", D, F, K, steps=8)

@@ -8,8 +8,10 @@ import pkgutil
 
 from saekit.arch.base import (
     STAGES,
+    ArchImport,
     ArchPart,
     ArchStack,
+    SAELensImport,
     arch_from_saelens,
     arch_names,
     arch_sites,
@@ -34,8 +36,10 @@ for _name in ARCH_MODULES:
 __all__ = [
     "ARCH_MODULES",
     "STAGES",
+    "ArchImport",
     "ArchPart",
     "ArchStack",
+    "SAELensImport",
     "arch_from_saelens",
     "arch_names",
     "arch_sites",

@@ -98,6 +98,8 @@ class Portable:
     def saelens_weights(self) -> dict[str, Tensor]:
         """The ``sae_weights.safetensors`` tensors (SAELens names)."""
         out = {n: getattr(self, n) for n in CORE}
+        if self.architecture == "gated":
+            del out["b_enc"]  # SAELens's gated SAEs have b_gate and b_mag instead
         if self.threshold is not None:
             out["threshold"] = self.threshold
         out.update(self.extra)
@@ -178,10 +180,10 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
     """A plain SAELens cfg and weights as a :class:`Portable` in a form saekit's rules hold.
 
     ``rescale_acts_by_decoder_norm`` (SAELens's TopK default, a no-op once SAELens folds
-    the norms on save) is folded (:func:`fold_decoder_norm`); ``gated`` becomes the
-    equivalent ``jumprelu`` (:func:`gated_as_jumprelu`); ``matryoshka_batchtopk`` (SAELens's
-    training architecture; its inference saves are ``jumprelu``) is read as ``batchtopk``,
-    and its ``matryoshka_widths`` make the SAE a Matryoshka one (:mod:`saekit.arch`).
+    the norms on save) is folded (:func:`fold_decoder_norm`); what no rule imports (the
+    architecture parts, :mod:`saekit.arch`, have taken theirs first): ``gated`` becomes the
+    equivalent ``jumprelu`` (:func:`gated_as_jumprelu`), ``matryoshka_batchtopk`` (SAELens's
+    training architecture; its inference saves are ``jumprelu``) ``batchtopk``.
     """
     arch = cfg.get("architecture", "standard")
     missing = [n for n in CORE if n not in weights and not (n == "b_enc" and arch == "gated")]
@@ -254,7 +256,7 @@ def portable_from_sae(sae: SAE, meta: dict[str, Any] | None = None) -> Portable:
     return Portable(
         architecture=cfg["architecture"],
         W_enc=w["W_enc"],
-        b_enc=w["b_enc"],
+        b_enc=w["b_enc"] if "b_enc" in w else w["b_mag"],  # gated: b_gate / b_mag in extra
         W_dec=w["W_dec"],
         b_dec=w["b_dec"],
         threshold=w.get("threshold"),

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 class CrosscoderOptions(Options):
     """Options of crosscoders (``--arch-options``)."""
 
-    sites: list[str] = option([], "the sites read and reconstructed, in order", nonempty=True)
+    sites: list[str] = option(help="the sites read and reconstructed, in order", nonempty=True)
     site_widths: list[int] = option([], "width of each site ([]: d_in split equally)")
 
 

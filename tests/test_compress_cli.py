@@ -115,9 +115,6 @@ def test_cli_keeps_a_bf16_checkpoint_in_bf16(tiny_lm, tmp_path):
     checkpoint's dtype on CUDA and gives float32 on CPU (CPU bf16 matmuls are slow)."""
     from transformers import AutoModelForCausalLM
 
-    from saekit.compress.config import CompressRunConfig
-    from saekit.compress.run import model_dtype
-
     d, tok = tiny_lm
     src = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(d).to(torch.bfloat16).save_pretrained(src)
@@ -129,6 +126,9 @@ def test_cli_keeps_a_bf16_checkpoint_in_bf16(tiny_lm, tmp_path):
     model = load_compressed(out)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert json.loads((out / "compression.json").read_text())["dtype"] == "bfloat16"
+    from saekit.compress.config import CompressRunConfig
+    from saekit.compress.run import model_dtype
+
     assert model_dtype(CompressRunConfig(model=str(src), device="cuda:0"), src) == torch.bfloat16
     assert model_dtype(CompressRunConfig(model=str(src)), src) == torch.float32
 

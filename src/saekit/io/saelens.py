@@ -5,7 +5,8 @@ Export: :func:`saelens_export` gives the SAELens fields of ``cfg.json`` and the 
 ``normalize_activations`` is always ``"none"``. Everything rule-specific (architecture, extra
 cfg fields such as ``k``, extra tensors such as ``threshold``) comes from the rule's
 ``saelens_export`` hook, which raises :class:`~saekit.errors.FormatError` when SAELens has
-no equivalent.
+no equivalent; then the SAE's architecture parts (:mod:`saekit.arch`: ``gated``,
+``transcoder``, ...) turn that export into theirs (or refuse the same way).
 
 Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens directory (no
 ``saekit`` section): the rule whose ``saelens_imports`` names the architecture loads it
@@ -59,6 +60,7 @@ def saelens_export(
     if clash:
         raise FormatError(f"rule {sae.cfg.rule!r} exports tensors {clash} that clash with W/b")
     weights.update({k: v.detach().clone() for k, v in exp.tensors.items()})
+    sae.arch.saelens_export(sae, exp, weights)  # architecture parts (saekit.arch), in place
     return _cfg(sae, exp.architecture, exp.cfg, site, model, data), weights
 
 
@@ -109,6 +111,8 @@ def _cfg(sae: SAE, arch: str, extra: dict, site: str, model: str, data: dict | N
         "saekit_version": saekit.__version__,
         "saekit_rule": cfg.rule,
     }
+    if cfg.arch:
+        out["metadata"]["saekit_arch"] = list(cfg.arch)
     return out
 
 

@@ -34,7 +34,7 @@ from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 from saekit.losses.recon import nmse, scaled_like_recon
-from saekit.options import from_dict
+from saekit.options import Options, from_dict, option
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -45,8 +45,14 @@ FORMS = ("openai", "bussmann")
 
 
 @dataclass
-class AuxOptions:
-    form: str = "auto"  # openai | bussmann | auto (the rule's paper code); see saekit.losses.aux
+class AuxOptions(Options):
+    """Options of an aux loss (``SAEConfig.aux_options``)."""
+
+    form: str = option(
+        "auto",
+        "openai | bussmann | auto (the rule's paper code); see saekit.losses.aux",
+        choices=("auto", *FORMS),
+    )
 
 
 def parse_options(cls: type, raw: Any, what: str) -> Any:

@@ -51,7 +51,7 @@ from saekit.io.paths import reading
 from saekit.sources.backends import adapt_model
 from saekit.sources.base import ActivationSource, Batch
 from saekit.sources.sites import Site, StopForward, hook_site, resolve_site
-from saekit.sources.text import check_dataset, iter_texts
+from saekit.sources.text import check_dataset, config_texts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -370,15 +370,7 @@ class HFSource(ActivationSource):
 
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
-        c = self.cfg
-        texts = iter_texts(
-            c.dataset,
-            c.dataset_split,
-            c.text_field,
-            part=self.part,
-            data_files=tuple(c.data_files),
-            streaming=c.streaming,
-        )
+        texts = config_texts(self.cfg, part=self.part)
         rank, world = self.doc_shard
         return texts if world == 1 else itertools.islice(texts, rank, None, world)
 

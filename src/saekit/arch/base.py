@@ -78,6 +78,10 @@ class ArchPart(nn.Module):
         """The sites at which one SAE each is planned, given the run's sites (default: all)."""
         return list(sites)
 
+    @classmethod
+    def check_widths(cls, opts: Any, ins: list[int], outs: list[int]) -> None:
+        """Check the data's widths of the input and target sites (raise ConfigError)."""
+
     # ---------------------------------------------------------------- forward
     def code_values(self, sae: SAE, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:
         """Values of the selected latents (sparse path): default the rule's ``activate``;
@@ -354,7 +358,11 @@ def widths(cfg: SAEConfig, site: str, d_of: Callable[[str], int]) -> tuple[int, 
     """``(d_in, d_out)`` of an SAE at ``site``: summed widths of its input and target sites
     (``d_of``: a site's width, e.g. ``source.d_in``)."""
     ins, outs = arch_sites(cfg, site)
-    return sum(d_of(s) for s in ins), sum(d_of(s) for s in outs)
+    w_in, w_out = [d_of(s) for s in ins], [d_of(s) for s in outs]
+    for c, opts in parse_arch(cfg):
+        if c.stage == "wiring":
+            c.check_widths(opts, w_in, w_out)
+    return sum(w_in), sum(w_out)
 
 
 def gather(acts: Mapping[str, Tensor], sites: list[str], where: str = "batch") -> Tensor:

@@ -48,6 +48,11 @@ class PrefetchSource(ActivationSource):
         """``(rank, world)`` when the wrapped source is one rank's shard."""
         return getattr(self.source, "shard_of", None)
 
+    def plan_tokens(self, n: int) -> None:
+        if self._thread is not None:
+            raise RuntimeError("PrefetchSource.plan_tokens after the first batch")
+        self.source.plan_tokens(n)
+
     def shard(self, rank: int, world: int) -> ActivationSource:
         """Prefetch from the wrapped source's shard from now on (before the first batch);
         returns this source, so closing it still closes everything."""

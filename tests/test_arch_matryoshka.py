@@ -211,3 +211,26 @@ def test_sae_lens_loads_matryoshka_files(tmp_path) -> None:
     got = {ln[0]: (ln[1], float(ln[2])) for ln in lines}
     assert got["batchtopk"][0] == "JumpReLUSAE" and got["topk"][0] == "TopKSAE"
     assert all(err < 1e-4 for _, err in got.values()), got
+
+
+def test_bench_has_a_matryoshka_row_with_absorption(tmp_path, monkeypatch) -> None:
+    import saekit.bench as bench
+
+    base = bench.base_sae_config(bench.SIZES["tiny"], 3)
+    v = bench.variants(["batchtopk"], base, arch_variants=["batchtopk+matryoshka"])
+    assert v["batchtopk+arch_matryoshka"].arch == ["matryoshka"] and v["batchtopk"].arch == []
+    assert "topk+arch_matryoshka" not in bench.variants(
+        ["relu"], base, (), None, ["topk+matryoshka"]
+    )
+    with pytest.raises(ConfigError, match="RULE\\+PART"):
+        bench.variants(["topk"], base, arch_variants=["matryoshka"])
+    tiny = bench.BenchSize(32, 16, 4096, 256, 1024, 2048, block_size=1024)
+    monkeypatch.setitem(bench.SIZES, "tiny", tiny)
+    cfg = bench.BenchConfig(size="tiny", seeds=[0], rules=["batchtopk"], aux_variants=[],
+                            signed=False, out=str(tmp_path / "b"))  # fmt: skip
+    report = bench.run_bench(cfg, log=lambda _m: None)
+    rows = report["table"]
+    assert set(rows) == {"batchtopk", "batchtopk+arch_matryoshka"}
+    for r in rows.values():
+        assert 0 <= r["absorption"]["mean"] <= 1
+    assert "absorb" in bench.format_table(rows)

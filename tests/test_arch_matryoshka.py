@@ -136,7 +136,7 @@ def test_sampled_widths_follow_the_torch_seed_and_end_at_d_sae() -> None:
 SYN = dict(n_features=64, d=16, n_roots=4, branching=2, depth=2, ortho_steps=5, block_size=256)
 
 
-def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path) -> None:
+def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path, capsys) -> None:
     from saekit import DataConfig, TrainConfig
     from saekit.evaluate.run import EvalConfig, evaluate_run
     from saekit.io import load_sae
@@ -168,6 +168,13 @@ def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path) -> None:
     assert fves[-1] == pytest.approx(r["sae"]["core"]["fve"], abs=1e-6)
     assert fves[0] < fves[-1]  # a smaller prefix explains less
     assert "matryoshka" not in r["baselines"]["random"]
+    # `saekit eval` prints each prefix's FVE in its headline table
+    from saekit.cli import main
+
+    args = ["eval", str(run), "--tokens", "1024", "--baselines", "false", "--plots", "false"]
+    assert main([*args, "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "| FVE of the prefix 8/64 |" in printed and "| FVE of the prefix 32/64 |" in printed
 
 
 @needs_peers

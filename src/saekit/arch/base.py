@@ -57,6 +57,9 @@ class ArchPart(nn.Module):
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     Options: ClassVar[type] = NoArchOptions
+    #: the target is not the input (a transcoder): per-token input statistics cannot be
+    #: undone on the reconstruction
+    predicts_other: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, opts: Any) -> None:
         super().__init__()
@@ -127,6 +130,12 @@ class ArchPart(nn.Module):
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         """Turn the rule's SAELens export into this architecture's, in place (raise
         :class:`~saekit.errors.FormatError` when SAELens has no equivalent)."""
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """What this part takes from a plain SAELens ``cfg.json`` and its weights when they
+        describe it (read by :mod:`saekit.io.saelens`, so by every peer format), else None."""
+        return None
 
     # ---------------------------------------------------------------- evaluation
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
@@ -282,6 +291,46 @@ class ArchStack(nn.ModuleDict):
         return out
 
 
+@dataclass
+class SAELensImport:
+    """A part's reading of a plain SAELens SAE: its ``options``; the ``cfg`` and ``weights``
+    left for the rule's import (e.g. ``gated`` -> ``standard`` with ``b_enc = b_gate``); its
+    own tensors ``state`` (local names, e.g. ``r_mag``)."""
+
+    options: dict[str, Any]
+    cfg: dict[str, Any]
+    weights: dict[str, Tensor]
+    state: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class ArchImport:
+    """:func:`arch_from_saelens`'s result: ``SAEConfig.arch`` / ``arch_options``, the cfg
+    and weights for the rule's import, and the parts' tensors (``arch.<name>.<tensor>``)."""
+
+    arch: list[str]
+    options: dict[str, Any]
+    cfg: dict[str, Any]
+    weights: dict[str, Tensor]
+    state: dict[str, Tensor]
+
+
+def arch_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> ArchImport:
+    """The architecture parts a plain SAELens SAE describes (each part's
+    :meth:`ArchPart.from_saelens`, in stage order, each seeing the previous one's cfg and
+    weights); no parts for a plain SAE."""
+    out = ArchImport([], {}, dict(cfg), dict(weights), {})
+    for name in sorted(arch_names(), key=lambda n: STAGES.index(_REGISTRY[n].stage)):
+        got = _REGISTRY[name].from_saelens(out.cfg, out.weights)
+        if got is None:
+            continue
+        out.arch.append(name)
+        out.options.update(got.options)
+        out.cfg, out.weights = got.cfg, got.weights
+        out.state.update({f"arch.{name}.{k}": v for k, v in got.state.items()})
+    return out
+
+
 # ---------------------------------------------------------------------- data side
 def arch_sites(cfg: SAEConfig, site: str) -> tuple[list[str], list[str]]:
     """``(input sites, target sites)`` of an SAE with config ``cfg`` planned at ``site``."""
@@ -305,6 +354,30 @@ def needed_sites(cfg: SAEConfig, sites: list[str]) -> list[str]:
     for s in plan_sites(cfg, sites):
         ins, outs = arch_sites(cfg, s)
         out += [t for t in (*ins, *outs) if t not in out]
+    return out
+
+
+def input_site(cfg: SAEConfig, site: str, name: str) -> str:
+    """Where an SAE planned at ``site`` reads its named input ``name``: a gradient
+    (``InputKind.scaling == "grad"``, e.g. gtopk's dLoss/dx, used in the decoder's space) at
+    its target site when it writes one other site (a transcoder), everything else at ``site``."""
+    from saekit.inputs import input_kind
+
+    ins, outs = arch_sites(cfg, site)
+    if input_kind(name).scaling == "grad" and len(outs) == 1 and outs != ins:
+        return outs[0]
+    return site
+
+
+def site_inputs_of(
+    cfg: SAEConfig, site: str, batch_inputs: Mapping[str, Mapping[str, Tensor]], names: Any
+) -> dict[str, Tensor]:
+    """``{name: batch_inputs[name][input_site(...)]}`` for the ``names`` the batch has."""
+    out = {}
+    for n in names:
+        at = input_site(cfg, site, n)
+        if at in batch_inputs.get(n, {}):
+            out[n] = batch_inputs[n][at]
     return out
 
 
@@ -342,12 +415,17 @@ def views(cfg: SAEConfig, site: str, acts: Mapping[str, Tensor]) -> tuple[Tensor
 __all__ = [
     "STAGES",
     "ArchPart",
+    "ArchImport",
     "ArchStack",
     "NoArchOptions",
+    "SAELensImport",
+    "arch_from_saelens",
     "arch_names",
     "arch_sites",
     "gather",
     "get_arch_class",
+    "input_site",
+    "site_inputs_of",
     "needed_sites",
     "parse_arch",
     "plan_sites",

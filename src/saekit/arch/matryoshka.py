@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
-from saekit.arch.base import ArchPart, register_arch
+from saekit.arch.base import ArchPart, SAELensImport, register_arch
 from saekit.errors import ConfigError
 from saekit.losses import recon_loss
 from saekit.options import Options, option
@@ -172,6 +172,20 @@ class Matryoshka(ArchPart):
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         exp.cfg["matryoshka_widths"] = list(self.widths)  # SAELens's training-cfg field
 
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """``matryoshka_widths`` (a SAELens training cfg's field, which its inference saves
+        keep in ``metadata.training_architecture_details``); SAELens's training architecture
+        ``matryoshka_batchtopk`` is then the ``batchtopk`` rule's."""
+        meta = cfg.get("metadata") or {}
+        details = meta.get("training_architecture_details") or {}
+        widths = cfg.get("matryoshka_widths") or details.get("matryoshka_widths")
+        if not widths:
+            return None
+        if cfg.get("architecture") == "matryoshka_batchtopk":
+            cfg = {**cfg, "architecture": "batchtopk"}
+        return SAELensImport({"widths": [int(w) for w in widths]}, cfg, weights)
+
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
         return {"matryoshka": PrefixFVE(self.widths)}
 
@@ -205,4 +219,6 @@ class PrefixFVE:
         var = self.sq - float(self.sum.pow(2).sum()) / self.n
         nan = float("nan")
         fve = {str(m): 1 - e / var if var > 0 else nan for m, e in zip(self.widths, self.err)}
-        return {"widths": self.widths, "prefix_fve": fve, "n_tokens": self.n}
+        d = self.widths[-1]
+        rows = {f"FVE of the prefix {m}/{d}": fve[str(m)] for m in self.widths[:-1]}
+        return {"widths": self.widths, "prefix_fve": fve, "n_tokens": self.n, "headline": rows}

@@ -44,10 +44,9 @@ def test_rank_formula():
         rank_for_ratio(4, 4, 1.0)
 
 
-def test_ratio_zero_does_not_truncate():
-    """ratio = 0 removes nothing: full rank (the old formula truncated 32x32 to rank 16)."""
-    assert rank_for_ratio(32, 32, 0.0) == 32
-    assert rank_for_ratio(12, 40, 0.0) == 12
+def test_layers_whose_factors_save_nothing_stay_dense():
+    """A rank whose factors hold at least m·n parameters saves nothing (ratio 0's full rank
+    included: ``test_compress_regressions.py``)."""
     assert not saves_params(32, 32, 32) and not saves_params(32, 32, 16)
     assert saves_params(32, 32, 15)
 
@@ -182,13 +181,6 @@ def test_ridge_term_is_one_plus_alpha_lambda():
         (grad,) = torch.autograd.grad(J + scale * lam * (E * E).sum(), Mt, retain_graph=True)
         assert (float(grad.abs().max()) < 1e-6 * float(H.abs().max())) == zero
     assert math.isclose(obj(AB, 1.0), float(J + (1 + alpha) * lam * (E * E).sum()), rel_tol=1e-9)
-
-
-def test_whitened_target_helper_is_gone():
-    """The unused ``whitened_target`` (a second copy of G(β)) is removed."""
-    import saekit.compress.factor as factor
-
-    assert not hasattr(factor, "whitened_target")
 
 
 def test_svdllm_update_u_is_the_least_squares_refit():

@@ -109,6 +109,30 @@ def test_cli_eval_file_at_full_context(tiny_lm, tmp_path, capsys):
     assert rep["eval"]["windows"] >= 2 and "throughput" not in rep["before"]
 
 
+def test_cli_keeps_a_bf16_checkpoint_in_bf16(tiny_lm, tmp_path):
+    """Issue 16 item 4: the command no longer forces fp32 (the old one called ``.float()``).
+    ``--dtype bfloat16`` compresses and saves a bf16 checkpoint in bf16; ``auto`` keeps the
+    checkpoint's dtype on CUDA and gives float32 on CPU (CPU bf16 matmuls are slow)."""
+    from transformers import AutoModelForCausalLM
+
+    d, tok = tiny_lm
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(d).to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "c"
+    argv = ["compress", "--model", str(src), "--method", "saes", "--dtype", "bfloat16"]
+    rc = main([*argv, "--out", str(out), "--throughput", "false", "--grid", "0", *SMALL])
+    assert rc == 0
+    model = load_compressed(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert json.loads((out / "compression.json").read_text())["dtype"] == "bfloat16"
+    from saekit.compress.config import CompressRunConfig
+    from saekit.compress.run import model_dtype
+
+    assert model_dtype(CompressRunConfig(model=str(src), device="cuda:0"), src) == torch.bfloat16
+    assert model_dtype(CompressRunConfig(model=str(src)), src) == torch.float32
+
+
 def test_cli_table_with_seeds(tiny_lm, tmp_path, capsys):
     d, _ = tiny_lm
     rc = main(

@@ -4,6 +4,7 @@ directory; `load_compressed` reloads exactly; memory stays bounded by one block.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -188,7 +189,12 @@ def test_peak_memory_bf16_is_one_block_plus_cached_inputs():
         capture_output=True,
         text=True,
         timeout=240,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        env={  # PYTHONPATH kept: run against another checkout's src, this measures that code
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        },
     )
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])

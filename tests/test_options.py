@@ -154,9 +154,6 @@ def test_method_configs_are_the_keyword_options_of_their_functions() -> None:
 #: flags written by hand on purpose: the JSON file a command reads first, and the global
 #: plugin loader (parsed before any command's options exist)
 NOT_FIELDS = {"help", "config", "plugin"}
-#: commands whose options their owner is converting (issue 16: compress); remove an entry
-#: when it is converted
-PENDING_COMMANDS = {"compress"}
 
 
 def test_every_flag_of_every_command_is_a_declared_field() -> None:
@@ -165,8 +162,6 @@ def test_every_flag_of_every_command_is_a_declared_field() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     by_hand = []
     for name, p in sub.choices.items():
-        if name in PENDING_COMMANDS:
-            continue
         for a in p._actions:
             if a.dest not in NOT_FIELDS and declared_by(p, a) is None:
                 by_hand.append(f"saekit {name} {'/'.join(a.option_strings) or a.dest}")
@@ -198,3 +193,52 @@ def test_rule_and_aux_options_follow_the_convention() -> None:
             SAE(SAEConfig(d_in=8, d_sae=32, k=4, rule=rule, rule_options=opts))
     with pytest.raises(ConfigError, match="tau = -1.0 must be >= 0"):
         SAE(SAEConfig(d_in=8, d_sae=32, k=4, aux="zipf", aux_options={"tau": -1.0}))
+
+
+def _module_string_collections(tree):
+    """(line, strings) of each module-level constant that is a literal tuple/list/set of
+    strings or a dict with string keys."""
+    import ast
+
+    for stmt in tree.body:
+        node = (
+            getattr(stmt, "value", None) if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else None
+        )
+        elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        if not isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) or not elts:
+            continue
+        if all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+            yield node.lineno, {e.value for e in elts}  # type: ignore[union-attr]
+
+
+def test_no_flag_or_field_list_is_written_by_hand() -> None:
+    """Issue 10 seam 4: on main at 9e49562 the commands added 88 flags by hand
+    (``commands/bench.py``, ``apply.py``, ``train.py``, ``compress.py``) and ``train.py``
+    listed fields by hand (``RESUMABLE_TRAIN_FIELDS``, ``CLI_TRAIN_DEFAULTS``). Flags come
+    from the fields (``cli.add_dataclass_args``; only ``--config`` and ``--plugin`` are not
+    fields) and facts about fields are their metadata."""
+    import ast
+    from pathlib import Path
+
+    import saekit
+
+    src = Path(saekit.__file__).parent
+    names = [{f.name for f in dataclasses.fields(c)} for c in (SAEConfig, TrainConfig, DataConfig)]
+    by_hand, lists = [], []
+    for p in sorted(src.rglob("*.py")):
+        rel = str(p.relative_to(src))
+        tree = ast.parse(p.read_text())
+        for line, strings in _module_string_collections(tree):
+            if len(strings) >= 2 and any(strings <= n for n in names):
+                lists.append(f"{rel}:{line} {sorted(strings)}")
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            ):
+                continue
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if rel == "cli.py" and not flags:
+                continue  # add_dataclass_args: the flag name comes from the field
+            if flags not in (["--config"], ["--plugin"]):
+                by_hand.append(f"{rel}:{node.lineno} {flags}")
+    assert (by_hand, lists) == ([], [])

@@ -31,6 +31,12 @@ def _sparsity_kind(rule: str) -> str:
     return get_rule_class(rule).sparsity.kind
 
 
+def _archs() -> list[str]:
+    from saekit.arch import arch_names
+
+    return arch_names()
+
+
 def _aux_losses() -> tuple[str, ...]:
     from saekit.losses import aux_names
 
@@ -73,6 +79,14 @@ class SAEConfig(Options):
     d_in: int = option(0, "input width (0: taken from the data)", ge=0)
     d_sae: int = option(0, "number of latents (0: expansion * d_in)", ge=0)
     expansion: int = option(8, "d_sae = expansion * d_in when d_sae is 0", ge=1)
+    d_out: int = option(0, "output width (0: d_in; a transcoder's: its target site's)", ge=0)
+    arch: list[str] = option(
+        [],
+        "architecture parts (saekit.arch): matryoshka, gated, transcoder, crosscoder; any"
+        " rule, parts of different stages combine ([]: a plain SAE)",
+        choices=_archs,
+    )
+    arch_options: dict = option({}, "options of the arch parts, flat (see saekit.arch)")
     rule: str = option("topk", "selection rule name (see `saekit rules`)", choices=_rules)
     k: int = option(32, "active latents per token (TopK family; budget k*B for batch rules)", ge=1)
     aux_k: int = option(512, "latents in the aux-k dead-latent loss (0 disables it)", ge=0)
@@ -115,9 +129,14 @@ class SAEConfig(Options):
         ge=0,
     )
 
-    def resolved(self, d_in: int | None = None) -> SAEConfig:
-        """Copy with ``d_in`` / ``d_sae`` filled in."""
-        cfg = dataclasses.replace(self, rule_options=dict(self.rule_options))
+    def resolved(self, d_in: int | None = None, d_out: int | None = None) -> SAEConfig:
+        """Copy with ``d_in`` / ``d_sae`` (and ``d_out``, when given) filled in."""
+        cfg = dataclasses.replace(
+            self,
+            rule_options=dict(self.rule_options),
+            arch=list(self.arch),
+            arch_options=dict(self.arch_options),
+        )
         if d_in is not None:
             if cfg.d_in and cfg.d_in != d_in:
                 fail(
@@ -136,12 +155,18 @@ class SAEConfig(Options):
                 "is not a width: the SAE needs d_in > 0",
                 "give d_in, or build the SAE through the trainer (which takes it from the data)",
             )
+        if d_out is not None:  # 0 when it equals d_in (an autoencoder's config is unchanged)
+            cfg.d_out = 0 if d_out == cfg.d_in else d_out
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
         cfg.check()  # k against the resolved width
         return cfg
 
     def check(self) -> None:
+        if self.arch or self.arch_options:
+            from saekit.arch import parse_arch
+
+            parse_arch(self)  # names, stages and options of the parts
         d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
         if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
             fail(

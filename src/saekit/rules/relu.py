@@ -43,7 +43,7 @@ class ReLU(Rule):
     def loss_terms(self, out, ctx: Context) -> dict[str, Tensor]:
         f = out.codes.to_dense()
         if self.opts.weight_by_decoder_norm:
-            f = f * ctx.sae.W_dec.norm(dim=1)
+            f = f * ctx.sae.decoder_norms()
         w = self.opts.l1_coeff * _warmup(ctx.step, self.opts.l1_warmup_steps)
         return {"l1": w * f.abs().sum(-1).mean()}
 

@@ -273,6 +273,40 @@ def test_goodfire_pth(tmp_path: Path, x: torch.Tensor) -> None:
     assert meta["hook_name"] == "layers.19.resid_post"
 
 
+def test_deepseek_r1_pt(tmp_path: Path, x: torch.Tensor) -> None:
+    w = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    w.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    path = tmp_path / "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt"
+    torch.save(w, path)
+    sae, meta = open_sae(path)
+    ref = torch.relu(x @ w["encoder.weight"].t() + w["encoder.bias"])  # SAELens deepseek_r1
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ w["decoder.weight"].t() + w["decoder.bias"])
+    assert meta["model_name"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    assert meta["hook_name"] == "layers.19.resid_post"
+
+
+def test_llama_scope_r1_distill(tmp_path: Path, x: torch.Tensor) -> None:
+    from saekit.io.formats import read_foreign
+
+    w = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    w.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    w["log_jumprelu_threshold"] = torch.randn(F) * 0.3
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"d_model": D, "expansion_factor": 4, "hook_point_in": "blocks.7.hook_resid_post"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert detect_format(tmp_path) == "llamascope_r1"
+    with pytest.raises(FormatError, match="norm_scaling_factor.*saelens:llama_scope_r1_distill"):
+        load_sae(tmp_path)
+    s = 2.5  # the registry's norm_scaling_factor, folded as SAELens does
+    sae, meta = read_foreign(tmp_path, hints={"norm_scaling_factor": s})
+    pre = x @ (w["encoder.weight"].t() * s) + w["encoder.bias"]
+    ref = torch.relu(pre) * (pre > w["log_jumprelu_threshold"].exp())
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ (w["decoder.weight"].t() / s) + w["decoder.bias"] / s)
+    assert meta["hook_name"] == "layers.7.resid_post"
+
+
 def test_saelens_topk_with_rescale_acts_by_decoder_norm(tmp_path: Path, x: torch.Tensor) -> None:
     """SAELens's default TopK cfg (rescale true) loads; codes follow SAELens's encode."""
     W_enc, b_enc = torch.randn(D, F), torch.randn(F) * 0.1

@@ -450,3 +450,73 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
     assert set(got) == set(ours)
     for name in ours:
         close(ours[name], got[name], name)
+
+
+REGISTRY_ONLY = r"""
+import sys, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+import torch
+from safetensors.torch import load_file, save_file
+from sae_lens.loading.pretrained_sae_loaders import (deepseek_r1_sae_huggingface_loader,
+    llama_scope_r1_distill_sae_huggingface_loader)
+from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+from sae_lens.saes import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+from saekit.io.native import open_sae
+out = Path(sys.argv[1]); x = load_file(str(out / "x.safetensors"))["x"]
+D, F = x.shape[1], int(sys.argv[2])
+got = {}
+cfg, state, _ = deepseek_r1_sae_huggingface_loader("qresearch/DeepSeek-R1-Distill-Llama-8B-SAE-l19",
+    "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt", cfg_overrides={"d_in": D, "d_sae": F})
+ref = StandardSAE(StandardSAEConfig(d_in=D, d_sae=F,
+                                    apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+ref.load_state_dict(state)
+got["deepseek/saelens"] = ref.encode(x).detach()
+sae, meta = open_sae("saelens:deepseek-r1-distill-llama-8b-qresearch/blocks.19.hook_resid_post")
+got["deepseek/saekit"] = sae.encode(x).to_dense().detach()
+assert meta["hook_name"] == "layers.19.resid_post", meta
+release, sae_id = "llama_scope_r1_distill", "l0r_800m_slimpajama"
+cfg, state, _ = llama_scope_r1_distill_sae_huggingface_loader("fnlp/Llama-Scope-R1-Distill",
+    "800M-Slimpajama-0-OpenR1-Math-220k/L0R")
+ref = JumpReLUSAE(JumpReLUSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                    apply_b_dec_to_input=False))
+ref.load_state_dict(state)
+ref.fold_activation_norm_scaling_factor(get_norm_scaling_factor(release, sae_id))  # from_pretrained
+got["r1/saelens"] = ref.encode(x).detach()
+got["r1/x_hat_saelens"] = ref.decode(ref.encode(x)).detach()
+sae, meta = open_sae(f"saelens:{release}/{sae_id}")
+got["r1/saekit"] = sae.encode(x).to_dense().detach()
+got["r1/x_hat_saekit"] = sae(x).x_hat.detach()
+assert meta["hook_name"] == "layers.0.resid_post", meta
+save_file({k: v.contiguous() for k, v in got.items()}, str(out / "got.safetensors"))
+"""
+
+
+def test_registry_only_formats_match_saelens_loaders(tmp_path: Path) -> None:
+    """DeepSeek-R1 and Llama Scope R1-Distill SAEs: saekit's ``saelens:`` spec (the real
+    registry, its norm_scaling_factor) against SAELens's loaders, on a fake hub cache."""
+    hub = tmp_path / "hub"
+    lin = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    lin.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    repo, name = (
+        "qresearch/DeepSeek-R1-Distill-Llama-8B-SAE-l19",
+        "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt",
+    )
+    torch.save(lin, fake_hub_file(hub, repo, name))
+    folder = "800M-Slimpajama-0-OpenR1-Math-220k/L0R"
+    r1 = {**lin, "log_jumprelu_threshold": torch.randn(F) * 0.3 - 2}
+    save_file(
+        r1,
+        str(fake_hub_file(hub, "fnlp/Llama-Scope-R1-Distill", f"{folder}/sae_weights.safetensors")),
+    )
+    cfg = {"d_model": D, "expansion_factor": F // D, "hook_point_in": "blocks.0.hook_resid_post"}
+    cfg_path = fake_hub_file(hub, "fnlp/Llama-Scope-R1-Distill", f"{folder}/config.json")
+    cfg_path.write_text(json.dumps(cfg))
+    x = torch.randn(48, D) * 20  # Llama-scale activations against the registry's factor (53.5)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    run_peers(REGISTRY_ONLY, str(tmp_path), str(F), env={"HF_HUB_CACHE": str(hub)})
+    got = load_file(str(tmp_path / "got.safetensors"))
+    close(got["deepseek/saekit"], got["deepseek/saelens"], "DeepSeek-R1")
+    close(got["r1/saekit"], got["r1/saelens"], "Llama Scope R1-Distill")
+    close(got["r1/x_hat_saekit"], got["r1/x_hat_saelens"], "Llama Scope R1-Distill x_hat")
+    assert float((got["r1/saekit"] != 0).float().mean()) > 0.05  # not a trivially empty code

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.arch import ArchImport, arch_from_saelens
+from saekit.arch import ArchImport, arch_from_saelens, arch_sites
 from saekit.config import SAEConfig
 from saekit.errors import FormatError
 from saekit.rules.base import saelens_import_architectures, saelens_import_rule
@@ -117,6 +117,9 @@ def _cfg(sae: SAE, arch: str, extra: dict, site: str, model: str, data: dict | N
     }
     if cfg.arch:
         out["metadata"]["saekit_arch"] = list(cfg.arch)
+    ins, outs = arch_sites(cfg, site) if site else ([], [])
+    if ins != outs and len(outs) == 1:  # a transcoder: where its prediction goes
+        out["metadata"].update(hook_name_out=outs[0], hook_layer_out=_layer_of(outs[0]))
     return out
 
 

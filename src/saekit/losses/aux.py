@@ -81,13 +81,15 @@ class AuxLoss:
         """``[d_sae]`` bool mask of the latents the loss may use, and optional weights."""
         raise NotImplementedError
 
-    def __call__(self, sae: SAE, out: SAEOutput) -> Tensor:
-        """The weighted term (``aux_coeff`` included)."""
+    def __call__(self, sae: SAE, out: SAEOutput, target: Tensor | None = None) -> Tensor:
+        """The weighted term (``aux_coeff`` included); ``target``: what ``out`` reconstructs,
+        in SAE units (None: ``out.x``; a transcoder's target site)."""
         cand, weights = self.candidates(sae)
+        y = out.x if target is None else target
         if self.form == "openai":
-            residual, scale_like = out.x - out.x_hat_n.detach(), None
+            residual, scale_like = y - out.x_hat_n.detach(), None
         else:
-            residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
+            residual, scale_like = y - out.x_hat_n, (sae.recon_kind, y)
         pre = None if out.pre is None else out.pre if out.pre.requires_grad else out.pre.detach()
         loss = aux_k_loss(
             out.x_in,

@@ -122,7 +122,9 @@ class SAE(nn.Module):
         self.rule = build_rule(cfg)
         #: architecture parts (saekit.arch); empty for a plain SAE (no state_dict entries)
         self.arch = ArchStack(cfg)
-        if self.rule.input_norm == "token" and (d_out != d or self.arch.part("wiring")):
+        wiring = self.arch.part("wiring")
+        other = wiring is not None and wiring.predicts_other  # a transcoder's target
+        if self.rule.input_norm == "token" and (d_out != d or other):
             raise ConfigError(
                 f"rule {cfg.rule!r} standardises every input token, which a reconstruction of"
                 f" another width or site (d_out={d_out}, d_in={d}, arch {list(cfg.arch)})"

@@ -57,6 +57,9 @@ class ArchPart(nn.Module):
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     Options: ClassVar[type] = NoArchOptions
+    #: the target is not the input (a transcoder): per-token input statistics cannot be
+    #: undone on the reconstruction
+    predicts_other: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, opts: Any) -> None:
         super().__init__()

@@ -90,6 +90,7 @@ class Transcoder(ArchPart):
     name = "transcoder"
     stage = "wiring"
     Options = TranscoderOptions
+    predicts_other = True
 
     def __init__(self, cfg: SAEConfig, opts: TranscoderOptions) -> None:
         super().__init__(cfg, opts)

@@ -70,8 +70,23 @@ def test_sparsify_dir(tmp_path: Path, x: torch.Tensor) -> None:
     (d / "cfg.json").write_text(json.dumps({**cfg, "transcode": True, "d_in": D}))
     ref = topk_relu(x @ w["encoder.weight"].t() + w["encoder.bias"], K)
     close(codes(load_sae(d), x), ref)
-    save_file({**w, "W_skip": torch.zeros(D, D)}, str(d / "sae.safetensors"))
-    with pytest.raises(FormatError, match="skip connection"):
+    sae = load_sae(d)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].W_skip is None
+    # a skip-transcoder (sparsify's W_skip [d_out, d_in]) at an MLP: layers.3.mlp_in -> mlp_out
+    mlp = tmp_path / "layers.3.mlp"
+    mlp.mkdir()
+    skip = torch.randn(D, D) * 0.2
+    save_file({**w, "W_skip": skip}, str(mlp / "sae.safetensors"))
+    scfg = {**cfg, "transcode": True, "skip_connection": True, "d_in": D}
+    (mlp / "cfg.json").write_text(json.dumps(scfg))
+    sae, meta = open_sae(mlp)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip
+    assert meta["hook_name"] == "layers.3.mlp_in" and meta["hook_name_out"] == "layers.3.mlp_out"
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ w["W_dec"] + w["b_dec"] + x @ skip.t())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "skip_connection": True, "d_in": D}))
+    save_file({**w, "W_skip": skip}, str(d / "sae.safetensors"))
+    with pytest.raises(FormatError, match="not a transcoder"):
         load_sae(d)
 
 
@@ -225,9 +240,20 @@ def test_gemma_scope_npz_and_safetensors(tmp_path: Path, x: torch.Tensor) -> Non
     sae2, meta2 = open_sae(d2)
     close(codes(sae2, x), ref)
     assert meta2["hook_name"] == "layers.3.resid_post"
-    save_file({**st, "affine_skip_connection": torch.zeros(D, D)}, str(d2 / "params.safetensors"))
-    with pytest.raises(FormatError, match="transcoder"):
-        load_sae(d2)
+    # a Gemma Scope 2 skip-transcoder: mlp_in -> mlp_out, affine_skip_connection [d_in, d_out]
+    d3 = tmp_path / "transcoder_all" / "layer_3_width_16k_l0_small_affine"
+    d3.mkdir(parents=True)
+    A = torch.randn(D, D) * 0.2
+    save_file({**st, "affine_skip_connection": A}, str(d3 / "params.safetensors"))
+    sae3, meta3 = open_sae(d3)
+    assert sae3.cfg.arch == ["transcoder"] and sae3.arch["transcoder"].opts.skip
+    assert meta3["hook_name"] == "layers.3.mlp_in" and meta3["hook_name_out"] == "layers.3.mlp_out"
+    close(codes(sae3, x), ref)
+    W_dec, b_dec = torch.from_numpy(a["W_dec"]), torch.from_numpy(a["b_dec"])
+    close(sae3(x).x_hat, ref @ W_dec + b_dec + x @ A)
+    save_file({**st, "w_dec": st["w_dec"][:, None].repeat(1, 2, 1)}, str(d3 / "params.safetensors"))
+    with pytest.raises(FormatError, match="cross-layer transcoder"):
+        load_sae(d3)
 
 
 def test_llama_scope_dir(tmp_path: Path, x: torch.Tensor) -> None:
@@ -501,3 +527,30 @@ def test_matryoshka_files_read_as_matryoshka_saes(tmp_path: Path, x: torch.Tenso
     with torch.no_grad():
         x_hat = sae(x).x_hat
     close(x_hat, (scaled * (scaled > 0.5) / norm) @ w["W_dec"] + w["b_dec"])
+
+
+@pytest.mark.parametrize("rule", ["relu", "jumprelu"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_saelens_transcoders_read_as_transcoders(
+    tmp_path: Path, x: torch.Tensor, rule: str, skip: bool
+) -> None:
+    from saekit import SAE, SAEConfig
+
+    opts = {"skip": skip, "target": "layers.2.mlp_out"}
+    cfg = SAEConfig(d_in=D, d_out=7, d_sae=F, rule=rule, k=K, arch=["transcoder"],
+                    arch_options=opts)  # fmt: skip
+    sae = SAE(cfg).eval()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    out = write_format(sae, tmp_path / "tc", "saelens", {"hook_name": "layers.2.mlp_in"})
+    arch = json.loads((out / "cfg.json").read_text())["architecture"]
+    assert arch == {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}[rule].replace(
+        "transcoder", "skip_transcoder" if skip else "transcoder"
+    )
+    back = load_sae(out)
+    assert back.cfg.arch == ["transcoder"] and back.arch["transcoder"].opts.skip == skip
+    assert back.arch["transcoder"].opts.target == "layers.2.mlp_out" and back.d_out == 7
+    close(codes(back, x), codes(sae, x))
+    with torch.no_grad():
+        close(back(x).x_hat, sae(x).x_hat)

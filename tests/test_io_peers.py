@@ -101,6 +101,33 @@ for name, transcode in (("layers.2", False), ("layers.2.mlp", True)):
     with torch.no_grad():
         enc = sc.encode(x)
     expected[f"sparsify/{name}"] = dense(enc.top_acts, enc.top_indices)
+sc = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K, transcode=True, skip_connection=True))
+perturb(sc)  # a skip-transcoder: W_skip moved off its zero init
+sc.save_to_disk(out / "sparsify_skip" / "layers.2.mlp")
+with torch.no_grad():
+    enc = sc.encode(x)
+    expected["sparsify_skip/codes"] = dense(enc.top_acts, enc.top_indices)
+    expected["sparsify_skip/x_hat"] = sc(x).sae_out
+
+# ---- SAELens transcoders (d_out != d_in), saved and loaded as SAELens does
+from sae_lens import SAE
+from sae_lens.saes import (Transcoder, TranscoderConfig, SkipTranscoder, SkipTranscoderConfig,
+    JumpReLUTranscoder, JumpReLUTranscoderConfig, JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig)
+for name, (cls, ccls) in {"transcoder": (Transcoder, TranscoderConfig),
+        "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+        "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+        "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)}.items():
+    tc = cls(ccls(d_in=D, d_sae=F, d_out=D - 3, apply_b_dec_to_input=False))
+    perturb(tc)
+    with torch.no_grad():
+        if hasattr(tc, "threshold"):
+            tc.threshold.copy_(torch.rand(F) * 0.5)
+    tc.save_model(str(out / "saelens_tc" / name))
+    ref = SAE.load_from_disk(str(out / "saelens_tc" / name))
+    with torch.no_grad():
+        expected[f"saelens_tc/{name}"] = ref.encode(x)
+        expected[f"saelens_tc/{name}/x_hat"] = ref(x)
 
 # ---- SAELens: inference and training SAEs, saved as SAELens saves them
 from sae_lens import SAE
@@ -347,6 +374,30 @@ def test_dictionary_learning_trainer_files(peer_files, i: int) -> None:
         sizes = torch.load(out / "dl" / "trainer_5" / "ae.pt", weights_only=True)["group_sizes"]
         assert sae.cfg.arch == ["matryoshka"]
         assert sae.arch["matryoshka"].widths == sizes.cumsum(0).tolist()
+
+
+def test_sparsify_skip_transcoder(peer_files) -> None:
+    out, x, expected = peer_files
+    sae, meta = open_sae(out / "sparsify_skip" / "layers.2.mlp")
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip
+    assert meta["hook_name"] == "layers.2.mlp_in" and meta["hook_name_out"] == "layers.2.mlp_out"
+    close(codes(sae, x), expected["sparsify_skip/codes"], "sparsify skip-transcoder codes")
+    with torch.no_grad():
+        close(sae(x).x_hat, expected["sparsify_skip/x_hat"], "sparsify skip-transcoder output")
+
+
+TRANSCODERS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+@pytest.mark.parametrize("name", TRANSCODERS)
+def test_saelens_transcoder_files(peer_files, name: str) -> None:
+    out, x, expected = peer_files
+    sae, _ = open_sae(out / "saelens_tc" / name)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip == ("skip" in name)
+    assert sae.cfg.rule == ("jumprelu" if name.startswith("jumprelu") else "relu")
+    close(codes(sae, x), expected[f"saelens_tc/{name}"], f"SAELens {name}")
+    with torch.no_grad():
+        close(sae(x).x_hat, expected[f"saelens_tc/{name}/x_hat"], f"SAELens {name} output")
 
 
 @pytest.mark.parametrize("name", ["layers.2", "layers.2.mlp"])

@@ -1,41 +1,78 @@
-"""Demo: SVD vs ASVD vs SVD-LLM vs SAES-SVD on a tiny decoder LM trained on the built-in corpus.
+"""Benchmark: SVD, ASVD, SVD-LLM, SAES-SVD and ablations on a tiny LM, over calibration seeds.
 
 1. Train a byte-level BPE tokenizer (vocab 1024) on the training part of the built-in pydoc
-   corpus (``saekit.sources.text.iter_texts``: every 10th document held out).
-2. Train a small Llama-style LM (4 layers, d=128, MLP 384, 4 heads / 2 KV heads) or GPT-2
-   (``--arch gpt2``) for ``--steps`` (600) AdamW steps on random 64-token windows (batch 16).
-3. Compress it with every method at ratios 0.2 / 0.4 / 0.6 (64 calibration sequences from the
-   training split) and report held-out perplexity; prints a markdown table, writes JSON.
+   corpus (saekit's split: every 10th document held out).
+2. Train a small Llama-style LM (``--layers`` 8, d=96, MLP 256, 4 heads / 2 KV heads) for
+   ``--steps`` (400) AdamW steps on random 64-token windows (batch 8); cached in
+   ``OUT/model_<arch>_L<n>``. (Sized for a shared 2-core CPU.)
+3. For each calibration seed (32 random 64-token windows of the training text) compress
+   with every row below at ratios 0.2 / 0.4 / 0.6; report held-out perplexity at the model's
+   full context (mean ± sd over seeds), per-layer output error against the original (the
+   last layer shows the accumulated error), mean β and the share of layers at the β cap.
+   Held-out text: the first ``--eval-windows`` (128) 64-token windows of the held-out part;
+   ASVD's sensitivity perplexities use 4 calibration windows (measured once per seed).
 
-Run: ``.venv/bin/python benchmarks/compress_table.py --out runs/compress_demo --ablations``
-(the trained model is cached in ``OUT/model_<arch>``; ``--retrain`` forces training again).
+Rows (exactly what each computes):
+
+- ``SVD``: truncated SVD of W (data-free).
+- ``ASVD (scaling, uniform ranks)``: SVD of W·diag(mean|x|^0.5); ``… + sensitivity ranks``:
+  ASVD's per-layer perplexity sensitivity and threshold search.
+- ``SVD-LLM (whitening)``: whitening by the full-precision inputs' Cholesky factor;
+  ``… + closed-form U``: then U refitted on the compressed model's inputs (the SVD-LLM
+  repository's update step; its LoRA fine-tuning is not run).
+- Ablation of SAES-SVD's two ingredients: ``SAES-SVD (β 0)`` = whitening by the
+  *compressed* model's inputs, no Δ (statistics from the compressed model alone);
+  ``SAES-SVD (β ACES exact)`` = + Δ with β maximising the exact ρ(β);
+  ``(β ACES closed_form)`` = the paper's frozen-subspace formula; fixed ``β 0.5`` / ``0.9``.
+
+Run: ``nice .venv/bin/python benchmarks/compress_table.py --out runs/compress_bench``
+(writes ``benchmarks/results/compress_table_<arch>_L<n>.json`` and a markdown table).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from saekit.compress import CompressConfig, compress_model, load_compressed, save_compressed
 from saekit.compress.bench import compare_methods, markdown_table
-from saekit.compress.core import CompressConfig, compress_model
-from saekit.compress.data import builtin_texts, chunk_batches, token_stream, train_bpe_tokenizer
-from saekit.compress.io import load_compressed, save_compressed
+from saekit.compress.data import (
+    batches_of,
+    builtin_texts,
+    token_stream,
+    train_bpe_tokenizer,
+    windows,
+)
+from saekit.io.atomic import read_json, write_bytes, write_json
+
+ROWS = {
+    "SVD": {"method": "svd"},
+    "ASVD (scaling, uniform ranks)": {"method": "asvd"},
+    "ASVD (scaling + sensitivity ranks)": {"method": "asvd", "allocation": "sensitivity"},
+    "SVD-LLM (whitening)": {"method": "svdllm"},
+    "SVD-LLM (whitening + closed-form U)": {"method": "svdllm", "update_u": True},
+    "SAES-SVD (β 0: compressed-model statistics only)": {"method": "saes", "beta": "0"},
+    "SAES-SVD (β ACES exact)": {"method": "saes"},
+    "SAES-SVD (β ACES closed_form, the paper's formula)": {"method": "saes", "aces": "closed_form"},
+    "SAES-SVD (β 0.5 fixed)": {"method": "saes", "beta": "0.5"},
+    "SAES-SVD (β 0.9 fixed)": {"method": "saes", "beta": "0.9"},
+}
 
 
-def build_model(arch: str, vocab: int, seq_len: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
+    arch, seq_len, layers = args.arch, args.seq_len, args.layers
     if arch == "llama":
         cfg = tf.LlamaConfig(
             vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
+            hidden_size=args.d,
+            intermediate_size=args.mlp,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=seq_len,
@@ -44,24 +81,21 @@ def build_model(arch: str, vocab: int, seq_len: int) -> torch.nn.Module:
         return tf.LlamaForCausalLM(cfg)
     if arch == "gpt2":
         cfg = tf.GPT2Config(
-            vocab_size=vocab, n_embd=128, n_layer=4, n_head=4, n_positions=seq_len, n_inner=384
+            vocab_size=vocab,
+            n_embd=args.d,
+            n_layer=layers,
+            n_head=4,
+            n_positions=seq_len,
+            n_inner=args.mlp,
         )
         return tf.GPT2LMHeadModel(cfg)
     raise ValueError(f"--arch must be llama or gpt2, got {arch!r}")
 
 
-def train_lm(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    steps: int,
-    seq_len: int,
-    batch: int,
-    lr: float,
-    seed: int,
-) -> list[float]:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
+def train_lm(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> list[float]:
+    g = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    steps, warm = args.steps, max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
@@ -69,8 +103,8 @@ def train_lm(
     model.train()
     losses = []
     for step in range(steps):
-        starts = torch.randint(0, ids.numel() - seq_len - 1, (batch,), generator=g)
-        x = torch.stack([ids[s : s + seq_len] for s in starts])
+        starts = torch.randint(0, ids.numel() - args.seq_len - 1, (args.batch,), generator=g)
+        x = torch.stack([ids[s : s + args.seq_len] for s in starts])
         loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,107 +118,117 @@ def train_lm(
     return losses
 
 
-def save_demo(
-    model: torch.nn.Module,
-    calib: list[torch.Tensor],
-    out: Path,
-    orig_dir: Path,
-    tok: object,
-    ids: torch.Tensor,
-) -> dict:
-    """SAES-SVD at ratio 0.4 saved and reloaded: sizes on disk and a logits round-trip check."""
-    import copy
+def trained_model(args: argparse.Namespace, out: Path) -> tuple[Path, object, dict]:
+    """The cached trained model directory, its tokenizer and training info."""
+    import transformers as tf
 
-    student = copy.deepcopy(model)
-    res = compress_model(student, CompressConfig(method="saes", ratio=0.4), calib)
-    size = save_compressed(student, out, res.summary(), tok)
-    loaded = load_compressed(out)
+    mdir = out / f"model_{args.arch}_L{args.layers}"
+    if (mdir / "train_info.json").is_file() and not args.retrain:
+        print(f"loaded trained model from {mdir}")
+        return (
+            mdir,
+            tf.PreTrainedTokenizerFast.from_pretrained(mdir),
+            read_json(mdir / "train_info.json"),
+        )
+    t0 = time.perf_counter()
+    train_texts = builtin_texts("train")
+    tok = train_bpe_tokenizer(train_texts, args.vocab)
+    ids = token_stream(tok, train_texts)
+    torch.manual_seed(args.seed)
+    model = build_model(args, len(tok))
+    losses = train_lm(model, ids, args)
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    info = {
+        "arch": args.arch,
+        "layers": args.layers,
+        "steps": args.steps,
+        "final_loss_avg20": sum(losses[-20:]) / 20,
+        "train_seconds": time.perf_counter() - t0,
+        "train_tokens": ids.numel(),
+    }
+    write_json(mdir / "train_info.json", info)
+    return mdir, tok, info
+
+
+def save_demo(mdir: Path, calib: list, out: Path, tok: object, ids: torch.Tensor) -> dict:
+    """SAES-SVD at ratio 0.4 saved; reloaded by load_compressed and by transformers'
+    from_pretrained (remote code): sizes on disk, logits equality, per-block cost."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(mdir).eval()
+    res = compress_model(model, CompressConfig(method="saes", ratio=0.4), calib)
+    size = save_compressed(model, out, res.summary(), tok)
     with torch.no_grad():
-        same = bool(torch.equal(loaded(ids).logits, student(ids).logits))
+        ref = model(ids).logits
+        same = torch.equal(load_compressed(out)(ids).logits, ref)
+        hf = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        same_hf = torch.equal(hf(ids).logits, ref)
     return {
         "dir": str(out),
         "weights_bytes": size,
-        "original_weights_bytes": (orig_dir / "model.safetensors").stat().st_size,
-        "reload_identical_logits": same,
+        "original_weights_bytes": (mdir / "model.safetensors").stat().st_size,
+        "load_compressed_identical_logits": same,
+        "from_pretrained_identical_logits": same_hf,
+        "block_forwards": res.block_forwards,
+        "blocks": [
+            {"seconds": b.seconds, "peak_bytes": b.peak_bytes, "peak_kind": b.peak_kind}
+            for b in res.blocks
+        ],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/compress_demo")
+    ap.add_argument("--out", default="runs/compress_bench")
     ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d", type=int, default=96, help="hidden size")
+    ap.add_argument("--mlp", type=int, default=256, help="MLP width")
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows (0 = all)")
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--calib-seqs", type=int, default=64)
+    ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    ap.add_argument("--beta", default="aces", help="SAES-SVD β (number, aces, grid)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), help="row labels to run")
     ap.add_argument("--retrain", action="store_true")
-    ap.add_argument(
-        "--ablations",
-        action="store_true",
-        help="also SAES-SVD with β=0 (= sequential SVD-LLM), grid-searched β, fixed β 0.5/0.9",
-    )
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    mdir = out / f"model_{args.arch}"
-    train_texts, test_texts = builtin_texts("train"), builtin_texts("test")
     import transformers as tf
 
-    if (mdir / "config.json").is_file() and not args.retrain:
-        model = tf.AutoModelForCausalLM.from_pretrained(mdir).float().eval()
-        tok = tf.PreTrainedTokenizerFast.from_pretrained(mdir)
-        train_info = json.loads((mdir / "train_info.json").read_text())
-        print(f"loaded trained model from {mdir}")
-    else:
-        t0 = time.perf_counter()
-        tok = train_bpe_tokenizer(train_texts, args.vocab)
-        ids = token_stream(tok, train_texts)
-        model = build_model(args.arch, len(tok), args.seq_len)
-        losses = train_lm(model, ids, args.steps, args.seq_len, args.batch, args.lr, args.seed)
-        model.eval()
-        mdir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(mdir)
-        tok.save_pretrained(mdir)
-        train_info = {
-            "arch": args.arch,
-            "steps": args.steps,
-            "final_loss_avg20": sum(losses[-20:]) / 20,
-            "train_seconds": time.perf_counter() - t0,
-            "train_tokens": ids.numel(),
-        }
-        (mdir / "train_info.json").write_text(json.dumps(train_info, indent=2))
-    calib = chunk_batches(token_stream(tok, train_texts), args.seq_len, 8, args.calib_seqs)
-    heldout = chunk_batches(token_stream(tok, test_texts), args.seq_len, 8)
+    out = Path(args.out)
+    mdir, tok, train_info = trained_model(args, out)
+    stream = token_stream(tok, builtin_texts("train"))
+    test_ids = token_stream(tok, builtin_texts("test"))
+    heldout = batches_of(windows(test_ids, args.seq_len, args.eval_windows), 8)
+    reference = tf.AutoModelForCausalLM.from_pretrained(mdir).eval()
     res = compare_methods(
-        model,
-        calib,
+        lambda: tf.AutoModelForCausalLM.from_pretrained(mdir).eval(),
+        lambda seed: batches_of(windows(stream, args.seq_len, args.calib_seqs, seed), 8),
         heldout,
+        methods=(),
         ratios=tuple(args.ratios),
-        base=CompressConfig(beta=args.beta),
+        seeds=tuple(args.seeds),
+        base=CompressConfig(grid=11, sensitivity_seqs=4),
         progress=lambda s: print(s, flush=True),
-        variants={
-            "SAES-SVD β=0 (sequential SVD-LLM)": {"method": "saes", "beta": "0"},
-            "SAES-SVD β=grid": {"method": "saes", "beta": "grid"},
-            "SAES-SVD β=0.5 (fixed)": {"method": "saes", "beta": "0.5"},
-            "SAES-SVD β=0.9 (fixed)": {"method": "saes", "beta": "0.9"},
-        }
-        if args.ablations
-        else None,
+        variants={k: ROWS[k] for k in args.rows},
+        reference=reference,
     )
     res["train"] = train_info
-    res["saved"] = save_demo(model, calib, out / "saes_0.4", mdir, tok, heldout[0])
+    calib0 = batches_of(windows(stream, args.seq_len, args.calib_seqs, args.seeds[0]), 8)
+    res["saved"] = save_demo(mdir, calib0, out / "saes_0.4", tok, heldout[0])
     table = markdown_table(res)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"table_{args.arch}.json").write_text(json.dumps(res, indent=2))
-    (out / f"table_{args.arch}.md").write_text(table + "\n")
+    name = f"compress_table_{args.arch}_L{args.layers}"
+    res_dir = Path(__file__).parent / "results"
+    write_json(res_dir / f"{name}.json", res)
+    write_bytes(res_dir / f"{name}.md", (table + "\n").encode())
     print(f"saved SAES-SVD 0.4 model: {res['saved']}")
-    print(f"wrote {out / f'table_{args.arch}.json'}")
+    print(f"wrote {res_dir / name}.json")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,15 @@ def test_kill_at_every_point_of_a_checkpoint_write(tmp_path: Path, reference: di
     kill_each(tmp_path, reference, checkpoint_write_points(reference))
 
 
+def test_kill_inside_the_final_save(tmp_path: Path, reference: dict) -> None:
+    """A kill while the final files are written leaves a ``.<file>.<pid>.*.tmp``; the next
+    start removes it (the soak found this)."""
+    labels = reference["labels"]
+    last_step = max(i for i, lab in enumerate(labels) if lab == "step") + 1
+    saves = [i + 1 for i, lab in enumerate(labels) if lab == "save" and i + 1 > last_step]
+    kill_each(tmp_path, reference, saves[-3:])  # sae_weights, saekit_state, sparsity
+
+
 def test_soak_a_few_trials(tmp_path: Path, reference: dict) -> None:
     kills = soak(tmp_path, reference, trials=3, seed=0, max_kills=2)
     assert sum(k > 0 for ks in kills for k in ks) >= 3

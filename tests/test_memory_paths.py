@@ -43,7 +43,7 @@ def _trainer(tmp: Path, rule: str, autocast: str) -> Trainer:
     return Trainer(cfg, tcfg, MemorySource(x))
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "abstopk"])
 @pytest.mark.parametrize("autocast", ["none", "bfloat16"])
 def test_step_allocates_no_dense_latent_tensor(tmp_path: Path, rule: str, autocast: str) -> None:
     t = _trainer(tmp_path, rule, autocast)

@@ -21,7 +21,7 @@ SRC = Path(saekit.__file__).parent
 
 #: files still converted by their owner's work in progress (issue 16: compress); remove an
 #: entry when its file is converted
-PENDING = {"compress/io.py", "commands/compress.py"}
+PENDING: set[str] = set()
 
 #: writes that are not whole files: the append-only metrics log (its truncation on resume is
 #: atomic) and cache shards written inside a temporary directory renamed into place at once

@@ -70,7 +70,7 @@ def cfg(path: Path | str, **kw: object) -> DataConfig:
 def test_special_and_padding_tokens_are_excluded(bert, tok, docs_file) -> None:
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
     n_words = sum(len(i) for i in ids)
-    src = HFSource(cfg(docs_file), model=bert, tokenizer=tok, part="all")
+    src = HFSource(cfg(docs_file, pack=False), model=bert, tokenizer=tok, part="all")
     batch = src.next_batch(n_words)
     assert batch.meta["token_ids"].tolist() == [t for i in ids for t in i]
     acts = batch.acts["layers.1.resid_post"]
@@ -85,9 +85,37 @@ def test_special_and_padding_tokens_are_excluded(bert, tok, docs_file) -> None:
     pads = hs[~enc["attention_mask"].bool()]
     assert torch.cdist(acts, pads).min() > 1e-3
     # without exclude_special: CLS and SEP of each document are kept, padding still not
-    src2 = HFSource(cfg(docs_file, exclude_special=False), model=bert, tokenizer=tok, part="all")
+    c2 = cfg(docs_file, exclude_special=False, pack=False)
+    src2 = HFSource(c2, model=bert, tokenizer=tok, part="all")
     b2 = src2.next_batch(n_words + 2 * len(DOCS))
     assert b2.meta["token_ids"].tolist() == [t for i in ids for t in [101, *i, 102]]
+
+
+def test_documents_are_packed_into_full_windows(bert, tok, docs_file) -> None:
+    """Issue 12: each document's last window was padded (pack=False); packed, only the
+    pass's last window is: [CLS] doc1 [SEP] doc2 [SEP] ... [SEP] windows of context_len."""
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
+    stream = [t for i in ids for t in [*i, 102]]  # documents separated by [SEP]
+    body = 16 - 2
+    want = [[101, *stream[s : s + body], 102] for s in range(0, len(stream), body)]
+    src = HFSource(cfg(docs_file), model=bert, tokenizer=tok, part="all")
+    n_words = sum(len(i) for i in ids)
+    batch = src.next_batch(n_words)
+    assert batch.meta["token_ids"].tolist() == [t for i in ids for t in i]  # same tokens
+    enc_ids = torch.zeros(len(want), 16, dtype=torch.long)
+    mask = torch.zeros(len(want), 16, dtype=torch.long)
+    for r, w in enumerate(want):
+        enc_ids[r, : len(w)], mask[r, : len(w)] = torch.tensor(w), 1
+    assert int(mask.sum()) < 16 * len(want) and mask[:-1].all()  # only the last is padded
+    with torch.no_grad():
+        hs = bert(input_ids=enc_ids, attention_mask=mask, output_hidden_states=True)
+    keep = mask.bool() & ~torch.isin(enc_ids, torch.tensor(tok.all_special_ids))
+    torch.testing.assert_close(batch.acts["layers.1.resid_post"], hs.hidden_states[2][keep])
+    unpacked = HFSource(cfg(docs_file, pack=False), model=bert, tokenizer=tok, part="all")
+    unpacked.next_batch(n_words)
+    assert src._k < unpacked._k  # fewer model batches for the same tokens
+    with pytest.raises(ValueError, match="context_len = 2 leaves no room"):
+        HFSource(cfg(docs_file, context_len=2), model=bert, tokenizer=tok).next_batch(4)
 
 
 def test_early_stop_matches_full_forward_and_skips_later_layers(bert, tok) -> None:
@@ -111,7 +139,7 @@ def test_early_stop_matches_full_forward_and_skips_later_layers(bert, tok) -> No
 
 def test_grads_equal_autograd_of_next_token_loss(gpt2, tok, docs_file) -> None:
     sites = ["layers.0.resid_post", "layers.1.mlp_out", "layers.1.resid_pre"]
-    c = cfg(docs_file, sites=sites, inputs=["grad"])
+    c = cfg(docs_file, sites=sites, inputs=["grad"], pack=False)  # one document per window
     src = HFSource(c, model=gpt2, tokenizer=tok, part="all")
     enc = tok(DOCS[:2], padding="max_length", max_length=16, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -253,3 +281,38 @@ def test_trainer_asks_hf_source_for_the_grad_gtopk_requires(gpt2, bert, tok, tmp
     tc = TrainConfig(out_dir=str(tmp_path), total_tokens=64, batch_size=32, progress=False)
     tr = Trainer(SAEConfig(rule="gtopk", d_sae=64, k=4), tc, src)
     assert tr.inputs == {"grad"} and src.with_grad
+
+
+def test_a_short_run_fills_the_buffer_only_with_its_own_tokens(bert, tok, tmp_path) -> None:
+    """Issue 12: a run shorter than the shuffle buffer computed the whole buffer first (on
+    main at 9e49562: >= shuffle_buffer LM tokens for a 96-token run)."""
+    from saekit import SAEConfig, TrainConfig
+    from saekit.train import Trainer
+
+    c = cfg("", shuffle_buffer=4096)
+    src = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    tc = TrainConfig(out_dir=str(tmp_path), total_tokens=96, batch_size=32, progress=False)
+    Trainer(SAEConfig(d_sae=64, k=4), tc, src).run()
+    per_model_batch = c.model_batch_size * c.context_len
+    assert 96 <= src._next_gid <= 96 + per_model_batch  # LM tokens computed
+    full = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    full.next_batch(32)
+    assert full._next_gid >= 4096  # without a plan the buffer is filled first
+
+
+def test_resume_is_exact_under_a_planned_run(bert, tok) -> None:
+    c = cfg("", shuffle_buffer=200)
+    a = HFSource(c, model=bert, tokenizer=tok, seed=3)
+    a.plan_tokens(150)
+    a.next_batch(20)
+    a.next_batch(30)
+    state = a.state_dict()
+    assert state["planned"] == 150
+    want = [a.next_batch(n) for n in (20, 40, 40, 40)]  # past the plan too
+    b = HFSource(c, model=bert, tokenizer=tok, seed=3)
+    b.plan_tokens(150)
+    b.load_state_dict(state)
+    for w in want:
+        g = b.next_batch(w.meta["token_ids"].shape[0])
+        assert torch.equal(g.meta["token_ids"], w.meta["token_ids"])
+        assert torch.equal(g.acts["layers.1.resid_post"], w.acts["layers.1.resid_post"])

@@ -78,12 +78,22 @@ def add_dataclass_args(
             kw["metavar"] = kw.get("metavar") or f.name.upper()
             if default is not dataclasses.MISSING:
                 kw.update(nargs="?", default=default)
-            group.add_argument(_dest(prefix, f), **kw)
+            _declared(parser, group.add_argument(_dest(prefix, f), **kw), cls)
             continue
         kw.update(dest=_dest(prefix, f), default=None)
         if default is dataclasses.MISSING:
             kw["required"] = True
-        group.add_argument(options.flag_name(f, prefix), **kw)
+        _declared(parser, group.add_argument(options.flag_name(f, prefix), **kw), cls)
+
+
+def _declared(parser: argparse.ArgumentParser, action: argparse.Action, cls: type) -> None:
+    """Remember that ``action`` was derived from a field of ``cls`` (see ``declared_by``)."""
+    parser.__dict__.setdefault("_saekit_declared", {})[action.dest] = cls
+
+
+def declared_by(parser: argparse.ArgumentParser, action: argparse.Action) -> type | None:
+    """The options class whose field ``action`` was derived from (None: written by hand)."""
+    return parser.__dict__.get("_saekit_declared", {}).get(action.dest)
 
 
 def _flag_type(tp: Any, md: Any) -> dict[str, Any]:

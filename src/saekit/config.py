@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from saekit.options import Options, fail, from_dict, option, to_dict
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: values of TrainConfig.autocast (see saekit.device.autocast_dtype)
+AUTOCASTS = ("auto", "none", "bfloat16")
 
 
 def _rules() -> list[str]:
@@ -27,6 +29,12 @@ def _sparsity_kind(rule: str) -> str:
     from saekit.rules import get_rule_class
 
     return get_rule_class(rule).sparsity.kind
+
+
+def _archs() -> list[str]:
+    from saekit.arch import arch_names
+
+    return arch_names()
 
 
 def _aux_losses() -> tuple[str, ...]:
@@ -71,6 +79,14 @@ class SAEConfig(Options):
     d_in: int = option(0, "input width (0: taken from the data)", ge=0)
     d_sae: int = option(0, "number of latents (0: expansion * d_in)", ge=0)
     expansion: int = option(8, "d_sae = expansion * d_in when d_sae is 0", ge=1)
+    d_out: int = option(0, "output width (0: d_in; a transcoder's: its target site's)", ge=0)
+    arch: list[str] = option(
+        [],
+        "architecture parts (saekit.arch): matryoshka, gated, transcoder, crosscoder; any"
+        " rule, parts of different stages combine ([]: a plain SAE)",
+        choices=_archs,
+    )
+    arch_options: dict = option({}, "options of the arch parts, flat (see saekit.arch)")
     rule: str = option("topk", "selection rule name (see `saekit rules`)", choices=_rules)
     k: int = option(32, "active latents per token (TopK family; budget k*B for batch rules)", ge=1)
     aux_k: int = option(512, "latents in the aux-k dead-latent loss (0 disables it)", ge=0)
@@ -113,9 +129,14 @@ class SAEConfig(Options):
         ge=0,
     )
 
-    def resolved(self, d_in: int | None = None) -> SAEConfig:
-        """Copy with ``d_in`` / ``d_sae`` filled in."""
-        cfg = dataclasses.replace(self, rule_options=dict(self.rule_options))
+    def resolved(self, d_in: int | None = None, d_out: int | None = None) -> SAEConfig:
+        """Copy with ``d_in`` / ``d_sae`` (and ``d_out``, when given) filled in."""
+        cfg = dataclasses.replace(
+            self,
+            rule_options=dict(self.rule_options),
+            arch=list(self.arch),
+            arch_options=dict(self.arch_options),
+        )
         if d_in is not None:
             if cfg.d_in and cfg.d_in != d_in:
                 fail(
@@ -134,12 +155,18 @@ class SAEConfig(Options):
                 "is not a width: the SAE needs d_in > 0",
                 "give d_in, or build the SAE through the trainer (which takes it from the data)",
             )
+        if d_out is not None:  # 0 when it equals d_in (an autoencoder's config is unchanged)
+            cfg.d_out = 0 if d_out == cfg.d_in else d_out
         if cfg.d_sae <= 0:
             cfg.d_sae = cfg.expansion * cfg.d_in
         cfg.check()  # k against the resolved width
         return cfg
 
     def check(self) -> None:
+        if self.arch or self.arch_options:
+            from saekit.arch import parse_arch
+
+            parse_arch(self)  # names, stages and options of the parts
         d_sae = self.d_sae or self.expansion * self.d_in  # 0: not known before the data
         if d_sae and self.k > d_sae and _sparsity_kind(self.rule) == "k":
             fail(
@@ -188,7 +215,7 @@ class TrainConfig(Options):
     autocast: str = option(
         "auto",
         "SAE forward autocast: auto (bfloat16 on CUDA, none on CPU), none, bfloat16",
-        choices=("auto", "none", "bfloat16"),
+        choices=AUTOCASTS,
     )
     threads: int = option(0, "torch CPU threads (0: torch default)", ge=0, resumable=True)
     progress: bool = option(True, "show a tqdm progress bar", resumable=True)
@@ -239,6 +266,13 @@ class DataConfig(Options):
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)
+    pack: bool = option(
+        True,
+        "hf: pack documents into full windows (separated by the tokenizer's eos/sep token,"
+        " each window with its special tokens) instead of padding each document's last"
+        " window; false: the windows of saekit <= 0.x (resumes their checkpoints)",
+        resumable=True,  # the HF source's own state refuses a change (its fingerprint)
+    )
     model_batch_size: int = option(16, "sequences per model forward", ge=1, resumable=True)
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)
@@ -315,6 +349,7 @@ class DistConfig(Options):
 
 
 __all__ = [
+    "AUTOCASTS",
     "DTYPES",
     "DataConfig",
     "DistConfig",

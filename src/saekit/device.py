@@ -7,10 +7,8 @@ import contextlib
 
 import torch
 
+from saekit.config import AUTOCASTS as AUTOCAST_CHOICES  # the values of TrainConfig.autocast
 from saekit.errors import ConfigError, EnvironmentProblem
-
-#: values of ``TrainConfig.autocast``
-AUTOCAST_CHOICES = ("auto", "none", "bfloat16")
 
 
 def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:

@@ -90,8 +90,18 @@ GRAD = register_input(
     )
 )
 
+TARGET = register_input(
+    InputKind(
+        "target",
+        "none",
+        "the reconstruction target when it is not x, raw (a transcoder's activations at its"
+        " target site; saekit.arch.views); the SAE scales it by its own output scale",
+    )
+)
+
 __all__ = [
     "GRAD",
+    "TARGET",
     "SCALINGS",
     "InputKind",
     "input_kind",

@@ -333,13 +333,47 @@ def chunked_row_topk(
 MASKED_TOPK_ELEMENTS = 1 << 22
 
 
+def abs_row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(|values|, indices)``, ``[B, k]``, of each row's ``k`` largest ``|pre|`` (``k``
+    clipped to the row length) without forming ``|pre|``.
+
+    The row's ``k`` largest and ``k`` smallest entries are merged: an entry scores ``u`` in
+    the first list when ``u >= 0`` and ``-u`` in the second when ``u < 0`` (``-inf``
+    otherwise), so no column is picked twice. Exact: each of the ``k`` largest ``|u|`` is
+    non-negative and among the ``k`` largest ``u``, or negative and among the ``k``
+    smallest, and the two lists hold at least ``k`` finite scores. Equals
+    ``pre.abs().topk(k)`` up to ties (the same ``|values|`` either way). Temporaries are
+    ``[B, 2k]``.
+    """
+    kk = min(k, pre.shape[-1])
+    hi = pre.topk(kk, dim=-1, sorted=False)
+    lo = pre.topk(kk, dim=-1, largest=False, sorted=False)
+    ninf = pre.new_tensor(float("-inf"))
+    score = torch.cat(
+        [torch.where(hi.values < 0, ninf, hi.values), torch.where(lo.values < 0, -lo.values, ninf)],
+        dim=-1,
+    )
+    top = score.topk(kk, dim=-1, sorted=False)
+    return top.values, torch.cat([hi.indices, lo.indices], dim=-1).gather(-1, top.indices)
+
+
+def row_topk(score: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of each row's ``k`` largest ``score`` (of ``|score|`` when
+    ``absolute``, see :func:`abs_row_topk`; values are then ``|score|``); ``k`` clipped to
+    the row length, unsorted."""
+    if absolute:
+        return abs_row_topk(score, k)
+    top = score.topk(min(k, score.shape[-1]), dim=-1, sorted=False)
+    return top.values, top.indices
+
+
 def masked_row_topk(pre: Tensor, allowed: Tensor, k: int, absolute: bool = False) -> Tensor:
     """Indices ``[B, k]`` of each row's ``k`` largest entries of ``pre [B, F]`` (of ``|pre|``
     when ``absolute``) among the columns where ``allowed [F]`` is True (``k`` <= their number).
 
     Equals ``where(allowed, score, -inf).topk(k)`` up to ties without that ``[B, F]`` score:
     the allowed columns are gathered in row chunks of at most :data:`MASKED_TOPK_ELEMENTS`
-    elements (no copy at all when every column is allowed and ``absolute`` is False).
+    elements (no copy at all when every column is allowed: :func:`row_topk`).
     """
     B, F = pre.shape
     cols = allowed.nonzero(as_tuple=True)[0]
@@ -347,16 +381,15 @@ def masked_row_topk(pre: Tensor, allowed: Tensor, k: int, absolute: bool = False
     if k > n:
         raise ValueError(f"k={k} but only {n} columns are allowed")
     every = n == F
-    if every and not absolute:
-        return pre.topk(k, dim=1, sorted=False).indices
+    if every:
+        return row_topk(pre, k, absolute)[1]
     out = torch.empty(B, k, dtype=torch.long, device=pre.device)
     step = max(1, MASKED_TOPK_ELEMENTS // max(n, 1))
     for s in range(0, B, step):
-        sub = pre[s : s + step].abs() if every else pre[s : s + step].index_select(1, cols)
-        if absolute and not every:
+        sub = pre[s : s + step].index_select(1, cols)
+        if absolute:
             sub.abs_()
-        i = sub.topk(k, dim=1, sorted=False).indices
-        out[s : s + step] = i if every else cols[i]
+        out[s : s + step] = cols[sub.topk(k, dim=1, sorted=False).indices]
     return out
 
 

@@ -1,10 +1,12 @@
 """The SAE module: encode pre-activations -> select (a pluggable rule) -> decode.
 
 Weights follow the SAELens layout: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
-``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. With ``normalize_input`` the SAE works in a
-space where inputs are multiplied by ``input_scale`` (so that E||x||^2 = d_in); ``forward``
-takes and returns raw activations, and :meth:`folded_weights` folds the scale into the
-weights for export.
+``W_dec [d_sae, d_out]``, ``b_dec [d_out]`` (``d_out = d_in`` except for transcoders). With
+``normalize_input`` the SAE works in a space where inputs are multiplied by ``input_scale``
+(so that E||x||^2 = d_in); ``forward`` takes and returns raw activations, and
+:meth:`folded_weights` folds the scale into the weights for export. Architecture parts
+(``self.arch``, :mod:`saekit.arch`) hook the encoder values, the decoder, the loss and the
+export; a plain SAE has none.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit import kernels
+from saekit.arch import ArchStack, parse_arch
 from saekit.config import SAEConfig
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, DataError
@@ -96,23 +99,37 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         cfg = cfg.resolved()
+        for part, _ in parse_arch(cfg):
+            part.adjust_config(cfg)
         self.cfg = cfg
         d, F = cfg.d_in, cfg.d_sae
-        W_dec = torch.randn(F, d)
+        d_out = cfg.d_out or d
+        W_dec = torch.randn(F, d_out)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        W_enc = W_dec.t().clone() if cfg.tied_init else torch.randn(d, F) / d**0.5
+        tied = cfg.tied_init and d_out == d  # [our choice] untied when d_out differs
+        W_enc = W_dec.t().clone() if tied else torch.randn(d, F) / d**0.5
         # W_enc has SAELens's [d_in, d_sae] shape but latent-major memory ([d_sae, d_in]
         # row-major): the sparse kernels produce its gradient latent-major, so autograd keeps
         # it without a transposing copy; the encoder matmul reads either layout equally fast
         self.W_enc = nn.Parameter(W_enc.t().contiguous().t())
         self.b_enc = nn.Parameter(torch.zeros(F))
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
         self.register_buffer("fire_freq", torch.zeros(F))  # EMA of per-token firing rate
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.rule = build_rule(cfg)
+        #: architecture parts (saekit.arch); empty for a plain SAE (no state_dict entries)
+        self.arch = ArchStack(cfg)
+        wiring = self.arch.part("wiring")
+        other = wiring is not None and wiring.predicts_other  # a transcoder's target
+        if self.rule.input_norm == "token" and (d_out != d or other):
+            raise ConfigError(
+                f"rule {cfg.rule!r} standardises every input token, which a reconstruction of"
+                f" another width or site (d_out={d_out}, d_in={d}, arch {list(cfg.arch)})"
+                " cannot undo; pick another rule"
+            )
         for name in self.requires:
             input_kind(name)  # every required input is a registered name
         self.recon_kind = check_recon(
@@ -145,6 +162,23 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction (the target's; ``d_in`` for an autoencoder)."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
+    def output_scale(self) -> Tensor:
+        """The target's scale in SAE units (``input_scale`` unless a transcoder's own)."""
+        s = self.arch.output_scale(self)
+        return self.input_scale if s is None else s
+
+    def decoder_norms(self) -> Tensor:
+        """``[d_sae]`` decoder norm per latent for norm-weighted penalties (``||W_dec_i||``;
+        a crosscoder's sum over its layers)."""
+        n = self.arch.decoder_norms(self)
+        return self.W_dec.norm(dim=1) if n is None else n
+
     def _flat(self, x: Tensor, name: str = "x") -> Tensor:
         if x.shape[-1] != self.d_in:
             raise DataError(
@@ -160,7 +194,7 @@ class SAE(nn.Module):
 
     def _to_raw_units(self, x_hat_n: Tensor, like: Tensor | None) -> Tensor:
         """Undo :meth:`_to_sae_units`; per-token normalisation needs the input ``like``."""
-        out = x_hat_n / self.input_scale if self.cfg.normalize_input else x_hat_n
+        out = x_hat_n / self.output_scale if self.cfg.normalize_input else x_hat_n
         if self.rule.input_norm == "token":
             if like is None:
                 raise DataError(
@@ -205,7 +239,8 @@ class SAE(nn.Module):
                 pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x_in))
         sel = self.rule.init_selection(pre, ctx) if init else self.rule.select(pre, ctx)
         if sel.dense is not None:
-            return Codes(self.d_sae, dense=sel.dense), pre, x_in, sel, ctx
+            dense = self.arch.dense_codes(self, sel, pre, ctx)
+            return Codes(self.d_sae, dense=dense), pre, x_in, sel, ctx
         assert sel.indices is not None
         if dense_grad:
             pre_sel = pre.gather(1, sel.indices)
@@ -215,7 +250,7 @@ class SAE(nn.Module):
             )
         else:
             pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, sel.indices, pre)
-        values = self.rule.activate(pre_sel, sel, ctx)
+        values = self.arch.code_values(self, pre_sel, sel, ctx)
         if sel.mask is not None:
             values = values * sel.mask.to(values.dtype)
         return Codes(self.d_sae, values=values, indices=sel.indices), pre, x_in, sel, ctx
@@ -234,7 +269,7 @@ class SAE(nn.Module):
             )
         else:
             pre_sel = kernels.sparse_encode(x_in, self.W_enc, self.b_enc, idx, selected=v)
-        values = self.rule.activate(pre_sel, sel, ctx)
+        values = self.arch.code_values(self, pre_sel, sel, ctx)
         return Codes(self.d_sae, values=values, indices=idx), None, x_in, sel, ctx
 
     def _pre_buffer(self, x_in: Tensor) -> Tensor | None:
@@ -273,9 +308,15 @@ class SAE(nn.Module):
         return self.comm.latent_sum(out) + self.b_dec
 
     def decode(self, codes: Codes, like: Tensor | None = None) -> Tensor:
-        """Reconstruction in raw units, ``[N, d_in]``. ``like``: the encoded inputs, needed
-        when the rule standardises every token (``Rule.input_norm == "token"``)."""
+        """Reconstruction in raw units, ``[N, d_out]`` (without a skip path's term: that
+        needs the input, see :meth:`forward`). ``like``: the encoded inputs, needed when the
+        rule standardises every token (``Rule.input_norm == "token"``)."""
         return self._to_raw_units(self.decode_n(codes), like)
+
+    def target_units(self, target: Tensor) -> Tensor:
+        """A raw reconstruction target ``[..., d_out]`` flattened, in SAE units."""
+        t = target.reshape(-1, self.d_out).to(self.W_enc.dtype)
+        return t * self.output_scale if self.cfg.normalize_input else t
 
     def _inputs_units(self, inputs: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         """Named inputs flattened to ``[N, ...]`` and in SAE units (saekit.inputs)."""
@@ -287,16 +328,25 @@ class SAE(nn.Module):
                 flat[name] = self._flat(t, name)
             else:
                 flat[name] = t.reshape(-1, *t.shape[-1:]).to(self.W_enc.dtype)
-        return to_sae_units(flat, self.input_scale if self.cfg.normalize_input else None)
+        norm = self.cfg.normalize_input
+        s_in, s_out = (self.input_scale, self.output_scale) if norm else (None, None)
+        # gradients are read where the SAE writes (saekit.arch.input_site): the output's scale
+        grads = {n for n in flat if input_kind(n).scaling == "grad"}
+        out = to_sae_units({n: t for n, t in flat.items() if n not in grads}, s_in)
+        out.update(to_sae_units({n: flat[n] for n in grads}, s_out))
+        return out
 
     def forward(
         self, x: Tensor, inputs: Mapping[str, Tensor] | None = None, step: int = 0
     ) -> SAEOutput:
         """Encode and decode ``x`` (raw units); ``inputs``: named inputs, see :meth:`encode`."""
-        shape = x.shape
+        shape = (*x.shape[:-1], self.d_out)
         xn = self._to_sae_units(self._flat(x))
         codes, pre, x_in, sel, _ = self._select(xn, self._inputs_units(inputs), step)
         x_hat_n = self.decode_n(codes)
+        extra = self.arch.decode_extra(self, xn)
+        if extra is not None:
+            x_hat_n = x_hat_n + extra
         x_hat = self._to_raw_units(x_hat_n, x)
         return SAEOutput(
             x_hat=x_hat.reshape(shape),
@@ -312,8 +362,15 @@ class SAE(nn.Module):
     def loss(
         self, x: Tensor, inputs: Mapping[str, Tensor] | None = None, step: int = 0
     ) -> tuple[Tensor, dict[str, Tensor], SAEOutput]:
-        """Total loss, its named terms and the forward output, in SAE units."""
+        """Total loss, its named terms and the forward output, in SAE units.
+
+        ``inputs["target"]``: the reconstruction target in raw units when it is not ``x``
+        (a transcoder's activations at its target site, :func:`saekit.arch.views`).
+        """
+        inputs = dict(inputs or {})
+        target = inputs.pop("target", None)
         out = self(x, inputs=inputs, step=step)
+        y = out.x if target is None else self.target_units(target)
         ctx = Context(
             sae=self,
             training=self.training,
@@ -323,11 +380,12 @@ class SAE(nn.Module):
             step=step,
             comm=self.comm,
         )
-        recon = recon_loss(self.recon_kind, out.x_hat_n, out.x, self.comm)
+        recon = recon_loss(self.recon_kind, out.x_hat_n, y, self.comm)
         terms: dict[str, Tensor] = {"recon": recon}
-        terms.update(self.rule.loss_terms(out, ctx))
+        terms.update(self.rule.loss_terms(self.arch.rule_output(out), ctx))
+        terms.update(self.arch.loss_terms(self, out, ctx, y))
         if self.aux_loss is not None:
-            terms["aux"] = self.aux_loss(self, out)
+            terms["aux"] = self.aux_loss(self, out, None if target is None else y)
         total = torch.stack(list(terms.values())).sum()
         return total, terms, out
 
@@ -385,30 +443,35 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
+    def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
         """Set ``input_scale``, ``b_dec`` and the encoder scale from a sample of inputs.
 
-        ``x``: this rank's part of the sample; every rank uses the whole sample.
+        ``x``: this rank's part of the sample; every rank uses the whole sample. ``target``:
+        the sample's reconstruction targets when they are not ``x`` (transcoders), raw.
         """
         x = self.comm.gather_batch(self._flat(x)).float()
+        if target is not None:
+            target = self.comm.gather_batch(target.reshape(-1, self.d_out)).float()
         if self.cfg.normalize_input:
             base = token_standardise(x) if self.rule.input_norm == "token" else x
             self.input_scale.fill_(float((self.d_in / base.pow(2).sum(-1).mean()).sqrt()))
         xn = self._to_sae_units(x)
+        self.arch.init_from_data(self, xn, target)  # e.g. a transcoder's output scale
+        yn = xn if target is None else self.target_units(target)
         how = self.cfg.init_b_dec
         if how == "geometric_median":
-            self.b_dec.copy_(geometric_median(xn))
+            self.b_dec.copy_(geometric_median(yn))
         elif how == "mean":
-            self.b_dec.copy_(xn.mean(0))
+            self.b_dec.copy_(yn.mean(0))
         elif how != "zeros":
             raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
-        # rescale the encoder so that reconstructions start with roughly the input's norm,
-        # with the codes the rule trains with (Rule.init_selection)
+        # rescale the encoder so that reconstructions start with roughly the target's norm
+        # (about b_dec), with the codes the rule trains with (Rule.init_selection)
         was = self.training
         self.train(False)
-        x_in = self._encoder_input(xn)
+        ref = self._encoder_input(xn) if target is None else yn - self.b_dec
         recon = self.decode_n(self._select(xn, {}, 0, init=True)[0]) - self.b_dec
-        ratio = x_in.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
+        ratio = ref.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
         if torch.isfinite(ratio) and ratio > 0:
             self.W_enc.mul_(ratio)
         self.train(was)
@@ -434,14 +497,17 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ export
     @torch.no_grad()
     def folded_weights(self) -> dict[str, Tensor]:
-        """Weights with the input scale folded in: the SAE then takes raw activations."""
+        """Weights with the input scale folded in: the SAE then takes raw activations (and
+        the architecture parts' tensors, e.g. ``W_skip``, folded alike)."""
         s = float(self.input_scale) if self.cfg.normalize_input else 1.0
+        so = float(self.output_scale) if self.cfg.normalize_input else 1.0
         out = {
             "W_enc": (self.W_enc * s).contiguous(),
             "b_enc": self.b_enc.clone(),
-            "W_dec": (self.W_dec / s).contiguous(),
-            "b_dec": (self.b_dec / s).clone(),
+            "W_dec": (self.W_dec / so).contiguous(),
+            "b_dec": (self.b_dec / so).clone(),
         }
+        self.arch.fold(self, out, s, so)
         return out
 
 

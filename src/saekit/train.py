@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit import tracking
+from saekit import arch, tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
 from saekit.errors import ConfigError, DistributedError, SaekitError, TrainingError
 from saekit.evaluate.core import fve
-from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
@@ -121,11 +120,15 @@ def plan_saes(
 ) -> dict[str, tuple[str, SAEConfig]]:
     """``name -> (site, SAEConfig)``.
 
-    One SAEConfig: one SAE per source site, named after the site. A dict maps a name to
-    ``(site, SAEConfig)`` or to a SAEConfig (then the name is the site).
+    One SAEConfig: one SAE per source site, named after the site (an architecture may plan
+    fewer: a transcoder none at its target sites, a crosscoder one over all,
+    :func:`saekit.arch.plan_sites`). A dict maps a name to ``(site, SAEConfig)`` or to a
+    SAEConfig (then the name is the site). Every site an SAE reads must be a source site.
     """
     if isinstance(sae_cfgs, SAEConfig):
-        return {s: (s, sae_cfgs) for s in sites}
+        plan = {s: (s, sae_cfgs) for s in arch.plan_sites(sae_cfgs, sites)}
+        _check_sites(plan, sites)
+        return plan
     if not isinstance(sae_cfgs, dict) or not sae_cfgs:
         raise ConfigError("sae_cfgs must be a SAEConfig or a non-empty dict name -> config")
     plan: dict[str, tuple[str, SAEConfig]] = {}
@@ -139,7 +142,19 @@ def plan_saes(
         if site not in sites:
             raise ConfigError(f"SAE {name!r}: site {site!r} is not produced by the source {sites}")
         plan[name] = (site, cfg)
+    _check_sites(plan, sites)
     return plan
+
+
+def _check_sites(plan: dict[str, tuple[str, SAEConfig]], sites: list[str]) -> None:
+    for name, (site, cfg) in plan.items():
+        ins, outs = arch.arch_sites(cfg, site)
+        missing = [t for t in (*ins, *outs) if t not in sites]
+        if missing:
+            raise ConfigError(
+                f"SAE {name!r} reads site(s) {missing}, which the source does not produce"
+                f" ({sites}); add them to the data's sites (--sites)"
+            )
 
 
 def _dir_name(name: str) -> str:
@@ -200,6 +215,7 @@ class Trainer:
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
         wanted = {name for s in self.slots for name in s.sae.requires}
         self.inputs = self.source.request_inputs(wanted) if wanted else set()
+        self.source.plan_tokens(self.planned_tokens())
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -211,11 +227,14 @@ class Trainer:
     def _make_slot(
         self, index: int, name: str, site: str, cfg: SAEConfig, sae: SAE | None
     ) -> _Slot:
-        d_in = self.source.d_in(site)
+        d_in, d_out = arch.widths(cfg, site, self.source.d_in)
         if sae is None:
-            sae = SAE(cfg.resolved(d_in))
-        elif sae.d_in != d_in:
-            raise ConfigError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} has {d_in}")
+            sae = SAE(cfg.resolved(d_in, d_out))
+        elif (sae.d_in, sae.d_out) != (d_in, d_out):
+            raise ConfigError(
+                f"SAE {name!r} has d_in={sae.d_in}, d_out={sae.d_out} but its site(s) at"
+                f" {site!r} have {d_in}, {d_out}"
+            )
         sae = sae.to(device=self.device, dtype=self.dtype).train()
         c = self.cfg
         if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
@@ -237,9 +256,9 @@ class Trainer:
         sae.rule.setup_training(self.total_steps)
         return slot
 
-    def configs(self) -> dict:
-        """The configs a checkpoint must match to be resumed."""
-        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs)
+    def configs(self, form: Callable[[Any], dict] = to_dict) -> dict:
+        """The configs a checkpoint must match to be resumed (``form``: see run_configs)."""
+        return run_configs(self.cfg, self.data_cfg, self.sae_cfgs, form)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -328,7 +347,8 @@ class Trainer:
                 _note(f"starting afresh: the earlier metrics log is kept as {moved}")
             return None
         meta, files = ckpt.read_checkpoint(self.ckpt_dir)
-        diff = ckpt.describe_diff(meta.get("configs"), json.loads(json.dumps(self.configs())))
+        now, dflt = json.loads(json.dumps(self.configs())), self.configs(ckpt.field_defaults)
+        diff = ckpt.describe_diff(meta.get("configs"), now, defaults=dflt)
         if diff:
             raise ckpt.CheckpointError(
                 f"checkpoint {self.ckpt_dir} is from a run with other configs; use another"
@@ -371,7 +391,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, batch: Batch) -> None:
-        for site in {s.site for s in self.slots}:
+        read = {t for s in self.slots for t in sum(arch.arch_sites(s.cfg, s.site), [])}
+        for site in sorted(read):
             if site not in batch.acts:
                 raise TrainingError(f"step {self.step}: the batch has no activations for {site!r}")
             x = batch.acts[site]
@@ -426,8 +447,18 @@ class Trainer:
         """The named inputs one SAE reads from ``batch``: ``batch.inputs[name][s.site]`` for
         each name it requires (on the trainer's device and dtype). The one place an input
         could come from elsewhere in the batch (another site, for a transcoder's target)."""
-        got = site_inputs(batch.inputs, s.site, s.sae.requires)
+        got = arch.site_inputs_of(s.cfg, s.site, batch.inputs, s.sae.requires)
         return {n: t.to(self.device, self.dtype) for n, t in got.items()}
+
+    def slot_data(self, s: _Slot, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """What one SAE reads from ``batch``, on the trainer's device and dtype: ``x`` (its
+        input sites, :func:`saekit.arch.views`) and its named inputs (:meth:`slot_inputs`,
+        and ``"target"`` when it predicts other sites than it reads)."""
+        x, target = arch.views(s.cfg, s.site, batch.acts)
+        inputs = self.slot_inputs(s, batch)
+        if target is not None:
+            inputs["target"] = target.to(self.device, self.dtype)
+        return x.to(self.device, self.dtype), inputs
 
     def train_step(self, batch: Batch) -> dict[str, SAEOutput]:
         """One optimisation step of every SAE on ``batch``."""
@@ -437,10 +468,9 @@ class Trainer:
         )
         outs = {}
         for s in self.slots:
-            x = batch.acts[s.site].to(self.device, self.dtype)
-            inputs = self.slot_inputs(s, batch)
+            x, inputs = self.slot_data(s, batch)
             if self.step == 0:
-                s.sae.init_from_data(x)
+                s.sae.init_from_data(x, inputs.get("target"))
             outs[s.name] = self._update(s, x, inputs, factor)
         self.step += 1
         self.tokens += self.cfg.batch_size
@@ -453,7 +483,8 @@ class Trainer:
         rows = []
         for s in self.slots:
             out, comm = outs[s.name], s.sae.comm
-            x = batch.acts[s.site].to(out.x_hat.device)
+            x, target = arch.views(s.cfg, s.site, batch.acts)
+            x = (x if target is None else target).to(out.x_hat.device)
             dead = comm.latent_sum(s.sae.dead_latents().sum())  # what the aux loss uses
             l0 = comm.batch_sum(comm.latent_sum(out.codes.l0().sum()))
             terms = out.extras["terms"]
@@ -561,6 +592,11 @@ class Trainer:
         self.strategy.root(lambda: self.save_final(saes))
         return self._result(saes, completed=completed)
 
+    def planned_tokens(self) -> int:
+        """Tokens the run draws from its source: the steps' and the held-back batches'."""
+        bs = self.cfg.batch_size
+        return bs * (self.total_steps + (self.calibration_batches() if self._calibrates() else 0))
+
     def calibration_batches(self) -> int:
         """Held-back batches drawn after training for the rules that calibrate."""
         n = self.cfg.calibration_tokens
@@ -602,10 +638,12 @@ class Trainer:
         Decided over the whole plan, so that every rank (each holding some of the SAEs
         under ``layers``) draws the same held-back batches and writes the same checkpoints.
         """
+        return self._calibrates() and not self.calibrated and self.calibration_batches() > 0
+
+    def _calibrates(self) -> bool:
         from saekit.rules import get_rule_class
 
-        wanted = any(get_rule_class(c.rule).calibrates for _, c in self.sae_cfgs.values())
-        return wanted and not self.calibrated and self.calibration_batches() > 0
+        return any(get_rule_class(c.rule).calibrates for _, c in self.sae_cfgs.values())
 
     @torch.no_grad()
     def calibrate(self) -> bool:
@@ -633,7 +671,7 @@ class Trainer:
                 break
             self._check_finite(batch)
             for s in slots:
-                s.sae.calibrate_batch(batch.acts[s.site].to(self.device, self.dtype))
+                s.sae.calibrate_batch(self.slot_data(s, batch)[0])
             got += 1
         for s in slots:
             s.sae.end_calibration()
@@ -709,14 +747,18 @@ class Trainer:
 
 
 def run_configs(
-    train_cfg: TrainConfig, data_cfg: DataConfig | None, saes: dict[str, tuple[str, SAEConfig]]
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig | None,
+    saes: dict[str, tuple[str, SAEConfig]],
+    form: Callable[[Any], dict] = to_dict,
 ) -> dict:
-    """The configs a checkpoint records and must match to be resumed (resolved SAE configs)."""
-    train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
+    """The configs a checkpoint records and must match to be resumed (resolved SAE configs);
+    ``form=checkpoint.field_defaults`` gives the same tree of the fields' defaults."""
+    train = {k: v for k, v in form(train_cfg).items() if k not in RESUMABLE_TRAIN_FIELDS}
     data = None
     if data_cfg is not None:
-        data = {k: v for k, v in to_dict(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
-    slots = {n: {"site": site, "sae": to_dict(c)} for n, (site, c) in saes.items()}
+        data = {k: v for k, v in form(data_cfg).items() if k not in RESUMABLE_DATA_FIELDS}
+    slots = {n: {"site": site, "sae": form(c)} for n, (site, c) in saes.items()}
     return {"saes": slots, "train": train, "data": data}
 
 
@@ -750,14 +792,13 @@ def finished_run(
             width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
             sites = list(width)
             plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
-            want = run_configs(
-                train_cfg,
-                data_cfg,
-                {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()},
-            )
+            trained = {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()}
+            want = run_configs(train_cfg, data_cfg, trained)
+            dflt = run_configs(train_cfg, data_cfg, trained, ckpt.field_defaults)
             dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
             done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
-            if not done or ckpt.describe_diff(meta["configs"], json.loads(json.dumps(want))):
+            want = json.loads(json.dumps(want))
+            if not done or ckpt.describe_diff(meta["configs"], want, defaults=dflt):
                 return None
             if not rundir.is_finished(list(dirs.values()), meta["step"]):
                 return None

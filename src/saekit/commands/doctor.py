@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from saekit.cli import add_dataclass_args, dataclass_from_args
+from saekit.options import Options, option
+
+
+@dataclass
+class DoctorOptions(Options):
+    """Which directories ``saekit doctor`` checks, and how."""
+
+    dirs: list[str] = option(
+        help="run or cache directories", positional=True, metavar="DIR", nonempty=True
+    )
+    sizes_only: bool = option(False, "check file sizes, not SHA-256 (huge files)", switch=True)
+    quiet: bool = option(False, "print only warnings and failures", switch=True)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,22 +29,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " and every shard). Prints one line per check; exits 1 when something is broken."
         " Changes nothing.",
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or cache directories")
-    p.add_argument(
-        "--sizes-only", action="store_true", help="check file sizes, not SHA-256 (huge files)"
-    )
-    p.add_argument("--quiet", action="store_true", help="print only warnings and failures")
+    add_dataclass_args(p, DoctorOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from saekit.io.doctor import diagnose
 
+    o = dataclass_from_args(DoctorOptions, args)
     failed = 0
-    for d in args.dirs:
-        findings = diagnose(d, verify=not args.sizes_only)
+    for d in o.dirs:
+        findings = diagnose(d, verify=not o.sizes_only)
         for f in findings:
-            if not (args.quiet and f.level == "ok"):
+            if not (o.quiet and f.level == "ok"):
                 print(f)
         n_fail = sum(f.level == "fail" for f in findings)
         n_warn = sum(f.level == "warn" for f in findings)

@@ -25,8 +25,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_options(cls: type, prefix: str) -> None:
+    from saekit.options import constraints, default_of
+
     for f in dataclasses.fields(cls):
-        print(f"{'':14s}   {prefix}.{f.name} = {f.default!r}")
+        about = "; ".join(x for x in (f.metadata.get("help", ""), constraints(f)) if x)
+        print(
+            f"{'':14s}   {prefix}.{f.name} = {default_of(f)!r}" + (f"  ({about})" if about else "")
+        )
 
 
 def run(args: argparse.Namespace) -> int:

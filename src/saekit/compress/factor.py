@@ -8,8 +8,10 @@ the full-precision model sees. Every method returns ``A [m, r]`` and ``B [r, n]`
 All maths runs in float64; callers cast the factors back to the model dtype.
 
 Ridge: SVD-LLM and SAES-SVD factor ``H + λI = L Lᵀ`` and use ``H + λI`` in place of ``H``
-everywhere (also inside ``G(β)``), which is the exact minimiser of the CEALC objective plus
-``λ‖AB − W‖²_F``; with this choice SAES-SVD at ``β = 0`` is *exactly* SVD-LLM.
+everywhere (also inside ``G(β)``). For the CEALC objective
+``J = ‖(AB − W)X‖² + α‖ABX − W X_f‖²`` (``β = α/(1+α)``) this is the exact minimiser of
+``J + (1+α)·λ·‖AB − W‖²_F`` (see :func:`cealc_objective`); with this choice SAES-SVD at
+``β = 0`` is *exactly* SVD-LLM.
 """
 
 from __future__ import annotations
@@ -20,25 +22,33 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.compress.aces import AcesResult, aces_beta, grid_beta, retained_energy
 from saekit.errors import ConfigError, DataError
-
-METHODS = ("svd", "asvd", "svdllm", "saes")
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """Uniform rank ``r = ⌊m n (1 − ratio) / (m + n)⌋`` (ratio = fraction of parameters
-    removed), clipped to ``[1, min(m, n)]``."""
+    """Rank ``r = ⌊m n (1 − ratio) / (m + n)⌋`` (ratio = fraction of the layer's parameters
+    removed), clipped to ``[1, min(m, n)]``; ``ratio = 0`` gives ``min(m, n)`` (no
+    truncation: the layer stays dense, see :func:`saves_params`)."""
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio is the fraction of parameters removed, in [0, 1); got {ratio}")
+    if ratio == 0.0:
+        return min(m, n)
     r = math.floor(m * n * (1.0 - ratio) / (m + n))
     return max(1, min(r, m, n))
+
+
+def saves_params(m: int, n: int, r: int) -> bool:
+    """Whether rank-r factors (``r(m + n)`` parameters) are smaller than the dense ``m n``
+    weight; layers where they are not stay dense [our choice]."""
+    return r * (m + n) < m * n
 
 
 def _check_rank(W: Tensor, r: int) -> None:
     if W.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
     if not 1 <= r <= min(W.shape):
-        raise ConfigError(
+        raise ValueError(
             f"rank must be in [1, {min(W.shape)}] for a {tuple(W.shape)} weight, got {r}"
         )
 
@@ -141,14 +151,6 @@ def _solve_right_Linv(M: Tensor, L: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(L.T, M.T, upper=True).T
 
 
-def whitened_target(W: Tensor, L: Tensor, H: Tensor, delta: Tensor | None, beta: float) -> Tensor:
-    """``G(β) = W (H + λI + βΔ) L⁻ᵀ`` = ``W L + β W Δ L⁻ᵀ``."""
-    G = W.double() @ L
-    if delta is not None and beta != 0.0:
-        G = G + beta * _solve_right_LT(W.double() @ delta.double(), L)
-    return G
-
-
 def svdllm_factor(
     W: Tensor, H: Tensor, r: int, ridge: float = 1e-6, auto_ridge: bool = False, name: str = ""
 ) -> tuple[Tensor, Tensor]:
@@ -157,14 +159,60 @@ def svdllm_factor(
     return saes_factor(W, H, None, r, beta=0.0, ridge=ridge, auto_ridge=auto_ridge, name=name)[:2]
 
 
+def svdllm_update_u(W: Tensor, B: Tensor, H: Tensor, ridge: float = 1e-6) -> Tensor:
+    """SVD-LLM's closed-form update of ``U`` (its repository's "whitening + update" step).
+
+    With ``B`` fixed, ``A = argmin ‖(AB − W) X‖²_F = W H Bᵀ (B H Bᵀ)⁻¹`` where ``H = X Xᵀ`` are
+    the inputs the layer sees *in the already-compressed model* (the repository solves the
+    same least squares with ``lstsq`` on the stacked inputs). ``ridge`` (relative to the mean
+    diagonal of ``B H Bᵀ``) keeps the solve defined for rank-deficient inputs.
+    """
+    Wd, Bd, Hd = W.double(), B.double(), H.double()
+    M = Bd @ Hd @ Bd.T
+    M = M + ridge_value(M, ridge) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    rhs = Wd @ Hd @ Bd.T  # [m, r]
+    return torch.linalg.solve(M, rhs.T).T
+
+
+def cealc_objective(
+    AB: Tensor,
+    W: Tensor,
+    H: Tensor,
+    delta: Tensor | None,
+    beta: float,
+    Hf: Tensor | None = None,
+    ridge_abs: float = 0.0,
+) -> float:
+    """``J + (1+α)·λ·‖AB − W‖²`` with ``J = ‖(AB − W)X‖² + α‖ABX − W X_f‖²``, ``α = β/(1−β)``.
+
+    From second moments: ``H = XXᵀ``, ``Δ = (X_f − X)Xᵀ``, ``H_f = X_f X_fᵀ`` (needed for the
+    constant part only; ``None`` drops that constant). ``ridge_abs`` is the absolute λ.
+    The SAES-SVD factors at full rank minimise this exactly.
+    """
+    alpha = beta / (1.0 - beta)
+    E = AB.double() - W.double()
+    Hd = H.double()
+    J = float(((E @ Hd) * E).sum())
+    if alpha:
+        D = torch.zeros_like(Hd) if delta is None else delta.double()
+        ABd, Wd = AB.double(), W.double()
+        # ‖ABX − WX_f‖² = tr(AB H ABᵀ) − 2 tr(W (H + Δ) ABᵀ) + tr(W H_f Wᵀ)
+        val = float(((ABd @ Hd) * ABd).sum()) - 2 * float(((Wd @ (Hd + D)) * ABd).sum())
+        if Hf is not None:
+            val += float(((Wd @ Hf.double()) * Wd).sum())
+        J += alpha * val
+    return J + (1.0 + alpha) * ridge_abs * float((E * E).sum())
+
+
 @dataclass
 class SaesInfo:
-    """What SAES-SVD chose for one layer."""
+    """What SAES-SVD chose for one layer (``aces`` is set when β came from ACES)."""
 
     beta: float
-    rho: float  # retained-energy ratio ρ(β) of G(β) at rank r
+    rho: float  # exact retained-energy ratio ρ(β) of G(β) at rank r
     rho0: float  # ρ(0)
     ridge: float  # relative ridge used
+    aces: AcesResult | None = None
     beta_grid: float | None = None  # grid-search β (when checked)
     rho_grid: float | None = None  # ρ at the grid β
 
@@ -180,16 +228,17 @@ def saes_factor(
     beta_max: float = 0.9,
     shrink: float = 1.0,
     grid: int = 0,
+    aces_method: str = "exact",
     name: str = "",
 ) -> tuple[Tensor, Tensor, SaesInfo]:
-    """SAES-SVD (CEALC closed form): ``G(β) = W(H + βΔ)L⁻ᵀ``, ``U_r S_r V_rᵀ = TruncSVD_r(G)``,
-    ``A = U_r S_r^½``, ``B = S_r^½ V_rᵀ L⁻¹``.
+    """SAES-SVD (CEALC closed form): ``G(β) = W(H + λI + βΔ)L⁻ᵀ``, ``U_r S_r V_rᵀ =
+    TruncSVD_r(G)``, ``A = U_r S_r^½``, ``B = S_r^½ V_rᵀ L⁻¹``.
 
-    ``beta``: a number fixes β; ``"aces"`` picks β by the fixed-subspace closed form
-    (:func:`aces_beta`), then ``β ← shrink · β`` capped to ``[0, beta_max]``; ``"grid"`` picks
-    the β of a ``grid``-point search (default 21) of the exact ρ(β) on ``[0, beta_max]``.
-    With ``grid > 0`` and ``beta="aces"`` the grid search is also run and reported in the
-    returned :class:`SaesInfo` for comparison (the closed form is still used).
+    ``beta``: a number in ``[0, 1)`` fixes β; ``"aces"`` maximises the exact ρ(β) on
+    ``[0, beta_max]`` (:func:`~saekit.compress.aces.aces_beta`, ``aces_method``, then
+    ``β ← shrink·β``); ``"grid"`` takes the best of ``grid`` (default 21) evenly spaced β.
+    With ``grid > 0`` and ``beta="aces"`` the grid is also evaluated and reported in the
+    returned :class:`SaesInfo` as a check. Without Δ (``delta=None``) β is 0: SVD-LLM.
     """
     _check_rank(W, r)
     n = W.shape[1]
@@ -200,93 +249,27 @@ def saes_factor(
     L, used = cholesky(H, ridge, auto_ridge, name)
     Wd = W.double()
     G0 = Wd @ L
-    G1 = _solve_right_LT(Wd @ delta.double(), L) if delta is not None else torch.zeros_like(G0)
-    b_grid = rho_grid = None
+    G1 = _solve_right_LT(Wd @ delta.double(), L) if delta is not None else None
+    info = SaesInfo(beta=0.0, rho=0.0, rho0=0.0, ridge=used)
     if isinstance(beta, str):
         if beta not in ("aces", "grid"):
             raise ConfigError(f"beta must be a number, 'aces' or 'grid'; got {beta!r}")
-        b = 0.0
-        if delta is not None and (grid or beta == "grid"):
-            b_grid, rho_grid = grid_beta(G0, G1, r, beta_max, grid or 21)
-        if delta is not None and beta == "aces":
-            b = min(max(shrink * aces_beta(G0, G1, r, beta_max), 0.0), beta_max)
-        elif delta is not None:
-            b = b_grid  # type: ignore[assignment]
+        if G1 is not None and (grid or beta == "grid"):
+            info.beta_grid, info.rho_grid = grid_beta(G0, G1, r, beta_max, grid or 21)
+        if G1 is not None and beta == "aces":
+            info.aces = aces_beta(G0, G1, r, beta_max, shrink, method=aces_method)
+            info.beta = info.aces.beta
+        elif G1 is not None:
+            info.beta = info.beta_grid  # type: ignore[assignment]
     else:
-        b = float(beta)
-        if not 0.0 <= b < 1.0 and delta is not None:
-            raise ConfigError(f"β = α/(1+α) must be in [0, 1), got {b}")
-    G = G0 + b * G1
+        info.beta = float(beta)
+        if not 0.0 <= info.beta < 1.0:
+            raise ConfigError(f"β = α/(1+α) must be in [0, 1), got {info.beta}")
+    G = G0 if G1 is None or info.beta == 0.0 else G0 + info.beta * G1
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     A, Bw = _split(U, S, Vh, r)
     B = _solve_right_Linv(Bw, L)
-    info = SaesInfo(
-        beta=b,
-        rho=retained_energy(G, r),
-        rho0=retained_energy(G0, r),
-        ridge=used,
-        beta_grid=b_grid,
-        rho_grid=rho_grid,
-    )
+    s2 = S.double() ** 2
+    info.rho = float(s2[:r].sum() / s2.sum().clamp_min(1e-300))
+    info.rho0 = info.rho if G is G0 else retained_energy(G0, r)
     return A, B, info
-
-
-def retained_energy(G: Tensor, r: int) -> float:
-    """ρ = Σ_{i≤r} σ_i²(G) / ‖G‖²_F."""
-    s2 = torch.linalg.svdvals(G.double()) ** 2
-    tot = float(s2.sum())
-    return float(s2[:r].sum()) / tot if tot > 0 else 1.0
-
-
-def grid_beta(
-    G0: Tensor, G1: Tensor, r: int, beta_max: float, points: int = 21
-) -> tuple[float, float]:
-    """β in ``linspace(0, beta_max, points)`` maximising the exact ρ(G0 + βG1); returns (β, ρ)."""
-    best = (0.0, -1.0)
-    for b in torch.linspace(0.0, beta_max, points).tolist():
-        rho = retained_energy(G0 + b * G1, r)
-        if rho > best[1] + 1e-15:
-            best = (b, rho)
-    return best
-
-
-def aces_coefficients(G0: Tensor, G1: Tensor, r: int) -> tuple[float, ...]:
-    """Tail/total energy quadratics ``(a, b, c, A, B, C)`` under the fixed-subspace approximation.
-
-    The top-r singular subspaces ``U_r, V_r`` of ``G(0)`` are frozen; the retained energy of
-    ``G(β) = G0 + βG1`` is taken as ``‖U_rᵀ G(β) V_r‖²_F`` (two-sided projection, equal to
-    Σ_{i≤r} σ_i² at β = 0), so tail = ``aβ² + bβ + c`` and total = ``Aβ² + Bβ + C``.
-    """
-    U, _, Vh = torch.linalg.svd(G0.double(), full_matrices=False)
-    Ur, Vr = U[:, :r], Vh[:r].T
-    P0, P1 = Ur.T @ G0 @ Vr, Ur.T @ G1 @ Vr
-    A_, B_, C_ = float((G1 * G1).sum()), 2 * float((G0 * G1).sum()), float((G0 * G0).sum())
-    pa, pb, pc = float((P1 * P1).sum()), 2 * float((P0 * P1).sum()), float((P0 * P0).sum())
-    return A_ - pa, B_ - pb, C_ - pc, A_, B_, C_
-
-
-def aces_beta(G0: Tensor, G1: Tensor, r: int, beta_max: float = 0.9) -> float:
-    """ACES closed-form β: minimise the fixed-subspace tail ratio ``(aβ²+bβ+c)/(Aβ²+Bβ+C)``.
-
-    Candidates are the real roots in ``[0, beta_max]`` of
-    ``(aB − bA)β² + 2(aC − cA)β + (bC − cB) = 0`` plus both end points; the candidate with the
-    smallest surrogate tail ratio wins (ties go to the smaller β).
-    """
-    a, b, c, A_, B_, C_ = aces_coefficients(G0, G1, r)
-
-    def tail(x: float) -> float:
-        den = A_ * x * x + B_ * x + C_
-        return (a * x * x + b * x + c) / den if den > 0 else float("inf")
-
-    q2, q1, q0 = a * B_ - b * A_, 2 * (a * C_ - c * A_), b * C_ - c * B_
-    cands = [0.0, beta_max]
-    scale = max(abs(q2), abs(q1), abs(q0), 1e-300)
-    if abs(q2) > 1e-12 * scale:
-        disc = q1 * q1 - 4 * q2 * q0
-        if disc >= 0:
-            sq = math.sqrt(disc)
-            cands += [(-q1 + sq) / (2 * q2), (-q1 - sq) / (2 * q2)]
-    elif abs(q1) > 1e-12 * scale:
-        cands.append(-q0 / q1)
-    cands = sorted(x for x in cands if 0.0 <= x <= beta_max)
-    return min(cands, key=lambda x: (tail(x), x))

@@ -120,6 +120,15 @@ def is_output_side(name: str) -> bool:
     return any(name == e or name.endswith("." + e) for e in OUTPUT_SIDE)
 
 
+_ATTN = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*\.")
+
+
+def layer_kind(name: str) -> str:
+    """``"attn"`` for layers inside an attention module (a path component containing
+    ``attn``/``attention``: ``self_attn.q_proj``, ``attn.c_proj``), else ``"mlp"``."""
+    return "attn" if _ATTN.search(name) else "mlp"
+
+
 def find_linear_layers(
     model: nn.Module, include: str | None = None, exclude: str | None = None
 ) -> list[str]:

@@ -1,8 +1,9 @@
-"""Evaluation of a compressed model: perplexity and per-layer output error against the original."""
+"""Evaluation of a compressed model: perplexity, per-layer output error, throughput, size."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -17,15 +18,29 @@ def _logits(out: object) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0]  # type: ignore[index,attr-defined]
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_context(model: nn.Module, default: int = 2048) -> int:
+    """The model's full context length (``max_position_embeddings`` / ``n_positions``)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return default
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[Tensor]) -> float:
     """exp(mean next-token NLL) over every predicted token of the ``[B, T]`` id batches."""
     model.eval()
-    dev = next(model.parameters()).device
+    dev = _device(model)
     nll, n = 0.0, 0
     for ids in batches:
         ids = ids.to(dev)
-        logits = _logits(model(ids)).float()
+        logits = _logits(model(ids, use_cache=False)).float()
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
@@ -34,6 +49,32 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor]) -> float:
     if n == 0:
         raise DataError("perplexity needs at least one batch with 2+ tokens")
     return math.exp(nll / n)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, batches: list[Tensor], repeats: int = 2) -> dict:
+    """Forward (prefill) tokens per second over ``batches``, best of ``repeats`` passes
+    after one warm-up batch (synchronising CUDA)."""
+    model.eval()
+    dev = _device(model)
+    if not batches:
+        raise DataError("throughput needs at least one batch")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    model(batches[0].to(dev), use_cache=False)
+    sync()
+    best = math.inf
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        for ids in batches:
+            model(ids.to(dev), use_cache=False)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    tokens = sum(b.numel() for b in batches)
+    return {"tokens": tokens, "seconds": best, "tokens_per_s": tokens / best}
 
 
 @torch.no_grad()
@@ -50,7 +91,7 @@ def layer_output_errors(
             got: dict[str, Tensor] = {}
             hs = [get_module(mdl, n).register_forward_hook(_keep(got, n)) for n in names]
             try:
-                mdl(ids.to(next(mdl.parameters()).device))
+                mdl(ids.to(_device(mdl)), use_cache=False)
             finally:
                 for h in hs:
                     h.remove()

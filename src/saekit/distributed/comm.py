@@ -85,15 +85,15 @@ class Comm:
         return n
 
     # ------------------------------------------------------------------ selections
-    def topk(self, score: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-        """Per-row top-``k`` of ``score [B, F]`` over every latent: ``(indices, mask)``.
+    def topk(self, score: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-row top-``k`` of ``score [B, F]`` (of ``|score|`` when ``absolute``, without
+        a ``|score|`` copy: :func:`saekit.kernels.abs_row_topk`) over every latent:
+        ``(indices, mask)``.
 
         ``indices`` are local columns; ``mask`` (None: all kept) is False where a local
         candidate lost to another shard. Ties are broken arbitrarily.
         """
-        from saekit.rules.base import topk_indices
-
-        return topk_indices(score, k), None
+        return kernels.row_topk(score, k, absolute)[1], None
 
     def global_topk(self, pre: Tensor, budget: int) -> tuple[Tensor, Tensor, Tensor]:
         """The ``budget`` largest positive entries of the global ``[B, d_sae]`` matrix.

@@ -179,12 +179,12 @@ class MeshComm(Comm):
         return sum(self.latent_sizes) if self.latent.size > 1 else n
 
     # ------------------------------------------------------------------ selections
-    def topk(self, score: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    def topk(self, score: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.latent.size == 1:
-            return super().topk(score, k)
+            return super().topk(score, k, absolute)
         B, F = score.shape
         kk = min(k, F)
-        v, idx = score.detach().topk(kk, dim=1, sorted=False)
+        v, idx = kernels.row_topk(score.detach(), kk, absolute)
         padded = v.new_full((B, k), float("-inf"))
         padded[:, :kk] = v
         g = self.latent.all_gather(padded)  # [L, B, k]

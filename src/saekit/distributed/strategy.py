@@ -423,6 +423,11 @@ def _check_shardable(sae: SAE, L: int) -> None:
             f"rule {sae.cfg.rule!r} cannot have its latents sharded (its selection or loss"
             " needs every latent on one rank): use --strategy ddp or layers"
         )
+    if sae.cfg.arch:
+        raise ConfigError(
+            f"arch {list(sae.cfg.arch)} needs every latent on one rank (prefixes, gates,"
+            " skip paths): use --strategy ddp or layers"
+        )
     if sae.cfg.aux not in ("auxk", "none"):
         raise ConfigError(
             f"--aux {sae.cfg.aux} ranks every latent and cannot be latent-sharded: use --aux"

@@ -7,7 +7,9 @@
   random dictionary, so for those the baseline uses the ``topk`` rule with
   k = round(measured L0 of the trained SAE); state-free rules keep the same rule and k.
   With these fixed weights the scale of the codes is not fitted, so shrinkage metrics of
-  this baseline are pessimistic by construction.
+  this baseline are pessimistic by construction. Architecture parts other than the wiring
+  (Matryoshka, Gated) are dropped [our choice: the baseline is a random plain dictionary];
+  a transcoder's (``d_out != d_in``) gets an independent random unit encoder.
 * :class:`PCABaseline`: mean μ and the top-r principal directions U ``[r, d]`` of fit
   tokens (streaming covariance in float64); ``x̂ = μ + (x − μ) Uᵀ U``; codes are the r
   projections (L0 = r). r = round(L0 of the trained SAE), clipped to [1, d].
@@ -34,20 +36,34 @@ def _rule_has_state(sae: SAE) -> bool:
 @torch.no_grad()
 def random_sae(sae: SAE, seed: int = 0, l0: float | None = None) -> SAE:
     """Random-decoder SAE matching ``sae`` (see the module docstring)."""
+    from saekit.arch import get_arch_class
+
     cfg: SAEConfig = dataclasses.replace(sae.cfg, rule_options=dict(sae.cfg.rule_options))
+    wiring = [a for a in cfg.arch if get_arch_class(a).stage == "wiring"]
+    if wiring != list(cfg.arch):
+        keep = {f.name for a in wiring for f in dataclasses.fields(get_arch_class(a).Options)}
+        opts = {k: v for k, v in cfg.arch_options.items() if k in keep}
+        cfg = dataclasses.replace(cfg, arch=wiring, arch_options=opts)
     if _rule_has_state(sae):
         if l0 is None:
             raise ConfigError(f"rule {cfg.rule!r} has learned state: pass the measured l0")
         cfg = dataclasses.replace(cfg, rule="topk", k=max(1, round(l0)), rule_options={})
     base = SAE(cfg)
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(cfg.d_sae, cfg.d_in, generator=g, dtype=torch.float64)
+    W = torch.randn(cfg.d_sae, sae.d_out, generator=g, dtype=torch.float64)
     W = (W / W.norm(dim=1, keepdim=True)).to(sae.W_dec.dtype)
     base.W_dec.copy_(W)
+    if sae.d_out != sae.d_in:
+        W = torch.randn(cfg.d_sae, sae.d_in, generator=g, dtype=torch.float64)
+        W = (W / W.norm(dim=1, keepdim=True)).to(sae.W_dec.dtype)
     base.W_enc.copy_(W.t())
     base.b_enc.zero_()
     base.b_dec.copy_(sae.b_dec)
     base.input_scale.copy_(sae.input_scale)
+    own = dict(sae.arch.named_buffers())  # scales of the kept parts (a transcoder's output's)
+    for name, buf in base.arch.named_buffers():
+        if name in own:
+            buf.copy_(own[name])
     base.to(sae.W_dec.device)
     base.train(False)
     return base

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.arch import arch_sites, site_inputs_of, views, widths
 from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
-from saekit.inputs import site_inputs
 from saekit.io.atomic import json_safe, read_json, write_json, write_text
 from saekit.io.paths import check_writable_dir
 from saekit.options import Options, option
@@ -168,10 +168,17 @@ class _Evaluator:
         gt: tuple[Tensor, Tensor] | None,
         full: bool,
         metric: Tensor | None = None,
+        reads_target: bool = False,
     ) -> None:
         self.ae, self.full = ae, full
+        #: the baseline reconstructs the target from the target (PCA of a transcoder's
+        #: output: the best rank-L0 linear code of the output itself)
+        self.reads_target = reads_target
         self.down = DownstreamAccumulator(metric) if metric is not None else None
-        self.core = CoreAccumulator(ae.d_in, ae.d_sae, cfg.dense_threshold)
+        self.core = CoreAccumulator(getattr(ae, "d_out", ae.d_in), ae.d_sae, cfg.dense_threshold)
+        #: sections of the SAE's architecture parts (saekit.arch: per-prefix, per-layer FVE)
+        arch = getattr(ae, "arch", None)
+        self.arch = arch.eval_accumulators(ae) if full and arch is not None else {}
         self.afa = afa.AFAAccumulator(ae, center=cfg.afa_center) if full else None
         self.abl = independence.AblationAccumulator(ae) if full else None
         self.det = self.absorb = None
@@ -182,16 +189,27 @@ class _Evaluator:
             self.absorb = ground_truth.AbsorptionAccumulator(self.W, G, parent)
 
     @torch.no_grad()
-    def update(self, x: Tensor, true_codes: Tensor | None, inputs: dict[str, Tensor]) -> None:
-        out = self.ae(x, inputs=inputs) if inputs else self.ae(x)
-        self.core.update(x, out.x_hat, out.codes)
+    def update(
+        self,
+        x: Tensor,
+        true_codes: Tensor | None,
+        inputs: dict[str, Tensor],
+        target: Tensor | None = None,
+    ) -> None:
+        """One eval batch: ``x`` the input, ``target`` what it reconstructs (None: ``x``)."""
+        y = x if target is None else target
+        src = y if self.reads_target else x
+        out = self.ae(src, inputs=inputs) if inputs else self.ae(src)
+        self.core.update(y, out.x_hat, out.codes)
+        for acc in self.arch.values():
+            acc.update(self.ae, x, y, out)
         if self.down is not None:
-            self.down.update(x, out.x_hat)
+            self.down.update(y, out.x_hat)
         if self.afa is not None:
             z = out.x_in if self.afa.center else out.x
             self.afa.update_from(z, out.codes)
         if self.abl is not None:
-            self.abl.update(x, out.x_hat, out.codes)
+            self.abl.update(y, out.x_hat, out.codes)
         if true_codes is not None and self.det is not None and self.absorb is not None:
             self.det.update(out.codes, true_codes)
             self.absorb.update(out.codes, true_codes)
@@ -204,6 +222,8 @@ class _Evaluator:
             r["core"]["dead_tokens"] = self.ae.dead_window
         if self.down is not None:
             r["downstream"] = self.down.result()
+        for name, acc in self.arch.items():
+            r[name] = acc.result()
         if self.afa is not None:
             r["afa"] = self.afa.result()
         if self.abl is not None:
@@ -289,9 +309,18 @@ def _setup(
     site = (info.site if info else "") or data_cfg.sites[0]
     if site not in src.source.sites:
         site = src.source.sites[0]
-    if src.source.d_in(site) != sae.d_in:
+    ins, outs = arch_sites(sae.cfg, site)
+    missing = [s for s in (*ins, *outs) if s not in src.source.sites]
+    if missing:
         src.source.close()
-        raise DataError(f"site {site!r} has width {src.source.d_in(site)}, the SAE {sae.d_in}")
+        raise DataError(f"the evaluation source lacks the site(s) {missing} the SAE reads")
+    got = widths(sae.cfg, site, src.source.d_in)
+    if got != (sae.d_in, sae.d_out):
+        src.source.close()
+        raise DataError(
+            f"site(s) {ins} -> {outs} have widths {got}, the SAE (d_in, d_out)"
+            f" {(sae.d_in, sae.d_out)}"
+        )
     wanted = set(getattr(sae, "requires", ()))
     if wanted:  # named inputs the rule reads (gtopk: "grad"), when the source has them
         src.source.request_inputs(wanted)
@@ -307,15 +336,24 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
     """Phase 2: one pass over the eval tokens feeding the SAE's and the baselines' accumulators.
 
     The first ``pca_fit_tokens`` are buffered: they give the L0 of the baselines and fit PCA.
+    A transcoder's PCA baseline is PCA of its target at the same L0 (our choice: the best
+    rank-L0 linear code of the output itself, a demanding floor).
     """
+    sae = st.sae
 
     def xs(b: Batch) -> tuple[Tensor, Tensor | None]:
-        return b.acts[st.site].to(cfg.device).float(), b.meta.get("codes")
+        return views(sae.cfg, st.site, b.acts)[0].to(cfg.device).float(), b.meta.get("codes")
+
+    def target(b: Batch) -> Tensor | None:
+        y = views(sae.cfg, st.site, b.acts)[1]
+        return None if y is None else y.to(cfg.device).float()
 
     def inputs(b: Batch) -> dict[str, Tensor]:
-        got = site_inputs(b.inputs, st.site, getattr(st.sae, "requires", ()))
+        got = site_inputs_of(sae.cfg, st.site, b.inputs, getattr(st.sae, "requires", ()))
         return {n: t.to(cfg.device).float() for n, t in got.items()}
 
+    ins, outs = arch_sites(sae.cfg, st.site)
+    transcoding = ins != outs  # the target is another site's activations
     stream = _take(st.src, cfg.batch_size, cfg.tokens)
     buffered: list[Batch] = []
     n_buf, fit_tokens = 0, min(cfg.pca_fit_tokens, cfg.tokens)
@@ -326,7 +364,6 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
             break
     if not buffered:
         raise DataError(f"the evaluation source yielded no tokens for site {st.site!r}")
-    sae = st.sae
     with torch.no_grad():
         l0s = [sae.encode(xs(b)[0], inputs(b)).l0().double() for b in buffered]
         l0_est = float(torch.cat(l0s).mean())
@@ -335,14 +372,16 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
     base_models: dict[str, Any] = {}
     if cfg.baselines:
         base_models["random"] = baselines.random_sae(sae, seed=cfg.seed, l0=l0_est).to(cfg.device)
-        base_models["pca"] = baselines.fit_pca([xs(b)[0] for b in buffered], sae.d_in, l0_est)
+        fit = [target(b) if transcoding else xs(b)[0] for b in buffered]
+        base_models["pca"] = baselines.fit_pca(fit, sae.d_out, l0_est)
         for name, m in base_models.items():
-            evals[name] = _Evaluator(m, cfg, st.gt, full=False, metric=metric)
+            on_target = transcoding and name == "pca"
+            evals[name] = _Evaluator(m, cfg, st.gt, False, metric, reads_target=on_target)
     for b in itertools.chain(buffered, stream):  # the rest of the stream is never held
         x, codes = xs(b)
-        named = inputs(b)
+        y, named = target(b), inputs(b)
         for e in evals.values():
-            e.update(x, codes, named if hasattr(e.ae, "rule") else {})  # SAEs take inputs
+            e.update(x, codes, named if hasattr(e.ae, "rule") else {}, y)  # SAEs take inputs
     return evals, base_models
 
 
@@ -379,24 +418,24 @@ def _splice(
             src.notes.append("spliced CE/KL skipped: the model is not a causal LM")
         return
     from saekit.evaluate.splice import splice_metrics, token_batches
-    from saekit.sources.text import iter_texts
+    from saekit.sources.text import config_texts
 
     dc = st.data_cfg
     source: Any = src.source
-    texts = iter_texts(
-        dc.dataset,
-        src.text_split,
-        dc.text_field,
-        part=src.text_part,
-        data_files=tuple(dc.data_files),
-        streaming=dc.streaming,
-    )
+    texts = config_texts(dc, split=src.text_split, part=src.text_part)
     bs = cfg.splice_batch_size or dc.model_batch_size
     special = getattr(source.tokenizer, "all_special_ids", None) or []
     counted = [] if cfg.splice_special else special
     batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens, counted)
+    ins, outs = arch_sites(st.sae.cfg, st.site)
+    if len(ins) != 1 or len(outs) != 1:
+        src.notes.append(f"spliced CE/KL skipped: the SAE reads {ins} and writes {outs}")
+        return
+    # a transcoder replaces its target site with its prediction from its input site; its PCA
+    # baseline (fitted on the target) reads the target itself
+    reads = {} if ins == outs else {"sae": ins[0], "sae_err": ins[0], "base:random": ins[0]}
     sp = splice_metrics(
-        source.model, st.sae, st.site, batches, base_models, special, cfg.splice_special
+        source.model, st.sae, outs[0], batches, base_models, special, cfg.splice_special, reads
     )
     for name, r in sp.pop("baselines", {}).items():
         result["baselines"][name]["splice"] = r

@@ -25,6 +25,9 @@ from torch import Tensor
 from saekit.errors import FormatError, MissingFileError
 from saekit.io.paths import user_path
 
+TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"\..+\.(\d+)\.[^.]+\.tmp")
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -50,7 +53,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with user_path(path.parent, "write into"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent
+        )
     os.close(fd)
     tmp = Path(name)
     try:
@@ -70,6 +75,29 @@ def _as_os_error(e: SafetensorError, path: Path) -> OSError | None:
     """The OSError behind a safetensors I/O error (its message ends ``(os error N)``)."""
     m = re.search(r"os error (\d+)", str(e))
     return OSError(int(m.group(1)), str(e), str(path)) if m else None
+
+
+def stale_temps(directory: str | Path) -> list[Path]:
+    """The temporary files of :func:`atomic_path` in ``directory`` whose writing process is
+    gone (a kill mid-write leaves ``.<name>.<pid>.<random>.tmp``)."""
+    from saekit.io.lock import pid_alive
+
+    d = Path(directory)
+    found = []
+    for p in sorted(d.glob(f".*{TMP_SUFFIX}")) if d.is_dir() else []:
+        m = _TMP_NAME.fullmatch(p.name)
+        pid = int(m.group(1)) if m else 0
+        if m and p.is_file() and pid != os.getpid() and not pid_alive(pid):
+            found.append(p)
+    return found
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete :func:`stale_temps`; returns them."""
+    found = stale_temps(directory)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

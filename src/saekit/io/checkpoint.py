@@ -16,6 +16,7 @@ JSON with tagged placeholders, so nothing is ever pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -275,17 +276,49 @@ def recover_checkpoint(path: str | Path, verify: bool = True) -> list[str]:
     return notes
 
 
-def describe_diff(saved: Any, now: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two JSON-like config trees."""
+def field_defaults(cfg: Any) -> dict:
+    """``{field: default}`` (JSON form) of the fields of the dataclass ``cfg`` that have a
+    default: the tree :func:`describe_diff` takes as ``defaults``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        try:
+            out[f.name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue  # not JSON: such a field can never be recorded absent
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def describe_diff(saved: Any, now: Any, where: str = "", defaults: Any = None) -> list[str]:
+    """Human-readable differences between two JSON-like config trees.
+
+    ``defaults`` (a tree shaped like ``now``, e.g. of :func:`field_defaults`) makes a key
+    absent from ``saved`` no difference when its value now is its default: a checkpoint
+    written before a field existed resumes as long as the field keeps its default.
+    """
     if isinstance(saved, dict) and isinstance(now, dict):
+        dflt = defaults if isinstance(defaults, dict) else {}
         out: list[str] = []
         for k in sorted(set(saved) | set(now)):
             sub = f"{where}.{k}" if where else str(k)
+            if k not in saved and k in now and k in dflt and _same(now[k], dflt[k]):
+                continue
             if k not in saved or k not in now:
                 out.append(f"{sub}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}")
             else:
-                out += describe_diff(saved[k], now[k], sub)
+                out += describe_diff(saved[k], now[k], sub, dflt.get(k))
         return out
-    if json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):
+    if not _same(saved, now):
         return [f"{where}: {saved!r} (checkpoint) -> {now!r} (now)"]
     return []

@@ -16,6 +16,7 @@ from pathlib import Path
 from saekit.errors import SaekitError
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log
+from saekit.io.atomic import stale_temps
 from saekit.io.integrity import check_seal, verify_file
 from saekit.io.lock import RUN_LOCK, lock_holder
 
@@ -119,6 +120,11 @@ def _checkpoint(findings: list[Finding], out: Path, verify: bool) -> int | None:
         except (SaekitError, OSError):
             msg = "an incomplete checkpoint write left by a kill; the next run removes it"
         findings.append(Finding("warn", str(t), msg))
+    for d in [out, *(s for s in out.iterdir() if s.is_dir() and not s.name.startswith("."))]:
+        for p in stale_temps(d):
+            findings.append(
+                Finding("warn", str(p), "left by a killed write; the next run removes it")
+            )
     if (out / ".checkpoint.corrupt").is_dir():
         findings.append(
             Finding("warn", str(out / ".checkpoint.corrupt"), "an unusable checkpoint set aside")

@@ -72,7 +72,8 @@ def save_sae(
     state = {k: v for k, v in sae.state_dict().items()}
     if not sae.cfg.normalize_input:  # folded == raw bit for bit: do not store them twice
         for n in WEIGHT_NAMES:
-            state.pop(n)
+            if n in weights:  # (a gated SAE's SAELens file names b_enc b_gate)
+                state.pop(n)
     save_tensors(run_dir / STATE_FILE, state)
     dens = sae.fire_freq if density is None else density
     save_tensors(run_dir / SPARSITY_FILE, {"sparsity": log10_density(dens)})

@@ -113,6 +113,20 @@ def reading(path: str | Path, what: str = "file") -> Iterator[None]:
         ) from e
 
 
+_PROBE = ".saekit-probe-"
+
+
+def _remove_stale_probes(d: Path) -> None:
+    """Delete the probe files of killed :func:`check_writable_dir` calls."""
+    from saekit.io.lock import pid_alive
+
+    for f in d.glob(f"{_PROBE}*"):
+        pid = f.name[len(_PROBE) :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 def check_writable_dir(
     path: str | Path, what: str = "output directory", need_bytes: int = 0
 ) -> Path:
@@ -125,8 +139,9 @@ def check_writable_dir(
         raise PathError(f"{what} {p} is a file, not a directory; choose another path")
     with user_path(p, f"create the {what}"):
         p.mkdir(parents=True, exist_ok=True)
+    _remove_stale_probes(p)
     with user_path(p, f"write into the {what}"):
-        fd, name = tempfile.mkstemp(prefix=".saekit-probe-", dir=p)
+        fd, name = tempfile.mkstemp(prefix=f"{_PROBE}{os.getpid()}-", dir=p)
         try:
             os.write(fd, b"\0" * 4096)
             os.fsync(fd)

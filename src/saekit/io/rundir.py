@@ -16,15 +16,23 @@ from typing import Any
 
 from saekit.errors import CheckpointError, SaekitError
 from saekit.io import checkpoint as ckpt
-from saekit.io.atomic import read_json
+from saekit.io.atomic import read_json, remove_stale_temps
 from saekit.io.native import CFG_FILE
 
 
 def prepare(ckpt_dir: str | Path, resume: bool) -> list[str]:
-    """Recover ``ckpt_dir`` (``resume``) or drop stale temporary copies; returns notes."""
+    """Recover ``ckpt_dir`` (``resume``) or drop stale temporary copies; returns notes.
+
+    Also deletes the temporary files of atomic writes killed in the run directory (and
+    its per-SAE subdirectories).
+    """
+    out = Path(ckpt_dir).parent
+    dirs = [out, *(d for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))]
+    dirs = [d for d in dirs if d.is_dir()]
+    notes = [f"removed {p}, left by a killed write" for d in dirs for p in remove_stale_temps(d)]
     if resume:
-        return ckpt.recover_checkpoint(ckpt_dir)
-    return ckpt.remove_stale_writes(ckpt_dir)
+        return notes + ckpt.recover_checkpoint(ckpt_dir)
+    return notes + ckpt.remove_stale_writes(ckpt_dir)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 from saekit.losses.recon import nmse, scaled_like_recon
-from saekit.options import from_dict
+from saekit.options import Options, from_dict, option
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -51,8 +51,14 @@ FORMS = ("openai", "bussmann", "saelens")
 
 
 @dataclass
-class AuxOptions:
-    form: str = "auto"  # openai | bussmann | saelens | auto (the rule's paper code); see module
+class AuxOptions(Options):
+    """Options of an aux loss (``SAEConfig.aux_options``)."""
+
+    form: str = option(
+        "auto",
+        "openai | bussmann | saelens | auto (the rule's paper code); see saekit.losses.aux",
+        choices=("auto", *FORMS),
+    )
 
 
 def parse_options(cls: type, raw: Any, what: str) -> Any:
@@ -81,15 +87,17 @@ class AuxLoss:
         """``[d_sae]`` bool mask of the latents the loss may use, and optional weights."""
         raise NotImplementedError
 
-    def __call__(self, sae: SAE, out: SAEOutput) -> Tensor:
-        """The weighted term (``aux_coeff`` included)."""
+    def __call__(self, sae: SAE, out: SAEOutput, target: Tensor | None = None) -> Tensor:
+        """The weighted term (``aux_coeff`` included); ``target``: what ``out`` reconstructs,
+        in SAE units (None: ``out.x``; a transcoder's target site)."""
         cand, weights = self.candidates(sae)
+        y = out.x if target is None else target
         if self.form == "openai":
-            residual, scale_like = out.x - out.x_hat_n.detach(), None
+            residual, scale_like = y - out.x_hat_n.detach(), None
         elif self.form == "saelens":
-            residual, scale_like = out.x - out.x_hat_n.detach(), (sae.recon_kind, out.x)
+            residual, scale_like = y - out.x_hat_n.detach(), (sae.recon_kind, y)
         else:
-            residual, scale_like = out.x - out.x_hat_n, (sae.recon_kind, out.x)
+            residual, scale_like = y - out.x_hat_n, (sae.recon_kind, y)
         pre = None if out.pre is None else out.pre if out.pre.requires_grad else out.pre.detach()
         loss = aux_k_loss(
             out.x_in,

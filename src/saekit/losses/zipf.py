@@ -28,6 +28,7 @@ from torch import Tensor
 
 from saekit.errors import ConfigError
 from saekit.losses.aux import AuxLoss, AuxOptions, register_aux
+from saekit.options import option
 from saekit.rules.feature_choice import zipf_profile, zipf_ranks
 
 if TYPE_CHECKING:
@@ -38,14 +39,20 @@ PROFILES = ("fit", "fixed")
 
 @dataclass
 class ZipfOptions(AuxOptions):
-    profile: str = "fit"  # fit: Zipf law fitted to the observed rates; fixed: k * p_rank(alpha)
-    fit_ranks: float = 0.5  # profile=fit: share of the top ranks the fit uses
-    alpha: float = 1.0  # profile=fixed: Zipf exponent of the target profile
-    beta: float = 0.0  # Zipf rank offset (ranks start at 1)
-    tau: float = 1.0  # under-used: firing rate below tau * target rate
-    tail_only: bool = True  # under-used latents also fire below the mean rate k / d_sae
-    deficit_weights: bool = True  # scale each candidate's aux value by (t_i - f_i)/t_i
-    warmup_tokens: int = 0  # only dead latents count until this many tokens were seen
+    """Options of aux-zipf (``SAEConfig.aux_options`` with ``aux="zipf"``)."""
+
+    profile: str = option(
+        "fit",
+        "fit: Zipf law fitted to the observed rates; fixed: k * p_rank(alpha)",
+        choices=PROFILES,
+    )
+    fit_ranks: float = option(0.5, "profile=fit: share of the top ranks the fit uses", gt=0, le=1)
+    alpha: float = option(1.0, "profile=fixed: Zipf exponent of the target profile", ge=0)
+    beta: float = option(0.0, "Zipf rank offset (ranks start at 1)", gt=-1)
+    tau: float = option(1.0, "under-used: firing rate below tau * target rate", ge=0)
+    tail_only: bool = option(True, "under-used latents also fire below the mean rate k / d_sae")
+    deficit_weights: bool = option(True, "scale each candidate's aux value by (t_i - f_i)/t_i")
+    warmup_tokens: int = option(0, "only dead latents count until this many tokens were seen", ge=0)
 
 
 def zipf_target_rate(freq: Tensor, k: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:

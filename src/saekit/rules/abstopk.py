@@ -26,7 +26,7 @@ class AbsTopK(Rule):
     latent_shardable = True
 
     def select(self, pre: Tensor, ctx: Context) -> Selection:
-        idx, mask = ctx.comm.topk(pre.abs(), self.cfg.k)
+        idx, mask = ctx.comm.topk(pre, self.cfg.k, absolute=True)  # no |pre| copy
         return Selection(indices=idx, mask=mask)
 
     def activate(self, pre_sel: Tensor, sel: Selection, ctx: Context) -> Tensor:

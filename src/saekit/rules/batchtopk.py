@@ -9,6 +9,7 @@ from torch import Tensor
 
 from saekit import kernels
 from saekit.distributed.comm import LOCAL, Comm
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, register, saelens_int_k
 
 #: start of the tracked threshold when the run length is unknown (dictionary_learning's)
@@ -16,10 +17,16 @@ DEFAULT_START_STEP = 1000
 
 
 @dataclass
-class BatchTopKOptions:
-    threshold_decay: float = 0.999  # EMA decay of the tracked threshold (dictionary_learning)
-    threshold_start_step: int = -1  # start the EMA at this step (-1: half the run)
-    calibrate: bool = True  # set the inference threshold on held-back batches after training
+class BatchTopKOptions(Options):
+    """Options of BatchTopK (``--rule-options``)."""
+
+    threshold_decay: float = option(
+        0.999, "EMA decay of the tracked threshold (dictionary_learning)", ge=0, lt=1
+    )
+    threshold_start_step: int = option(-1, "start the EMA at this step (-1: half the run)", ge=-1)
+    calibrate: bool = option(
+        True, "set the inference threshold on held-back batches after training"
+    )
 
 
 def batch_topk_selection(pre: Tensor, budget: int, comm: Comm = LOCAL) -> Selection:

@@ -9,23 +9,37 @@ from torch import Tensor
 
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, register
 from saekit.rules.batchtopk import start_step, threshold_selection
 
+RANK_STATISTICS = ("topk", "mass")
+
 
 @dataclass
-class FeatureChoiceOptions:
-    alpha: float = 1.0  # Zipf exponent: p_i ~ 1/(rank_i + beta)^alpha (paper value unknown)
-    beta: float = 0.0  # Zipf rank offset (ranks start at 1; needs beta > -1)
-    min_capacity: int = 1  # m_i >= this when k*B >= min_capacity*d_sae (no dead features)
-    rank_by: str = "topk"  # ranking statistic: topk (would-be TopK frequency) or mass
-    rank_decay: float = 0.99  # EMA decay of the ranking statistic
-    threshold_decay: float = 0.999  # EMA decay of the tracked per-feature thresholds
-    threshold_start_step: int = -1  # start the threshold EMA at this step (-1: half the run)
-    calibrate: bool = True  # set the inference thresholds on held-back batches after training
+class FeatureChoiceOptions(Options):
+    """Options of Feature Choice (``--rule-options``)."""
 
-
-RANK_STATISTICS = ("topk", "mass")
+    alpha: float = option(
+        1.0, "Zipf exponent: p_i ~ 1/(rank_i + beta)^alpha (paper value unknown)", ge=0
+    )
+    beta: float = option(0.0, "Zipf rank offset (ranks start at 1; needs beta > -1)", gt=-1)
+    min_capacity: int = option(
+        1, "m_i >= this when k*B >= min_capacity*d_sae (no dead features)", ge=0
+    )
+    rank_by: str = option(
+        "topk", "ranking statistic: topk (would-be TopK frequency) or mass", choices=RANK_STATISTICS
+    )
+    rank_decay: float = option(0.99, "EMA decay of the ranking statistic", ge=0, lt=1)
+    threshold_decay: float = option(
+        0.999, "EMA decay of the tracked per-feature thresholds", ge=0, lt=1
+    )
+    threshold_start_step: int = option(
+        -1, "start the threshold EMA at this step (-1: half the run)", ge=-1
+    )
+    calibrate: bool = option(
+        True, "set the inference thresholds on held-back batches after training"
+    )
 
 
 def zipf_profile(n: int, alpha: float = 1.0, beta: float = 0.0) -> Tensor:

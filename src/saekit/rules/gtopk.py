@@ -9,14 +9,19 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 
 
 @dataclass
-class GTopKOptions:
-    beta: float = 1.0  # weight of the gradient term in the selection score (paper: unknown)
-    normalize_grad: bool = True  # use g / ||g|| per token (our choice: scale-free beta)
-    require_grad: bool = False  # True: training without dLoss/dx is an error (else TopK + warning)
+class GTopKOptions(Options):
+    """Options of gradient TopK (``--rule-options``)."""
+
+    beta: float = option(1.0, "weight of the gradient term in the selection score (paper: unknown)")
+    normalize_grad: bool = option(True, "use g / ||g|| per token (our choice: scale-free beta)")
+    require_grad: bool = option(
+        False, "True: training without dLoss/dx is an error (else TopK + warning)"
+    )
 
 
 @register

@@ -9,16 +9,23 @@ import torch
 from torch import Tensor, nn
 
 from saekit.errors import FormatError
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 from saekit.rules.relu import _warmup
 
 
 @dataclass
-class JumpReLUOptions:
-    l0_coeff: float = 1e-3  # lambda of the L0 penalty (sum_i H(z_i - theta_i), mean over tokens)
-    bandwidth: float = 1e-3  # epsilon of the rectangle kernel in the straight-through estimator
-    init_threshold: float = 1e-3  # theta_i at initialisation
-    l0_warmup_steps: int = 0  # linear warm-up of l0_coeff (Gemma Scope)
+class JumpReLUOptions(Options):
+    """Options of JumpReLU (``--rule-options``)."""
+
+    l0_coeff: float = option(
+        1e-3, "lambda of the L0 penalty (sum_i H(z_i - theta_i), mean over tokens)", ge=0
+    )
+    bandwidth: float = option(
+        1e-3, "epsilon of the rectangle kernel in the straight-through estimator", gt=0
+    )
+    init_threshold: float = option(1e-3, "theta_i at initialisation", gt=0)
+    l0_warmup_steps: int = option(0, "linear warm-up of l0_coeff (Gemma Scope)", ge=0)
 
 
 def _rect(u: Tensor) -> Tensor:

@@ -7,14 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, SparsityKnob, register
 
 
 @dataclass
-class ReLUOptions:
-    l1_coeff: float = 5.0  # weight of the L1 penalty (on inputs with E||x||^2 = d_in)
-    weight_by_decoder_norm: bool = True  # penalise sum_i |f_i| * ||d_i|| (April update)
-    l1_warmup_steps: int = 0  # linear warm-up of l1_coeff from 0
+class ReLUOptions(Options):
+    """Options of ReLU + L1 (``--rule-options``)."""
+
+    l1_coeff: float = option(5.0, "weight of the L1 penalty (on inputs with E||x||^2 = d_in)", ge=0)
+    weight_by_decoder_norm: bool = option(True, "penalise sum_i |f_i| * ||d_i|| (April update)")
+    l1_warmup_steps: int = option(0, "linear warm-up of l1_coeff from 0", ge=0)
 
 
 @register
@@ -40,7 +43,7 @@ class ReLU(Rule):
     def loss_terms(self, out, ctx: Context) -> dict[str, Tensor]:
         f = out.codes.to_dense()
         if self.opts.weight_by_decoder_norm:
-            f = f * ctx.sae.W_dec.norm(dim=1)
+            f = f * ctx.sae.decoder_norms()
         w = self.opts.l1_coeff * _warmup(ctx.step, self.opts.l1_warmup_steps)
         return {"l1": w * f.abs().sum(-1).mean()}
 

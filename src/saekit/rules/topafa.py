@@ -8,17 +8,23 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, FormatError
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, SAELensExport, Selection, SparsityKnob, register
+
+NORMALIZE = ("token", "none")
 
 
 @dataclass
-class TopAFAOptions:
-    afa_coeff: float = 1 / 32  # lambda_AFA of the norm-matching loss (paper sweeps 1/128..1/16)
-    k_max: int = 0  # cap on k per token (0: no cap, the paper's setting)
-    normalize: str = "token"  # token: standardise each token (the authors' code); none
+class TopAFAOptions(Options):
+    """Options of top-AFA (``--rule-options``)."""
 
-
-NORMALIZE = ("token", "none")
+    afa_coeff: float = option(
+        1 / 32, "lambda_AFA of the norm-matching loss (paper sweeps 1/128..1/16)", ge=0
+    )
+    k_max: int = option(0, "cap on k per token (0: no cap, the paper's setting)", ge=0)
+    normalize: str = option(
+        "token", "token: standardise each token (the authors' code); none", choices=NORMALIZE
+    )
 
 
 def afa_k(

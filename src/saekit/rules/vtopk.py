@@ -9,20 +9,27 @@ import torch
 from torch import Tensor, nn
 
 from saekit.errors import ConfigError
+from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, Selection, register, topk_indices
 from saekit.rules.relu import _warmup
 
 
 @dataclass
-class VTopKOptions:
-    sample: bool = False  # True: paper text (sample z ~ N(mu, var) in training); False: code
-    learn_variance: bool = False  # True: a log-variance head (code's var_flag=1)
-    kl_coeff: float = 1.0  # weight of the KL term (paper run: 1.0)
-    kl_warmup_steps: int = 0  # linear warm-up of kl_coeff over this many steps (code: 10%)
-    mu_clamp: float = 10.0  # mu is clamped to +-mu_clamp inside the KL term
-    log_var_init: float = -2.0  # initial log-variance (b_var; W_var starts at 0)
-    log_var_min: float = -6.0  # log-variance clamp
-    log_var_max: float = 2.0
+class VTopKOptions(Options):
+    """Options of variational TopK (``--rule-options``)."""
+
+    sample: bool = option(
+        False, "True: paper text (sample z ~ N(mu, var) in training); False: code"
+    )
+    learn_variance: bool = option(False, "True: a log-variance head (code's var_flag=1)")
+    kl_coeff: float = option(1.0, "weight of the KL term (paper run: 1.0)", ge=0)
+    kl_warmup_steps: int = option(
+        0, "linear warm-up of kl_coeff over this many steps (code: 10%)", ge=0
+    )
+    mu_clamp: float = option(10.0, "mu is clamped to +-mu_clamp inside the KL term", gt=0)
+    log_var_init: float = option(-2.0, "initial log-variance (b_var; W_var starts at 0)")
+    log_var_min: float = option(-6.0, "log-variance clamp")
+    log_var_max: float = option(2.0, "log-variance clamp (upper)")
 
 
 @register

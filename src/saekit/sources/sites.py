@@ -1,16 +1,18 @@
 """Named hook sites on Hugging Face transformer models.
 
 A site is ``layers.{i}.{kind}`` with kind one of ``resid_pre`` (block input),
-``resid_post`` (block output), ``mlp_out`` (the MLP's output before the residual add) and
-``attn_out`` (the attention's output before the residual add). The block list is found
+``resid_post`` (block output), ``mlp_in`` (the MLP's input, after its norm: what a
+transcoder reads), ``mlp_out`` (the MLP's output before the residual add) and ``attn_out``
+(the attention's output before the residual add). The block list is found
 generically (the ``nn.ModuleList`` with ``num_hidden_layers`` entries), so BERT, GPT-2 and
 Llama/Qwen-style models work, and most others. In transformers 5 a decoder block returns a
 tensor, elsewhere a tuple: :func:`get_hidden` / :func:`with_hidden` accept both.
 
 TransformerLens hook names are accepted as aliases (:func:`canonical_site`):
 ``blocks.N.hook_resid_pre`` / ``hook_resid_post`` / ``hook_mlp_out`` / ``hook_attn_out`` name
-``layers.N.resid_pre`` / ``resid_post`` / ``mlp_out`` / ``attn_out``;
-:func:`transformer_lens_name` goes the other way.
+``layers.N.resid_pre`` / ``resid_post`` / ``mlp_out`` / ``attn_out``, and
+``blocks.N.ln2.hook_normalized`` (the normalised MLP input, where SAELens's transcoders read)
+names ``layers.N.mlp_in``; :func:`transformer_lens_name` goes the other way.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ from torch import Tensor, nn
 
 from saekit.errors import ConfigError
 
-KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+KINDS = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out")
 _SITE_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(KINDS) + r")$")
 _TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(KINDS) + r")$")
+#: TransformerLens names that are not ``hook_<kind>``: kind -> name after ``blocks.N.``
+_TL_SPECIAL = {"mlp_in": "ln2.hook_normalized"}
+_TL_SPECIAL_RE = re.compile(
+    r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in _TL_SPECIAL.values()) + r")$"
+)
 
 # sub-module paths inside a block, tried in order
 _SUBMODULES = {
     "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense"),
+    "mlp_in": ("mlp", "feed_forward", "ffn", "intermediate"),
     "attn_out": ("self_attn", "attn", "attention.output.dense", "self_attention", "attention"),
 }
 
@@ -49,14 +57,20 @@ class Site:
 def canonical_site(name: str) -> str:
     """``name`` with a TransformerLens hook name (``blocks.3.hook_resid_post``) translated."""
     m = _TL_RE.match(name)
-    return f"layers.{m.group(1)}.{m.group(2)}" if m else name
+    if m:
+        return f"layers.{m.group(1)}.{m.group(2)}"
+    m = _TL_SPECIAL_RE.match(name)
+    if m:
+        kind = next(k for k, v in _TL_SPECIAL.items() if v == m.group(2))
+        return f"layers.{m.group(1)}.{kind}"
+    return name
 
 
 def transformer_lens_name(site: str) -> str:
     """The TransformerLens hook name of a saekit site (``layers.3.mlp_out`` ->
     ``blocks.3.hook_mlp_out``)."""
     layer, kind = parse_site(site)
-    return f"blocks.{layer}.hook_{kind}"
+    return f"blocks.{layer}.{_TL_SPECIAL.get(kind, 'hook_' + kind)}"
 
 
 def parse_site(name: str) -> tuple[int, str]:
@@ -107,7 +121,7 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     for path in _SUBMODULES[kind]:
         sub = _get_path(block, path)
         if sub is not None:
-            return Site(name, layer, kind, sub, pre=False)
+            return Site(name, layer, kind, sub, pre=kind == "mlp_in")
     raise ConfigError(f"site {name!r}: no {kind} sub-module found in {type(block).__name__}")
 
 

@@ -179,6 +179,19 @@ def check_dataset(dataset: str) -> None:
         raise MissingFileError(f"text file not found: {Path(dataset).expanduser()}")
 
 
+def config_texts(cfg: Any, split: str | None = None, part: str | None = None) -> Iterator[str]:
+    """:func:`iter_texts` of what a :class:`~saekit.config.DataConfig` names (its dataset,
+    split, text field, data files and streaming), with ``split`` / ``part`` overrides."""
+    return iter_texts(
+        cfg.dataset,
+        cfg.dataset_split if split is None else split,
+        cfg.text_field,
+        part=part,
+        data_files=tuple(cfg.data_files),
+        streaming=cfg.streaming,
+    )
+
+
 def iter_texts(
     dataset: str = "",
     split: str = "train",

@@ -316,3 +316,13 @@ def test_resume_is_exact_under_a_planned_run(bert, tok) -> None:
         g = b.next_batch(w.meta["token_ids"].shape[0])
         assert torch.equal(g.meta["token_ids"], w.meta["token_ids"])
         assert torch.equal(g.acts["layers.1.resid_post"], w.acts["layers.1.resid_post"])
+
+
+def test_a_small_cache_computes_only_its_tokens(bert, tok, tmp_path) -> None:
+    from saekit.sources.cache import CacheSource, write_cache
+
+    c = cfg("", shuffle_buffer=4096)
+    src = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    write_cache(src, tmp_path / "cache", 96, batch_size=32)
+    assert src._next_gid <= 96 + c.model_batch_size * c.context_len
+    assert CacheSource(tmp_path / "cache").next_batch(96).acts["layers.1.resid_post"].shape[0] == 96

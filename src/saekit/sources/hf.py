@@ -584,9 +584,9 @@ class HFSource(ActivationSource):
 
     # --------------------------------------------------------------- buffer
     def plan_tokens(self, n: int) -> None:
-        """About ``n`` tokens will be drawn in all: the buffer never holds more than the
-        tokens still to be drawn (recorded in :meth:`state_dict`; call before any batch)."""
-        self._planned = max(int(n), 0)
+        """About ``n`` more tokens will be drawn: the buffer never holds more than the tokens
+        still to be drawn (recorded in :meth:`state_dict`)."""
+        self._planned = self._drawn + max(int(n), 0)
 
     def _buffer_target(self, b: int) -> int:
         """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus

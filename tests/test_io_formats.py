@@ -165,6 +165,8 @@ def test_dictionary_learning_ae_pt(tmp_path: Path, x: torch.Tensor, cls: str) ->
     close(sae(x).x_hat, ref @ W_dec + b_dec)
     assert meta["hook_name"] == "layers.4.resid_post"
     assert meta["dictionary_learning_class"] == cls
+    arch = {"GatedAutoEncoder": ["gated"], "MatryoshkaBatchTopKSAE": ["matryoshka"]}
+    assert sae.cfg.arch == arch.get(cls, [])
 
 
 def test_dictionary_learning_without_config(tmp_path: Path, x: torch.Tensor) -> None:
@@ -300,6 +302,9 @@ def test_saelens_gated_and_abstopk(tmp_path: Path, x: torch.Tensor) -> None:
     xin = x - b_dec
     ref = ((xin @ W + bg) > 0).float() * torch.relu(xin @ (W * r.exp()) + bm)  # GatedSAE.encode
     close(codes(sae, x), ref)
+    assert sae.cfg.rule == "relu" and sae.cfg.arch == ["gated"]  # a saekit Gated SAE
+    assert torch.equal(sae.b_enc, bg) and torch.equal(sae.arch["gated"].r_mag, r)
+    close(sae(x).x_hat, ref @ W_dec + b_dec)
     w = {"W_enc": W, "b_enc": bm, "W_dec": W_dec, "b_dec": b_dec}
     save_file(w, str(tmp_path / "sae_weights.safetensors"))
     cfg.update(architecture="abstopk", k=K)
@@ -364,7 +369,15 @@ ROUND_TRIPS = [
     ("llamascope", "batchtopk", {}),
     ("goodfire", "relu", {}),
     ("qwenscope", "topk", {}),
+    # architecture parts (saekit.arch): kept where the format holds them, else exactly converted
+    ("saelens", "relu", {"arch": ["gated"]}),
+    ("saelens", "jumprelu", {"arch": ["gated"]}),
+    ("dictionary_learning", "relu", {"arch": ["gated"], "normalize_input": True}),
+    ("gemmascope", "relu", {"arch": ["gated"]}),
+    ("saelens", "batchtopk", {"arch": ["matryoshka"], "arch_options": {"widths": [10, 40]}}),
+    ("dictionary_learning", "batchtopk", {"arch": ["matryoshka"]}),
 ]
+HOLDS = {"saelens": ("gated", "matryoshka"), "dictionary_learning": ("gated",)}
 
 
 @pytest.mark.parametrize(("fmt", "rule", "kw"), ROUND_TRIPS, ids=lambda v: str(v))
@@ -380,6 +393,10 @@ def test_round_trip_through_every_writer(
     close(back(x).x_hat, sae(x).x_hat)
     if fmt != "qwenscope":
         assert got.get("hook_name") in (None, "layers.2.resid_post")
+    kept = [a for a in sae.cfg.arch if a in HOLDS.get(fmt, ())]
+    assert back.cfg.arch == kept
+    if "matryoshka" in kept:
+        assert back.arch["matryoshka"].widths == sae.arch["matryoshka"].widths
 
 
 def test_writers_refuse_what_they_cannot_hold(tmp_path: Path) -> None:
@@ -397,3 +414,56 @@ def test_portable_from_sae_is_what_saelens_loads() -> None:
     assert p.architecture == "topk" and p.k == K
     w = sae.folded_weights()
     assert torch.equal(p.W_enc, w["W_enc"]) and torch.equal(p.b_dec, w["b_dec"])
+
+
+def _prefix_ref(codes_: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, m: int):
+    return codes_[:, :m] @ W_dec[:m] + b_dec
+
+
+def test_matryoshka_files_read_as_matryoshka_saes(tmp_path: Path, x: torch.Tensor) -> None:
+    from saekit.arch.matryoshka import prefix_reconstructions
+
+    # dictionary_learning: widths are the cumulative group_sizes
+    sd = _dl_state("MatryoshkaBatchTopKSAE")
+    torch.save(sd, tmp_path / "ae.pt")
+    sae = load_sae(tmp_path / "ae.pt")
+    assert sae.cfg.rule == "batchtopk" and sae.cfg.arch == ["matryoshka"]
+    assert sae.arch["matryoshka"].widths == [10, 40]
+    ref = _dl_ref("MatryoshkaBatchTopKSAE", sd, x)
+    with torch.no_grad():
+        out = sae(x)
+        base = torch.zeros_like(out.x_hat_n) + sae.b_dec
+        (pred,) = prefix_reconstructions(sae, out.codes, [10], base)
+    close(out.codes.to_dense(), ref)
+    close(sae._to_raw_units(pred, x), _prefix_ref(ref, sd["W_dec"], sd["b_dec"], 10))
+    # SAELens: an inference save (jumprelu; widths in its metadata) and a training
+    # checkpoint (matryoshka_batchtopk, topk_threshold, rescale_acts_by_decoder_norm)
+    w = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F) * 0.1}
+    w.update(W_dec=torch.randn(F, D), b_dec=torch.randn(D))
+    details = {"k": K, "matryoshka_widths": [8, F]}
+    base_cfg = {"d_in": D, "d_sae": F, "apply_b_dec_to_input": True}
+    meta = {"training_architecture": "matryoshka_batchtopk"}
+    meta["training_architecture_details"] = details
+    inf = tmp_path / "inf"
+    inf.mkdir()
+    save_file({**w, "threshold": torch.full((F,), 0.5)}, str(inf / "sae_weights.safetensors"))
+    cfg = {**base_cfg, "architecture": "jumprelu", "metadata": meta}
+    (inf / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(inf)
+    assert sae.cfg.rule == "jumprelu" and sae.arch["matryoshka"].widths == [8, F]
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    close(codes(sae, x), torch.relu(pre) * (pre > 0.5))
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_file({**w, "topk_threshold": torch.tensor(0.5)}, str(ck / "sae_weights.safetensors"))
+    cfg = {**base_cfg, **details, "architecture": "matryoshka_batchtopk"}
+    cfg["rescale_acts_by_decoder_norm"] = True
+    (ck / "cfg.json").write_text(json.dumps({**cfg, "metadata": meta}))
+    sae = load_sae(ck)
+    assert sae.cfg.rule == "batchtopk" and sae.arch["matryoshka"].widths == [8, F]
+    norm = w["W_dec"].norm(dim=1)
+    scaled = torch.relu(pre * norm)  # SAELens compares the rescaled pre-activations
+    close(codes(sae, x), scaled * (scaled > 0.5))
+    with torch.no_grad():
+        x_hat = sae(x).x_hat
+    close(x_hat, (scaled * (scaled > 0.5) / norm) @ w["W_dec"] + w["b_dec"])

@@ -25,6 +25,18 @@ from saekit.io.native import open_sae
 
 pytestmark = needs_peers
 D, F, K = 16, 64, 5
+QWEN = ("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_5", "layer3.sae.pt")  # L0_5: k = K
+GEMMA2 = ("google/gemma-scope-2-4b-pt", "resid_post/layer_3_width_16k_l0_small")  # Gemma Scope 2
+GOODFIRE = ("Goodfire/Llama-3.1-8B-Instruct-SAE-l19", "Llama-3.1-8B-Instruct-SAE-l19.pth")
+
+# SAELens's Gemma Scope 2 loader reads tensor shapes by an HTTP range request: read the file
+LOCAL_SHAPES = """
+import sae_lens.loading.pretrained_sae_loaders as L
+from huggingface_hub import hf_hub_download
+def local_shapes(repo, filename):
+    return {k: list(v.shape) for k, v in load_file(hf_hub_download(repo, filename)).items()}
+L.get_safetensors_tensor_shapes = local_shapes
+"""
 
 WRITE_PEER_FILES = r"""
 import json, math, sys, warnings
@@ -111,6 +123,8 @@ saes = {
                            "save_inference_model"),
     "matryoshka_training": (MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
         d_in=D, d_sae=F, k=K, matryoshka_widths=[16, 64])), "save_inference_model"),
+    "matryoshka_checkpoint": (MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=D, d_sae=F, k=K, matryoshka_widths=[16, 64])), "save_model"),
 }
 for name, (sae, save) in saes.items():
     perturb(sae)
@@ -147,6 +161,35 @@ for tag, (repo, folder, s) in hub["llamascope"].items():
     cfg, state, _ = llama_scope_sae_huggingface_loader(repo, folder,
                                                        cfg_overrides={"dtype": "float32"})
     expected[f"llamascope/{tag}"] = jumprelu_codes(cfg, state, fold=s)
+from sae_lens.loading.pretrained_sae_loaders import get_goodfire_huggingface_loader
+from sae_lens.saes import StandardSAE, StandardSAEConfig
+def goodfire_codes(repo, folder):
+    cfg, state, _ = get_goodfire_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": D, "d_sae": F})
+    sae = StandardSAE(StandardSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                        apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    with torch.no_grad():
+        return sae.encode(x)
+for tag, (repo, folder) in hub["goodfire"].items():
+    expected[f"goodfire/{tag}"] = goodfire_codes(repo, folder)
+from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader
+from sae_lens.saes import TopKSAE, TopKSAEConfig
+def qwen_codes(repo, folder, d_in, d_sae):
+    cfg, state, _ = qwen_scope_sae_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": d_in, "d_sae": d_sae})
+    sae = TopKSAE(TopKSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        k=cfg["activation_fn_kwargs"]["k"], apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    with torch.no_grad():
+        return sae.encode(x)
+for tag, (repo, folder) in hub["qwenscope"].items():
+    expected[f"qwenscope/{tag}"] = qwen_codes(repo, folder, D, F)
+# <local shapes>
+for tag, (repo, folder) in hub["gemmascope2"].items():
+    cfg, state, _ = L.gemma_3_sae_huggingface_loader(repo, folder)
+    assert cfg["architecture"] == "jumprelu", cfg
+    expected[f"gemmascope2/{tag}"] = jumprelu_codes(cfg, state)
 save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
 """
 
@@ -165,14 +208,15 @@ enc = sc.encode(x)
 got["sparsify"] = torch.zeros(x.shape[0], sc.num_latents).scatter(-1, enc.top_indices, enc.top_acts)
 from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
 from dictionary_learning.trainers.top_k import AutoEncoderTopK
+from dictionary_learning.dictionary import GatedAutoEncoder
 for name, cls in (("relu", AutoEncoder), ("topk", AutoEncoderTopK),
-                  ("jumprelu", JumpReluAutoEncoder)):
+                  ("jumprelu", JumpReluAutoEncoder), ("gated", GatedAutoEncoder)):
     path = out / "w" / f"dl_{name}" / "ae.pt"
     ae = (cls.from_pretrained(str(path), normalize_decoder=False) if cls is AutoEncoder
           else cls.from_pretrained(str(path)))
     got[f"dl_{name}"] = ae.encode(x)
 from sae_lens import SAE
-for name in ("topk", "jumprelu", "relu"):
+for name in ("topk", "jumprelu", "relu", "gated", "matryoshka"):
     got[f"saelens_{name}"] = SAE.load_from_disk(str(out / "w" / f"saelens_{name}")).encode(x)
 from sae_lens.saes import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.loading.pretrained_sae_loaders import (gemma_2_sae_huggingface_loader,
@@ -190,8 +234,36 @@ for tag, (repo, folder, s) in hub.items():
     if s:
         sae.fold_activation_norm_scaling_factor(s)
     got[tag] = sae.encode(x)
+from sae_lens.loading.pretrained_sae_loaders import get_goodfire_huggingface_loader
+from sae_lens.saes import StandardSAE, StandardSAEConfig
+repo, folder, d_sae = json.loads((out / "w" / "goodfire.json").read_text())
+cfg, state, _ = get_goodfire_huggingface_loader(repo, folder,
+    cfg_overrides={"d_in": x.shape[1], "d_sae": d_sae})
+sae = StandardSAE(StandardSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                    apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+sae.load_state_dict(state)
+got["goodfire"] = sae.encode(x)
+# <local shapes>
+repo, folder = json.loads((out / "w" / "gemma2.json").read_text())
+cfg, state, _ = L.gemma_3_sae_huggingface_loader(repo, folder)
+sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                  apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+sae.load_state_dict(state)
+got["gemmascope2"] = sae.encode(x)
+from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader
+from sae_lens.saes import TopKSAE, TopKSAEConfig
+for tag, (repo, folder) in json.loads((out / "w" / "qwen.json").read_text()).items():
+    cfg, state, _ = qwen_scope_sae_huggingface_loader(repo, folder,
+        cfg_overrides={"d_in": x.shape[1], "d_sae": d_sae})
+    sae = TopKSAE(TopKSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        k=cfg["activation_fn_kwargs"]["k"], apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+    sae.load_state_dict(state)
+    got[tag] = sae.encode(x)
 save_file({k: v.detach().contiguous() for k, v in got.items()}, str(out / "got.safetensors"))
 """
+
+WRITE_PEER_FILES = WRITE_PEER_FILES.replace("# <local shapes>\n", LOCAL_SHAPES)
+READ_SAEKIT_FILES = READ_SAEKIT_FILES.replace("# <local shapes>\n", LOCAL_SHAPES)
 
 
 def _hub_files(hub: Path) -> dict:
@@ -222,7 +294,29 @@ def _hub_files(hub: Path) -> dict:
     hp["dataset_average_activation_norm"] = {"in": norm_in, "out": norm_in}
     fake_hub_file(hub, llama_repo, f"{llama_folder}/hyperparams.json").write_text(json.dumps(hp))
     s = math.sqrt(D) / norm_in  # the registry's norm_scaling_factor for this SAE
+    # Goodfire: the one file of a repo SAELens's loader knows, its layout (nn.Linear weights)
+    good_repo, good_file = GOODFIRE
+    torch.save(
+        {
+            "encoder_linear.weight": torch.randn(F, D),
+            "encoder_linear.bias": torch.randn(F) * 0.1,
+            "decoder_linear.weight": torch.randn(D, F),
+            "decoder_linear.bias": torch.randn(D),
+        },
+        fake_hub_file(hub, good_repo, good_file),
+    )
+    qw = {"W_enc": torch.randn(F, D), "b_enc": torch.randn(F) * 0.1}
+    qw.update(W_dec=torch.randn(D, F), b_dec=torch.randn(D))
+    torch.save(qw, fake_hub_file(hub, *QWEN))
+    g2 = {k.lower(): torch.from_numpy(v) for k, v in arrays.items()}  # w_enc, w_dec, ...
+    save_file(g2, str(fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/params.safetensors")))
+    g2cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-4b-pt", "width": F}
+    g2cfg.update(hf_hook_point_in="model.layers.3.output", affine_connection=False)
+    fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/config.json").write_text(json.dumps(g2cfg))
     return {
+        "gemmascope2": {"res": list(GEMMA2)},
+        "qwenscope": {"res": list(QWEN)},
+        "goodfire": {"res": [good_repo, good_file]},
         "gemmascope": {"res": [gemma_repo, gemma_folder]},
         "llamascope": {"res": [llama_repo, llama_folder, s]},
     }
@@ -238,7 +332,7 @@ def peer_files(tmp_path_factory) -> tuple[Path, torch.Tensor, dict[str, torch.Te
     return out, x, load_file(str(out / "expected.safetensors"))
 
 
-DL = ["relu", "topk", "batchtopk", "jumprelu", "jumprelu", "batchtopk"]  # saekit rule per trainer
+DL = ["relu", "topk", "batchtopk", "jumprelu", "relu", "batchtopk"]  # saekit rule per trainer
 
 
 @pytest.mark.parametrize("i", range(6))
@@ -246,8 +340,13 @@ def test_dictionary_learning_trainer_files(peer_files, i: int) -> None:
     out, x, expected = peer_files
     sae, meta = open_sae(out / "dl" / f"trainer_{i}")
     assert sae.cfg.rule == DL[i], meta
+    assert sae.cfg.arch == {4: ["gated"], 5: ["matryoshka"]}.get(i, [])
     assert meta["hook_name"] == "layers.2.resid_post" and meta["model_name"] == "org/model"
     close(codes(sae, x), expected[f"dl/trainer_{i}"], f"dictionary_learning trainer_{i}")
+    if i == 5:  # MatryoshkaBatchTopKSAE: a saekit Matryoshka SAE of its group widths
+        sizes = torch.load(out / "dl" / "trainer_5" / "ae.pt", weights_only=True)["group_sizes"]
+        assert sae.cfg.arch == ["matryoshka"]
+        assert sae.arch["matryoshka"].widths == sizes.cumsum(0).tolist()
 
 
 @pytest.mark.parametrize("name", ["layers.2", "layers.2.mlp"])
@@ -268,6 +367,7 @@ SAELENS = [
     "topk_checkpoint",
     "batchtopk_training",
     "matryoshka_training",
+    "matryoshka_checkpoint",
 ]
 
 
@@ -275,16 +375,25 @@ SAELENS = [
 def test_saelens_files(peer_files, name: str) -> None:
     out, x, expected = peer_files
     sae, _ = open_sae(out / "saelens" / name)
+    if name == "gated":
+        assert sae.cfg.rule == "relu" and sae.cfg.arch == ["gated"]
+    if name.startswith("matryoshka"):
+        assert sae.cfg.arch == ["matryoshka"] and sae.arch["matryoshka"].widths == [16, 64]
+    if name == "matryoshka_checkpoint":  # SAELens's training encode: the batch top-k
+        sae.train()
     close(codes(sae, x), expected[f"saelens/{name}"], f"SAELens {name}")
 
 
-@pytest.mark.parametrize("fmt", ["gemmascope", "llamascope"])
+@pytest.mark.parametrize(
+    "fmt", ["gemmascope", "gemmascope2", "llamascope", "goodfire", "qwenscope"]
+)
 def test_scope_files_match_saelens_loaders(peer_files, fmt: str) -> None:
     out, x, expected = peer_files
     hub = json.loads((out / "hub.json").read_text())[fmt]["res"]
     sae, meta = open_sae(fake_hub_file(out / "hub", hub[0], hub[1]))
     close(codes(sae, x), expected[f"{fmt}/res"], fmt)
-    assert meta["hook_name"] == "layers.3.resid_post"
+    layer = 19 if fmt == "goodfire" else 3
+    assert meta["hook_name"] == f"layers.{layer}.resid_post"
 
 
 def test_peers_read_saekit_files(tmp_path: Path) -> None:
@@ -302,6 +411,13 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
         ours[f"dl_{rule}"] = codes(sae, x)
         write_format(sae, w / f"saelens_{rule}", "saelens", meta)
         ours[f"saelens_{rule}"] = codes(sae, x)
+    sae = trained("relu", D, F, K, steps=8, arch=["gated"])  # saekit's Gated SAE
+    for fmt, name in (("dictionary_learning", "dl_gated"), ("saelens", "saelens_gated")):
+        write_format(sae, w / name, fmt, meta)
+        ours[name] = codes(sae, x)
+    sae = trained("batchtopk", D, F, K, steps=8, arch=["matryoshka"])
+    write_format(sae, w / "saelens_matryoshka", "saelens", meta)
+    ours["saelens_matryoshka"] = codes(sae, x)
     hub = tmp_path / "hub"
     g = ("google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_9", None)
     sae = trained("jumprelu", D, F, K, steps=8)
@@ -312,6 +428,23 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
     write_format(sae, fake_hub_file(hub, ll[0], ll[1] + "/x").parent, "llamascope", meta)
     ours["llamascope"] = codes(sae, x)
     (w / "hub.json").write_text(json.dumps({"gemmascope": g, "llamascope": ll}))
+    sae = trained("relu", D, F, K, steps=8)
+    write_format(sae, fake_hub_file(hub, GOODFIRE[0], GOODFIRE[1]), "goodfire", meta)
+    ours["goodfire"] = codes(sae, x)
+    (w / "goodfire.json").write_text(json.dumps([*GOODFIRE, F]))
+    # Qwen-Scope: written into the repo folder, whose name holds k (as SAELens's loader wants)
+    sae = trained("topk", D, F, K, steps=8)
+    path = write_format(sae, fake_hub_file(hub, QWEN[0], "x").parent, "qwenscope", meta)
+    assert path.name == QWEN[1]
+    qwen = {"qwenscope": list(QWEN)}
+    ours["qwenscope"] = codes(sae, x)
+    (w / "qwen.json").write_text(json.dumps(qwen))
+    sae = trained("jumprelu", D, F, K, steps=8)
+    write_format(
+        sae, fake_hub_file(hub, GEMMA2[0], f"{GEMMA2[1]}/params.safetensors"), "gemmascope", meta
+    )
+    ours["gemmascope2"] = codes(sae, x)
+    (w / "gemma2.json").write_text(json.dumps(GEMMA2))
     run_peers(READ_SAEKIT_FILES, str(tmp_path), env={"HF_HUB_CACHE": str(hub)})
     got = load_file(str(tmp_path / "got.safetensors"))
     assert set(got) == set(ours)

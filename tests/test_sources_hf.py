@@ -253,3 +253,38 @@ def test_trainer_asks_hf_source_for_the_grad_gtopk_requires(gpt2, bert, tok, tmp
     tc = TrainConfig(out_dir=str(tmp_path), total_tokens=64, batch_size=32, progress=False)
     tr = Trainer(SAEConfig(rule="gtopk", d_sae=64, k=4), tc, src)
     assert tr.inputs == {"grad"} and src.with_grad
+
+
+def test_a_short_run_fills_the_buffer_only_with_its_own_tokens(bert, tok, tmp_path) -> None:
+    """Issue 12: a run shorter than the shuffle buffer computed the whole buffer first (on
+    main at 9e49562: >= shuffle_buffer LM tokens for a 96-token run)."""
+    from saekit import SAEConfig, TrainConfig
+    from saekit.train import Trainer
+
+    c = cfg("", shuffle_buffer=4096)
+    src = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    tc = TrainConfig(out_dir=str(tmp_path), total_tokens=96, batch_size=32, progress=False)
+    Trainer(SAEConfig(d_sae=64, k=4), tc, src).run()
+    per_model_batch = c.model_batch_size * c.context_len
+    assert 96 <= src._next_gid <= 96 + per_model_batch  # LM tokens computed
+    full = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    full.next_batch(32)
+    assert full._next_gid >= 4096  # without a plan the buffer is filled first
+
+
+def test_resume_is_exact_under_a_planned_run(bert, tok) -> None:
+    c = cfg("", shuffle_buffer=200)
+    a = HFSource(c, model=bert, tokenizer=tok, seed=3)
+    a.plan_tokens(150)
+    a.next_batch(20)
+    a.next_batch(30)
+    state = a.state_dict()
+    assert state["planned"] == 150
+    want = [a.next_batch(n) for n in (20, 40, 40, 40)]  # past the plan too
+    b = HFSource(c, model=bert, tokenizer=tok, seed=3)
+    b.plan_tokens(150)
+    b.load_state_dict(state)
+    for w in want:
+        g = b.next_batch(w.meta["token_ids"].shape[0])
+        assert torch.equal(g.meta["token_ids"], w.meta["token_ids"])
+        assert torch.equal(g.acts["layers.1.resid_post"], w.acts["layers.1.resid_post"])

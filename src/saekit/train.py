@@ -216,6 +216,7 @@ class Trainer:
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
         wanted = {name for s in self.slots for name in s.sae.requires}
         self.inputs = self.source.request_inputs(wanted) if wanted else set()
+        self.source.plan_tokens(self.planned_tokens())
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -592,6 +593,11 @@ class Trainer:
         self.strategy.root(lambda: self.save_final(saes))
         return self._result(saes, completed=completed)
 
+    def planned_tokens(self) -> int:
+        """Tokens the run draws from its source: the steps' and the held-back batches'."""
+        bs = self.cfg.batch_size
+        return bs * (self.total_steps + (self.calibration_batches() if self._calibrates() else 0))
+
     def calibration_batches(self) -> int:
         """Held-back batches drawn after training for the rules that calibrate."""
         n = self.cfg.calibration_tokens
@@ -633,10 +639,12 @@ class Trainer:
         Decided over the whole plan, so that every rank (each holding some of the SAEs
         under ``layers``) draws the same held-back batches and writes the same checkpoints.
         """
+        return self._calibrates() and not self.calibrated and self.calibration_batches() > 0
+
+    def _calibrates(self) -> bool:
         from saekit.rules import get_rule_class
 
-        wanted = any(get_rule_class(c.rule).calibrates for _, c in self.sae_cfgs.values())
-        return wanted and not self.calibrated and self.calibration_batches() > 0
+        return any(get_rule_class(c.rule).calibrates for _, c in self.sae_cfgs.values())
 
     @torch.no_grad()
     def calibrate(self) -> bool:

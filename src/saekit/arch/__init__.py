@@ -8,8 +8,11 @@ import pkgutil
 
 from saekit.arch.base import (
     STAGES,
+    ArchImport,
     ArchPart,
     ArchStack,
+    SAELensImport,
+    arch_from_saelens,
     arch_names,
     arch_sites,
     gather,
@@ -33,8 +36,11 @@ for _name in ARCH_MODULES:
 __all__ = [
     "ARCH_MODULES",
     "STAGES",
+    "ArchImport",
     "ArchPart",
     "ArchStack",
+    "SAELensImport",
+    "arch_from_saelens",
     "arch_names",
     "arch_sites",
     "gather",

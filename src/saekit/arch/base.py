@@ -128,6 +128,12 @@ class ArchPart(nn.Module):
         """Turn the rule's SAELens export into this architecture's, in place (raise
         :class:`~saekit.errors.FormatError` when SAELens has no equivalent)."""
 
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """What this part takes from a plain SAELens ``cfg.json`` and its weights when they
+        describe it (read by :mod:`saekit.io.saelens`, so by every peer format), else None."""
+        return None
+
     # ---------------------------------------------------------------- evaluation
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
         """``saekit eval`` sections: name -> accumulator with ``update(sae, x, target, out)``
@@ -282,6 +288,46 @@ class ArchStack(nn.ModuleDict):
         return out
 
 
+@dataclass
+class SAELensImport:
+    """A part's reading of a plain SAELens SAE: its ``options``; the ``cfg`` and ``weights``
+    left for the rule's import (e.g. ``gated`` -> ``standard`` with ``b_enc = b_gate``); its
+    own tensors ``state`` (local names, e.g. ``r_mag``)."""
+
+    options: dict[str, Any]
+    cfg: dict[str, Any]
+    weights: dict[str, Tensor]
+    state: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class ArchImport:
+    """:func:`arch_from_saelens`'s result: ``SAEConfig.arch`` / ``arch_options``, the cfg
+    and weights for the rule's import, and the parts' tensors (``arch.<name>.<tensor>``)."""
+
+    arch: list[str]
+    options: dict[str, Any]
+    cfg: dict[str, Any]
+    weights: dict[str, Tensor]
+    state: dict[str, Tensor]
+
+
+def arch_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> ArchImport:
+    """The architecture parts a plain SAELens SAE describes (each part's
+    :meth:`ArchPart.from_saelens`, in stage order, each seeing the previous one's cfg and
+    weights); no parts for a plain SAE."""
+    out = ArchImport([], {}, dict(cfg), dict(weights), {})
+    for name in sorted(arch_names(), key=lambda n: STAGES.index(_REGISTRY[n].stage)):
+        got = _REGISTRY[name].from_saelens(out.cfg, out.weights)
+        if got is None:
+            continue
+        out.arch.append(name)
+        out.options.update(got.options)
+        out.cfg, out.weights = got.cfg, got.weights
+        out.state.update({f"arch.{name}.{k}": v for k, v in got.state.items()})
+    return out
+
+
 # ---------------------------------------------------------------------- data side
 def arch_sites(cfg: SAEConfig, site: str) -> tuple[list[str], list[str]]:
     """``(input sites, target sites)`` of an SAE with config ``cfg`` planned at ``site``."""
@@ -342,8 +388,11 @@ def views(cfg: SAEConfig, site: str, acts: Mapping[str, Tensor]) -> tuple[Tensor
 __all__ = [
     "STAGES",
     "ArchPart",
+    "ArchImport",
     "ArchStack",
     "NoArchOptions",
+    "SAELensImport",
+    "arch_from_saelens",
     "arch_names",
     "arch_sites",
     "gather",

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from saekit import kernels
-from saekit.arch.base import ArchPart, register_arch
+from saekit.arch.base import ArchPart, SAELensImport, register_arch
 from saekit.errors import FormatError
 from saekit.losses import recon_loss
 from saekit.options import Options, option
@@ -122,6 +122,20 @@ class Gated(ArchPart):
         # π_mag's x W_enc product folds with W_enc; r_mag and b_mag are unit-free
         weights["r_mag"] = self.r_mag.detach().clone()
         weights["b_mag"] = self.b_mag.detach().clone()
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """SAELens ``gated`` (``b_gate``, ``b_mag``, ``r_mag``): the ``relu`` rule (SAELens's
+        gate ``π_gate > 0``, so ``b_enc = b_gate``) with this part; exactly SAELens's encode."""
+        if cfg.get("architecture") != "gated":
+            return None
+        missing = [n for n in ("W_enc", "b_gate", "b_mag", "r_mag") if n not in weights]
+        if missing:
+            raise FormatError(f"SAELens gated weights lack {missing}")
+        rest = {k: v for k, v in weights.items() if k not in ("b_gate", "b_mag", "r_mag")}
+        rest["b_enc"] = weights["b_gate"]
+        state = {"r_mag": weights["r_mag"], "b_mag": weights["b_mag"]}
+        return SAELensImport({}, {**cfg, "architecture": "standard"}, rest, state)
 
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         if sae.rule.signed or exp.architecture not in ("standard", "jumprelu"):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from saekit import kernels
-from saekit.arch.base import ArchPart, register_arch
+from saekit.arch.base import ArchPart, SAELensImport, register_arch
 from saekit.errors import ConfigError
 from saekit.losses import recon_loss
 from saekit.options import Options, option
@@ -171,6 +171,20 @@ class Matryoshka(ArchPart):
 
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         exp.cfg["matryoshka_widths"] = list(self.widths)  # SAELens's training-cfg field
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """``matryoshka_widths`` (a SAELens training cfg's field, which its inference saves
+        keep in ``metadata.training_architecture_details``); SAELens's training architecture
+        ``matryoshka_batchtopk`` is then the ``batchtopk`` rule's."""
+        meta = cfg.get("metadata") or {}
+        details = meta.get("training_architecture_details") or {}
+        widths = cfg.get("matryoshka_widths") or details.get("matryoshka_widths")
+        if not widths:
+            return None
+        if cfg.get("architecture") == "matryoshka_batchtopk":
+            cfg = {**cfg, "architecture": "batchtopk"}
+        return SAELensImport({"widths": [int(w) for w in widths]}, cfg, weights)
 
     def eval_accumulators(self, sae: SAE) -> dict[str, Any]:
         return {"matryoshka": PrefixFVE(self.widths)}

@@ -13,18 +13,20 @@ class                       tensors                                             
 ``AutoEncoderTopK``         ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k``,       topk
                             ``threshold`` (unused by its default encode)
 ``BatchTopKSAE``            as TopK; inference ``ReLU(pre) * 1[ReLU(pre) > theta]``    batchtopk
-``MatryoshkaBatchTopKSAE``  ``W_enc [d,F]``, ``b_enc``, ``W_dec [F,d]``, ``b_dec``,    batchtopk
-                            ``k``, ``threshold``, ``group_sizes``
+``MatryoshkaBatchTopKSAE``  ``W_enc [d,F]``, ``b_enc``, ``W_dec [F,d]``, ``b_dec``,    batchtopk,
+                            ``k``, ``threshold``, ``group_sizes``                      matryoshka
 ``JumpReluAutoEncoder``     ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``,                jumprelu
                             ``threshold [F]``; no b_dec subtraction
-``GatedAutoEncoder``        ``encoder.weight``, ``r_mag``, ``gate_bias``,              jumprelu
-                            ``mag_bias``, ``decoder.weight``, ``decoder_bias``         (exact)
+``GatedAutoEncoder``        ``encoder.weight``, ``r_mag``, ``gate_bias``,              relu,
+                            ``mag_bias``, ``decoder.weight``, ``decoder_bias``         gated
 ==========================  =========================================================  ==========
 
 Codes equal the class's own ``encode`` on the loaded state dict (``from_pretrained``'s
 optional decoder renormalisation of ``AutoEncoder`` is not applied; it rescales codes).
-Matryoshka SAEs are BatchTopK at inference (every group active). Write: ``relu`` ->
-``AutoEncoder``, ``topk`` -> ``AutoEncoderTopK``, ``jumprelu`` -> ``JumpReluAutoEncoder``.
+Matryoshka SAEs are BatchTopK at inference (every group active) with the ``matryoshka`` part
+(:mod:`saekit.arch`; widths: the cumulative ``group_sizes``). Write: ``relu`` ->
+``AutoEncoder``, ``topk`` -> ``AutoEncoderTopK``, ``jumprelu`` -> ``JumpReluAutoEncoder``,
+gated ``relu`` -> ``GatedAutoEncoder``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import Tensor
 from saekit.errors import FormatError
 from saekit.io.atomic import atomic_path, read_json, torch_load_tensors, write_json
 from saekit.io.formats import Format, register_format
-from saekit.io.portable import Portable, gated_as_jumprelu, refuse, with_b_dec_input
+from saekit.io.portable import Portable, refuse, with_b_dec_input
 from saekit.sources.sites import parse_site
 
 AE_FILE = "ae.pt"
@@ -136,9 +138,12 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
         )
     if cls == "MatryoshkaBatchTopKSAE":
         W, b, Wd, b_dec, th = _get(sd, path, "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-        meta["group_sizes"] = [int(g) for g in sd.get("group_sizes", torch.tensor([])).tolist()]
+        sizes = [int(g) for g in sd.get("group_sizes", torch.tensor([])).tolist()]
+        meta["group_sizes"] = sizes
         th = th.reshape(-1)[0].expand(W.shape[1]).clone()
-        return Portable("batchtopk", W, b, Wd, b_dec, th, k, meta=meta)
+        widths = [int(w) for w in torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist()]
+        extra_cfg = {"matryoshka_widths": widths} if widths else {}
+        return Portable("batchtopk", W, b, Wd, b_dec, th, k, meta=meta, cfg_extra=extra_cfg)
     if cls == "JumpReluAutoEncoder":
         W, b, Wd, b_dec, th = _get(sd, path, "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         return Portable("jumprelu", W, b, Wd, b_dec, th, apply_b_dec_to_input=False, meta=meta)
@@ -161,12 +166,12 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
             extra={"r_mag": r, "b_gate": bg, "b_mag": bm},
             meta=meta,
         )
-        return gated_as_jumprelu(gated)
+        return gated  # read as the relu rule with the gated part (saekit.arch.gated)
     raise FormatError(f"{path}: dictionary_learning class {cls!r} is not supported")
 
 
 def write(p: Portable, out: Path) -> Path:
-    refuse("dictionary_learning", p, ("standard", "topk", "jumprelu"))
+    refuse("dictionary_learning", p, ("standard", "topk", "jumprelu", "gated"))
     site = p.meta.get("hook_name") or ""
     try:
         layer: int | None = parse_site(str(site))[0]
@@ -201,6 +206,17 @@ def write(p: Portable, out: Path) -> Path:
             "b_dec": p.b_dec,
         }
         trainer.update(dict_class="AutoEncoderTopK", trainer_class="TopKTrainer", k=int(p.k))
+    elif p.architecture == "gated":
+        p = with_b_dec_input(p, True)
+        sd = {
+            "decoder_bias": p.b_dec,
+            "encoder.weight": p.W_enc.t(),
+            "r_mag": p.extra["r_mag"],
+            "gate_bias": p.extra["b_gate"],
+            "mag_bias": p.extra["b_mag"],
+            "decoder.weight": p.W_dec.t(),
+        }
+        trainer.update(dict_class="GatedAutoEncoder", trainer_class="GatedSAETrainer")
     else:
         assert p.threshold is not None
         p = with_b_dec_input(p, False)
@@ -218,5 +234,12 @@ def write(p: Portable, out: Path) -> Path:
 
 
 FORMAT = register_format(
-    Format("dictionary_learning", "dictionary_learning ae.pt + config.json", detect, read, write)
+    Format(
+        "dictionary_learning",
+        "dictionary_learning ae.pt + config.json",
+        detect,
+        read,
+        write,
+        gated=True,
+    )
 )

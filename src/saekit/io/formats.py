@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.errors import FormatError
-from saekit.io.portable import Portable, portable_from_sae, sae_from_portable
+from saekit.io.portable import Portable, gated_as_jumprelu, portable_from_sae, sae_from_portable
 from saekit.sae import SAE
 
 #: modules that register a format, in detection order
@@ -40,6 +40,8 @@ class Format:
     detect: Callable[[Path], bool]
     read: Callable[[Path, dict[str, Any]], Portable]
     write: Callable[[Portable, Path], Path] | None = None
+    #: the writer holds SAELens ``gated`` SAEs; else they are written as the equal JumpReLU
+    gated: bool = False
 
 
 _FORMATS: dict[str, Format] = {}
@@ -127,7 +129,10 @@ def write_format(sae: SAE, out: str | Path, fmt: str, meta: dict[str, Any] | Non
     f = get_format(fmt)
     if f.write is None:
         raise FormatError(f"saekit reads the {fmt} format but cannot write it")
-    return f.write(portable_from_sae(sae, meta), out)
+    p = portable_from_sae(sae, meta)
+    if p.architecture == "gated" and not f.gated:
+        p = gated_as_jumprelu(p)  # exact: the weight-tied equivalence
+    return f.write(p, out)
 
 
 __all__ = [

@@ -4,7 +4,8 @@
 ``abstopk``, ``jumprelu``, ``gated``, ...), tensors in SAELens's layout (``W_enc [d_in,
 d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, ``threshold
 [d_sae]``, plus architecture extras such as ``r_mag``), ``k`` for top-k architectures,
-``apply_b_dec_to_input`` and metadata (``model_name``, ``hook_name``, ...). A peer format is
+``apply_b_dec_to_input``, metadata (``model_name``, ``hook_name``, ...) and SAELens cfg fields
+of architecture parts (``matryoshka_widths``: :mod:`saekit.arch`). A peer format is
 a reader ``files -> Portable`` and a writer ``Portable -> files``;
 :func:`sae_from_portable` and :func:`portable_from_sae` connect it to saekit through the
 SAELens import and export of :mod:`saekit.io.saelens`, so a peer format never touches a
@@ -45,6 +46,8 @@ class Portable:
     apply_b_dec_to_input: bool = True
     extra: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: further SAELens cfg fields that describe architecture parts (``matryoshka_widths``)
+    cfg_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def d_in(self) -> int:
@@ -88,12 +91,15 @@ class Portable:
         }
         if self.k is not None:
             cfg["k"] = int(self.k)
+        cfg.update(self.cfg_extra)
         cfg["metadata"] = dict(self.meta)
         return cfg
 
     def saelens_weights(self) -> dict[str, Tensor]:
         """The ``sae_weights.safetensors`` tensors (SAELens names)."""
         out = {n: getattr(self, n) for n in CORE}
+        if self.architecture == "gated":
+            del out["b_enc"]  # SAELens's gated SAEs have b_gate and b_mag instead
         if self.threshold is not None:
             out["threshold"] = self.threshold
         out.update(self.extra)
@@ -163,6 +169,9 @@ def gated_as_jumprelu(p: Portable) -> Portable:
     )
 
 
+#: SAELens cfg fields of architecture parts that the peer formats carry (Portable.cfg_extra)
+ARCH_CFG_FIELDS = ("matryoshka_widths",)
+
 #: SAELens architectures read by an exact conversion to one saekit reads directly
 CONVERTED = ("gated", "matryoshka_batchtopk")
 
@@ -171,9 +180,10 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
     """A plain SAELens cfg and weights as a :class:`Portable` in a form saekit's rules hold.
 
     ``rescale_acts_by_decoder_norm`` (SAELens's TopK default, a no-op once SAELens folds
-    the norms on save) is folded (:func:`fold_decoder_norm`); ``gated`` becomes the
-    equivalent ``jumprelu`` (:func:`gated_as_jumprelu`); ``matryoshka_batchtopk`` (a
-    training architecture, saved by SAELens as ``jumprelu``) is read as ``jumprelu``.
+    the norms on save) is folded (:func:`fold_decoder_norm`); what no rule imports (the
+    architecture parts, :mod:`saekit.arch`, have taken theirs first): ``gated`` becomes the
+    equivalent ``jumprelu`` (:func:`gated_as_jumprelu`), ``matryoshka_batchtopk`` (SAELens's
+    training architecture; its inference saves are ``jumprelu``) ``batchtopk``.
     """
     arch = cfg.get("architecture", "standard")
     missing = [n for n in CORE if n not in weights and not (n == "b_enc" and arch == "gated")]
@@ -185,7 +195,7 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
         b_enc = weights["b_mag"] if "b_mag" in weights else weights["W_enc"].new_zeros(1)
     p = Portable(
         architecture=(
-            "jumprelu" if arch == "matryoshka_batchtopk" and _import_rule(arch) is None else arch
+            "batchtopk" if arch == "matryoshka_batchtopk" and _import_rule(arch) is None else arch
         ),
         W_enc=weights["W_enc"],
         b_enc=b_enc,
@@ -196,6 +206,7 @@ def portable_from_saelens(cfg: dict[str, Any], weights: dict[str, Tensor]) -> Po
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         extra=extra,
         meta=dict(cfg.get("metadata") or {}),
+        cfg_extra={k: cfg[k] for k in ARCH_CFG_FIELDS if k in cfg},
     )
     if cfg.get("rescale_acts_by_decoder_norm"):
         p = fold_decoder_norm(p)
@@ -245,7 +256,7 @@ def portable_from_sae(sae: SAE, meta: dict[str, Any] | None = None) -> Portable:
     return Portable(
         architecture=cfg["architecture"],
         W_enc=w["W_enc"],
-        b_enc=w["b_enc"],
+        b_enc=w["b_enc"] if "b_enc" in w else w["b_mag"],  # gated: b_gate / b_mag in extra
         W_dec=w["W_dec"],
         b_dec=w["b_dec"],
         threshold=w.get("threshold"),
@@ -253,6 +264,7 @@ def portable_from_sae(sae: SAE, meta: dict[str, Any] | None = None) -> Portable:
         apply_b_dec_to_input=bool(cfg["apply_b_dec_to_input"]),
         extra=extra,
         meta={**cfg.get("metadata", {}), **(meta or {})},
+        cfg_extra={k: cfg[k] for k in ARCH_CFG_FIELDS if k in cfg},
     )
 
 

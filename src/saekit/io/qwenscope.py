@@ -5,7 +5,8 @@ Keys ``W_enc [F, d]``, ``b_enc [F]``, ``W_dec [d, F]``, ``b_dec [d]``; encoding 
 ``torch.load(weights_only=True)`` (never unpickled) and transposed to saekit's layout.
 ``k`` is not stored in the file: pass it, or it is read from an ``L0_<k>`` part of the
 path (the Qwen-Scope repo naming, e.g. ``SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``); the writer
-puts ``L0_<k>`` in the file name for that reason.
+writes ``layer{L}.sae.pt`` into a directory whose path holds ``L0_<k>``, else
+``L0_<k>.layer{L}.sae.pt`` (both names SAELens's Qwen-Scope loader accepts).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def write(p: Portable, out: Path) -> Path:
             layer = parse_site(str(p.meta.get("hook_name", "")))[0]
         except ValueError:
             layer = 0
-        out = out / f"layer{layer}.L0_{p.k}.sae.pt"
+        # SAELens's loader wants ``layer{L}.sae.pt`` (found by search) and k in the repo name
+        name = f"layer{layer}.sae.pt"
+        out = out / (name if k_from_path(out) == p.k else f"L0_{p.k}.{name}")
     if k_from_path(out) != p.k:
         raise FormatError(f"{out}: Qwen-Scope files do not store k; put L0_{p.k} in the path")
     obj = {"W_enc": p.W_enc.t(), "b_enc": p.b_enc, "W_dec": p.W_dec.t(), "b_dec": p.b_dec}

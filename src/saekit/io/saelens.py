@@ -12,9 +12,12 @@ Import: :func:`sae_from_saelens` builds a saekit SAE from a plain SAELens direct
 ``saekit`` section): the rule whose ``saelens_imports`` names the architecture loads it
 through its ``from_saelens`` hook (``standard`` -> relu, ``topk`` -> topk, ``jumprelu`` ->
 jumprelu, ``batchtopk`` -> batchtopk, ``abstopk`` -> abstopk among the built-in rules).
-First :func:`saekit.io.portable.canonical_saelens` folds ``rescale_acts_by_decoder_norm``
-(SAELens's TopK default) and converts ``gated`` and ``matryoshka_batchtopk`` exactly to
-``jumprelu`` unless a rule imports them itself.
+First the architecture parts (:func:`saekit.arch.arch_from_saelens`) take what is theirs:
+``gated`` becomes the relu rule with the ``gated`` part, ``matryoshka_widths`` (also in an
+inference save's metadata) the ``matryoshka`` part, ``matryoshka_batchtopk`` then being
+``batchtopk``. Then :func:`saekit.io.portable.canonical_saelens` folds
+``rescale_acts_by_decoder_norm`` (SAELens's TopK default) and converts what no rule or part
+claims exactly (``gated`` -> ``jumprelu``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.arch import ArchImport, arch_from_saelens
 from saekit.config import SAEConfig
 from saekit.errors import FormatError
 from saekit.rules.base import saelens_import_architectures, saelens_import_rule
@@ -127,10 +131,14 @@ def _get(cfg: dict, key: str, default: Any = None) -> Any:
 
 
 def saekit_config_from_saelens(
-    cfg: dict, k: int | None = None, weights: dict[str, Tensor] | None = None
+    cfg: dict,
+    k: int | None = None,
+    weights: dict[str, Tensor] | None = None,
+    parts: ArchImport | None = None,
 ) -> tuple[SAEConfig, dict[str, Tensor]]:
     """The SAEConfig equivalent to a plain SAELens ``cfg.json``, and the rule's own state
-    (``rule.*`` tensors) from ``weights``; ``k`` overrides the cfg's."""
+    (``rule.*`` tensors) from ``weights``; ``k`` overrides the cfg's; ``parts``: the
+    architecture parts found in it (:func:`saekit.arch.arch_from_saelens`)."""
     arch = cfg.get("architecture", "standard")
     cls = saelens_import_rule(arch)
     if cls is None:
@@ -157,6 +165,8 @@ def saekit_config_from_saelens(
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
         "unit_norm_decoder": False,  # the loaded decoder is used as is
     }
+    if parts is not None and parts.arch:
+        base.update(arch=parts.arch, arch_options=parts.options)
     sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 
@@ -165,10 +175,12 @@ def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None
     """Build an SAE from a plain SAELens cfg dict and its ``sae_weights`` tensors."""
     from saekit.io.portable import canonical_saelens
 
+    parts = arch_from_saelens(cfg, weights)  # e.g. gated -> standard + the gated part
+    cfg, weights = parts.cfg, parts.weights
     if cfg.get("architecture", "standard") not in supported_architectures():
         saekit_config_from_saelens(cfg, k, weights)  # raises: unsupported architecture
     cfg, weights = canonical_saelens(cfg, weights)
-    sae_cfg, rule_state = saekit_config_from_saelens(cfg, k, weights)
+    sae_cfg, rule_state = saekit_config_from_saelens(cfg, k, weights, parts)
     with torch.random.fork_rng(devices=[]):
         sae = SAE(sae_cfg)
     dtype = weights["W_enc"].dtype if "W_enc" in weights else torch.float32
@@ -177,7 +189,7 @@ def sae_from_saelens(cfg: dict, weights: dict[str, Tensor], k: int | None = None
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(state)
     if missing:
         raise FormatError(f"SAELens weights lack {sorted(missing)}")
-    state.update({n: t.to(dtype) for n, t in rule_state.items()})
+    state.update({n: t.to(dtype) for n, t in {**rule_state, **parts.state}.items()})
     load_state(sae, state, strict=False, where="SAELens weights")
     return sae
 

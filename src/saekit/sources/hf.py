@@ -11,7 +11,10 @@ Token selection: padding is always dropped (attention mask); with ``exclude_spec
 every id in ``tokenizer.all_special_ids`` is dropped too. Kept tokens enter a shuffle
 buffer; each batch is ``B`` tokens drawn without replacement, uniformly, from a buffer kept
 at ``>= max(shuffle_buffer, B)`` tokens (seeded ``torch.Generator``); with
-``shuffle_buffer=0`` tokens come out in text order. All sites come from the same tokens.
+``shuffle_buffer=0`` tokens come out in text order. A run shorter than the buffer fills it
+only with the tokens it will draw (:meth:`HFSource.plan_tokens`, given by the trainer: the
+buffer holds at most the tokens still to be drawn, so a short run computes about its own
+tokens, not ``shuffle_buffer`` more; [our choice]). All sites come from the same tokens.
 When the text runs out it starts again (``epoch`` counts passes), so training never starves.
 
 Gradients (the named input ``"grad"``, decoder LMs only; ``DataConfig.inputs`` or
@@ -367,6 +370,8 @@ class HFSource(ActivationSource):
         self._gen = torch.Generator().manual_seed(seed) if self.cfg.shuffle_buffer else None
         self._buf = _Buffer(self._dims, self.with_grad)
         self._taken: list[list[int]] = []
+        self._drawn = 0  # tokens handed out
+        self._planned: int | None = getattr(self, "_planned", None)
 
     # ------------------------------------------------------------ text side
     def _new_texts(self) -> Iterator[str]:
@@ -513,12 +518,19 @@ class HFSource(ActivationSource):
         )
 
     # --------------------------------------------------------------- buffer
+    def plan_tokens(self, n: int) -> None:
+        """About ``n`` tokens will be drawn in all: the buffer never holds more than the
+        tokens still to be drawn (recorded in :meth:`state_dict`; call before any batch)."""
+        self._planned = max(int(n), 0)
+
     def _buffer_target(self, b: int) -> int:
         """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus
-        smaller than it, and at least ``b``."""
+        smaller than it, or the planned tokens not yet drawn, and at least ``b``."""
         target = self.cfg.shuffle_buffer
         if self._corpus_tokens:
             target = min(target, self._corpus_tokens)
+        if self._planned is not None:
+            target = min(target, self._planned - self._drawn)
         return max(target, b)
 
     def _fill(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
@@ -539,6 +551,7 @@ class HFSource(ActivationSource):
     def _take(self, b: int, dry: bool, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> tuple:
         self._fill(b, dry, inputs)
         out = self._buf.take(b, self._gen)
+        self._drawn += b
         if self._taken and self._taken[-1][0] == b:
             self._taken[-1][1] += 1
         else:
@@ -561,6 +574,7 @@ class HFSource(ActivationSource):
             "version": 1,
             "taken": [list(t) for t in self._taken],
             "fingerprint": self._fingerprint(),
+            **({"planned": self._planned} if self._planned is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -572,6 +586,8 @@ class HFSource(ActivationSource):
                 f"HFSource state was saved with different settings: {state.get('fingerprint')} "
                 f"vs now {fp}"
             )
+        planned = self._planned
+        self._planned = state.get("planned")  # the plan the recorded batches were drawn under
         self._reset()
         # dry replay: index bookkeeping only, no model
         self._buf = _Buffer(None, self.with_grad)
@@ -583,6 +599,7 @@ class HFSource(ActivationSource):
                     self._prune(inputs)
         self._prune(inputs)
         self._materialize(inputs)
+        self._planned = planned if planned is not None else self._planned
 
     def _prune(self, inputs: dict[int, tuple[Tensor, Tensor, int]]) -> None:
         live = self._live_batches(inputs)

@@ -43,6 +43,11 @@ class PrefetchSource(ActivationSource):
             raise RuntimeError("PrefetchSource.request_inputs after the first batch")
         return self.source.request_inputs(names)
 
+    def plan_tokens(self, n: int) -> None:
+        if self._thread is not None:
+            raise RuntimeError("PrefetchSource.plan_tokens after the first batch")
+        self.source.plan_tokens(n)
+
     def shard(self, rank: int, world: int) -> ActivationSource:
         """Prefetch from the wrapped source's shard (before the first batch)."""
         if world == 1:

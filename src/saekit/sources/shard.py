@@ -60,6 +60,9 @@ class RowShard(ActivationSource):
     def request_inputs(self, names: Collection[str]) -> set[str]:
         return self.source.request_inputs(names)
 
+    def plan_tokens(self, n: int) -> None:
+        self.source.plan_tokens(n)  # every rank reads the global stream
+
     def next_batch(self, batch_size: int) -> Batch:
         lo, hi = part_range(batch_size, self.rank, self.world)
         return self.source.next_batch_part(batch_size, lo, hi)
@@ -89,6 +92,9 @@ class LocalPart(ActivationSource):
 
     def request_inputs(self, names: Collection[str]) -> set[str]:
         return self.source.request_inputs(names)
+
+    def plan_tokens(self, n: int) -> None:
+        self.source.plan_tokens(-(-n // self.world))  # this rank's part of each batch
 
     def next_batch(self, batch_size: int) -> Batch:
         lo, hi = part_range(batch_size, self.rank, self.world)

@@ -127,6 +127,9 @@ def test_trained_crosscoder_reconstructs_each_site_and_eval_reports_it(tmp_path)
     c = r["sae"]["crosscoder"]
     assert c["sites"] == SITES and c["widths"] == [8, 8]
     assert all(v > 0.5 for v in c["site_fve"].values())  # shared features rebuild each
+    from saekit.evaluate.report import headline_table
+
+    assert "| FVE at site a |" in headline_table(r) and "| FVE at site b |" in headline_table(r)
     # the accumulator's per-site FVE, against a hand computation on known tokens
     acc = back.arch.eval_accumulators(back)["crosscoder"]
     xs = torch.cat([acts["a"][:1024], acts["b"][:1024]], -1)

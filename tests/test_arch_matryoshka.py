@@ -136,7 +136,7 @@ def test_sampled_widths_follow_the_torch_seed_and_end_at_d_sae() -> None:
 SYN = dict(n_features=64, d=16, n_roots=4, branching=2, depth=2, ortho_steps=5, block_size=256)
 
 
-def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path) -> None:
+def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path, capsys) -> None:
     from saekit import DataConfig, TrainConfig
     from saekit.evaluate.run import EvalConfig, evaluate_run
     from saekit.io import load_sae
@@ -168,6 +168,13 @@ def test_trained_run_saves_loads_and_evaluates_every_prefix(tmp_path) -> None:
     assert fves[-1] == pytest.approx(r["sae"]["core"]["fve"], abs=1e-6)
     assert fves[0] < fves[-1]  # a smaller prefix explains less
     assert "matryoshka" not in r["baselines"]["random"]
+    # `saekit eval` prints each prefix's FVE in its headline table
+    from saekit.cli import main
+
+    args = ["eval", str(run), "--tokens", "1024", "--baselines", "false", "--plots", "false"]
+    assert main([*args, "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "| FVE of the prefix 8/64 |" in printed and "| FVE of the prefix 32/64 |" in printed
 
 
 @needs_peers
@@ -211,3 +218,26 @@ def test_sae_lens_loads_matryoshka_files(tmp_path) -> None:
     got = {ln[0]: (ln[1], float(ln[2])) for ln in lines}
     assert got["batchtopk"][0] == "JumpReLUSAE" and got["topk"][0] == "TopKSAE"
     assert all(err < 1e-4 for _, err in got.values()), got
+
+
+def test_bench_has_a_matryoshka_row_with_absorption(tmp_path, monkeypatch) -> None:
+    import saekit.bench as bench
+
+    base = bench.base_sae_config(bench.SIZES["tiny"], 3)
+    v = bench.variants(["batchtopk"], base, arch_variants=["batchtopk+matryoshka"])
+    assert v["batchtopk+arch_matryoshka"].arch == ["matryoshka"] and v["batchtopk"].arch == []
+    assert "topk+arch_matryoshka" not in bench.variants(
+        ["relu"], base, (), None, ["topk+matryoshka"]
+    )
+    with pytest.raises(ConfigError, match="RULE\\+PART"):
+        bench.variants(["topk"], base, arch_variants=["matryoshka"])
+    tiny = bench.BenchSize(32, 16, 4096, 256, 1024, 2048, block_size=1024)
+    monkeypatch.setitem(bench.SIZES, "tiny", tiny)
+    cfg = bench.BenchConfig(size="tiny", seeds=[0], rules=["batchtopk"], aux_variants=[],
+                            signed=False, out=str(tmp_path / "b"))  # fmt: skip
+    report = bench.run_bench(cfg, log=lambda _m: None)
+    rows = report["table"]
+    assert set(rows) == {"batchtopk", "batchtopk+arch_matryoshka"}
+    for r in rows.values():
+        assert 0 <= r["absorption"]["mean"] <= 1
+    assert "absorb" in bench.format_table(rows)

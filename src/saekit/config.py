@@ -266,6 +266,13 @@ class DataConfig(Options):
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)
+    pack: bool = option(
+        True,
+        "hf: pack documents into full windows (separated by the tokenizer's eos/sep token,"
+        " each window with its special tokens) instead of padding each document's last"
+        " window; false: the windows of saekit <= 0.x (resumes their checkpoints)",
+        resumable=True,  # the HF source's own state refuses a change (its fingerprint)
+    )
     model_batch_size: int = option(16, "sequences per model forward", ge=1, resumable=True)
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)

@@ -122,10 +122,13 @@ class SAE(nn.Module):
         self.rule = build_rule(cfg)
         #: architecture parts (saekit.arch); empty for a plain SAE (no state_dict entries)
         self.arch = ArchStack(cfg)
-        if self.rule.input_norm == "token" and d_out != d:
+        wiring = self.arch.part("wiring")
+        other = wiring is not None and wiring.predicts_other  # a transcoder's target
+        if self.rule.input_norm == "token" and (d_out != d or other):
             raise ConfigError(
                 f"rule {cfg.rule!r} standardises every input token, which a reconstruction of"
-                f" another width (d_out={d_out}, d_in={d}) cannot undo; pick another rule"
+                f" another width or site (d_out={d_out}, d_in={d}, arch {list(cfg.arch)})"
+                " cannot undo; pick another rule"
             )
         for name in self.requires:
             input_kind(name)  # every required input is a registered name
@@ -325,7 +328,13 @@ class SAE(nn.Module):
                 flat[name] = self._flat(t, name)
             else:
                 flat[name] = t.reshape(-1, *t.shape[-1:]).to(self.W_enc.dtype)
-        return to_sae_units(flat, self.input_scale if self.cfg.normalize_input else None)
+        norm = self.cfg.normalize_input
+        s_in, s_out = (self.input_scale, self.output_scale) if norm else (None, None)
+        # gradients are read where the SAE writes (saekit.arch.input_site): the output's scale
+        grads = {n for n in flat if input_kind(n).scaling == "grad"}
+        out = to_sae_units({n: t for n, t in flat.items() if n not in grads}, s_in)
+        out.update(to_sae_units({n: flat[n] for n in grads}, s_out))
+        return out
 
     def forward(
         self, x: Tensor, inputs: Mapping[str, Tensor] | None = None, step: int = 0
@@ -376,7 +385,7 @@ class SAE(nn.Module):
         terms.update(self.rule.loss_terms(self.arch.rule_output(out), ctx))
         terms.update(self.arch.loss_terms(self, out, ctx, y))
         if self.aux_loss is not None:
-            terms["aux"] = self.aux_loss(self, out)
+            terms["aux"] = self.aux_loss(self, out, None if target is None else y)
         total = torch.stack(list(terms.values())).sum()
         return total, terms, out
 

@@ -42,7 +42,6 @@ from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
 from saekit.errors import ConfigError, DistributedError, SaekitError, TrainingError
 from saekit.evaluate.core import fve
-from saekit.inputs import site_inputs
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
 from saekit.io.lock import run_lock
@@ -448,7 +447,7 @@ class Trainer:
         """The named inputs one SAE reads from ``batch``: ``batch.inputs[name][s.site]`` for
         each name it requires (on the trainer's device and dtype). The one place an input
         could come from elsewhere in the batch (another site, for a transcoder's target)."""
-        got = site_inputs(batch.inputs, s.site, s.sae.requires)
+        got = arch.site_inputs_of(s.cfg, s.site, batch.inputs, s.sae.requires)
         return {n: t.to(self.device, self.dtype) for n, t in got.items()}
 
     def slot_data(self, s: _Slot, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:

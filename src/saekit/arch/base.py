@@ -57,6 +57,9 @@ class ArchPart(nn.Module):
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     Options: ClassVar[type] = NoArchOptions
+    #: the target is not the input (a transcoder): per-token input statistics cannot be
+    #: undone on the reconstruction
+    predicts_other: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, opts: Any) -> None:
         super().__init__()
@@ -354,6 +357,30 @@ def needed_sites(cfg: SAEConfig, sites: list[str]) -> list[str]:
     return out
 
 
+def input_site(cfg: SAEConfig, site: str, name: str) -> str:
+    """Where an SAE planned at ``site`` reads its named input ``name``: a gradient
+    (``InputKind.scaling == "grad"``, e.g. gtopk's dLoss/dx, used in the decoder's space) at
+    its target site when it writes one other site (a transcoder), everything else at ``site``."""
+    from saekit.inputs import input_kind
+
+    ins, outs = arch_sites(cfg, site)
+    if input_kind(name).scaling == "grad" and len(outs) == 1 and outs != ins:
+        return outs[0]
+    return site
+
+
+def site_inputs_of(
+    cfg: SAEConfig, site: str, batch_inputs: Mapping[str, Mapping[str, Tensor]], names: Any
+) -> dict[str, Tensor]:
+    """``{name: batch_inputs[name][input_site(...)]}`` for the ``names`` the batch has."""
+    out = {}
+    for n in names:
+        at = input_site(cfg, site, n)
+        if at in batch_inputs.get(n, {}):
+            out[n] = batch_inputs[n][at]
+    return out
+
+
 def widths(cfg: SAEConfig, site: str, d_of: Callable[[str], int]) -> tuple[int, int]:
     """``(d_in, d_out)`` of an SAE at ``site``: summed widths of its input and target sites
     (``d_of``: a site's width, e.g. ``source.d_in``)."""
@@ -397,6 +424,8 @@ __all__ = [
     "arch_sites",
     "gather",
     "get_arch_class",
+    "input_site",
+    "site_inputs_of",
     "needed_sites",
     "parse_arch",
     "plan_sites",

@@ -134,4 +134,11 @@ class SiteFVE:
             for i, s in enumerate(self.sites):
                 var = self.sq[i] - float(self.sum[i].pow(2).sum()) / self.n
                 fve[s] = 1 - self.err[i] / var if var > 0 else float("nan")
-        return {"sites": self.sites, "widths": self.widths, "site_fve": fve, "n_tokens": self.n}
+        rows = {f"FVE at site {s}": v for s, v in fve.items()}
+        return {
+            "sites": self.sites,
+            "widths": self.widths,
+            "site_fve": fve,
+            "n_tokens": self.n,
+            "headline": rows,
+        }

@@ -219,4 +219,6 @@ class PrefixFVE:
         var = self.sq - float(self.sum.pow(2).sum()) / self.n
         nan = float("nan")
         fve = {str(m): 1 - e / var if var > 0 else nan for m, e in zip(self.widths, self.err)}
-        return {"widths": self.widths, "prefix_fve": fve, "n_tokens": self.n}
+        d = self.widths[-1]
+        rows = {f"FVE of the prefix {m}/{d}": fve[str(m)] for m in self.widths[:-1]}
+        return {"widths": self.widths, "prefix_fve": fve, "n_tokens": self.n, "headline": rows}

@@ -61,6 +61,12 @@ class BenchConfig(Options):
         ["topk+zipf"],
         "extra variants RULE+AUX: RULE trained with the aux loss AUX (when RULE runs)",
     )
+    arch_variants: list[str] = option(
+        ["batchtopk+matryoshka"],
+        "extra variants RULE+PART: RULE with the architecture part PART (saekit.arch, its"
+        " default options), when RULE runs; the Matryoshka row's absorption is the one to"
+        " compare with plain BatchTopK",
+    )
     grids: dict = option(
         {},
         "per rule, the values of its sparsity option to try instead of the rule's own grid,"

@@ -17,6 +17,7 @@ COLUMNS = [
     ("mmcs", "MMCS", "{:.3f}"),
     ("recovery", "recov", "{:.3f}"),
     ("f1", "F1", "{:.3f}"),
+    ("absorption", "absorb", "{:.3f}"),
     ("step_ms", "ms/step", "{:.1f}"),
 ]
 #: metrics aggregated over seeds

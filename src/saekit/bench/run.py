@@ -155,6 +155,7 @@ def _train_and_eval(
             rule=rule_of(name),
             options=dict(cfgs[name].rule_options),
             aux=cfgs[name].aux,
+            arch=list(cfgs[name].arch),
             step_ms=step_ms(sae, b.acts[SITE], ins),
             train_l0=result.metrics.get(name, {}).get("l0"),
             run_dir=str(run_dir),
@@ -214,7 +215,7 @@ def _run(cfg: BenchConfig, names: list[str], log: Log) -> dict[str, Any]:
             f"seed {seed} ({i + 1}/{len(cfg.seeds)}): expected true L0 {syn.expected_l0:.2f}, k={k}"
         )
         base = base_sae_config(size, k)
-        cfgs = variants(names, base, cfg.aux_variants, cfg.grids)
+        cfgs = variants(names, base, cfg.aux_variants, cfg.grids, cfg.arch_variants)
         results, meta = _train_and_eval(
             cfgs, syn, size, size.tokens, out / "runs" / f"seed{seed}", cfg, seed, log
         )

@@ -20,9 +20,12 @@ def variants(
     base: SAEConfig,
     aux_variants: list[str] | tuple[str, ...] = (),
     grids: dict[str, list[float]] | None = None,
+    arch_variants: list[str] | tuple[str, ...] = (),
 ) -> dict[str, SAEConfig]:
     """``variant name -> SAEConfig``: one per rule (a grid for penalty rules, named
-    ``rule[option=value]``), plus ``rule+aux_<aux>`` for each ``rule+aux`` whose rule runs."""
+    ``rule[option=value]``), plus ``rule+aux_<aux>`` for each ``rule+aux`` and
+    ``rule+arch_<part>`` for each ``rule+part`` (an architecture part of
+    :mod:`saekit.arch` with its default options, e.g. Matryoshka) whose rule runs."""
     grids = grids or {}
     out: dict[str, SAEConfig] = {}
     for r in names:
@@ -40,6 +43,14 @@ def variants(
             raise ConfigError(f"BenchConfig.aux_variants {spec!r}: write RULE+AUX, e.g. topk+zipf")
         if rule in names:
             out[f"{rule}+aux_{aux}"] = replace(base, rule=rule, aux=aux, rule_options={})
+    for spec in arch_variants:
+        rule, _, part = spec.partition("+")
+        if not part:
+            raise ConfigError(
+                f"BenchConfig.arch_variants {spec!r}: write RULE+PART, e.g. batchtopk+matryoshka"
+            )
+        if rule in names:
+            out[f"{rule}+arch_{part}"] = replace(base, rule=rule, arch=[part], rule_options={})
     return out
 
 

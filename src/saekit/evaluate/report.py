@@ -79,6 +79,10 @@ def headline_table(result: dict[str, Any]) -> str:
         p = _get(base.get("pca", {}).get(sec), key)
         n = "weights" if sec in WEIGHT_ONLY else fmt(_n(sae.get(sec)))
         rows.append(f"| {label} | {fmt(v)} | {fmt(r)} | {fmt(p)} | {n} |")
+    for sec in sae.values():  # sections' own rows (saekit.arch: per-prefix, per-site FVE)
+        if isinstance(sec, dict) and isinstance(sec.get("headline"), dict):
+            for label, v in sec["headline"].items():
+                rows.append(f"| {label} | {fmt(v)} | – | – | {fmt(_n(sec))} |")
     return "\n".join(rows)
 
 

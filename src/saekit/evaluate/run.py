@@ -31,12 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.arch import arch_sites, views, widths
+from saekit.arch import arch_sites, site_inputs_of, views, widths
 from saekit.config import DataConfig, device_problem
 from saekit.errors import ConfigError, DataError, FormatError, MissingFileError
 from saekit.evaluate import afa, baselines, ground_truth, independence, plots, report
 from saekit.evaluate.core import CoreAccumulator
-from saekit.inputs import site_inputs
 from saekit.io.atomic import json_safe, read_json, write_json, write_text
 from saekit.io.paths import check_writable_dir
 from saekit.options import Options, option
@@ -350,7 +349,7 @@ def _stream(st: _Setup, cfg: EvalConfig) -> tuple[dict[str, _Evaluator], dict[st
         return None if y is None else y.to(cfg.device).float()
 
     def inputs(b: Batch) -> dict[str, Tensor]:
-        got = site_inputs(b.inputs, st.site, getattr(st.sae, "requires", ()))
+        got = site_inputs_of(sae.cfg, st.site, b.inputs, getattr(st.sae, "requires", ()))
         return {n: t.to(cfg.device).float() for n, t in got.items()}
 
     ins, outs = arch_sites(sae.cfg, st.site)
@@ -428,8 +427,15 @@ def _splice(
     special = getattr(source.tokenizer, "all_special_ids", None) or []
     counted = [] if cfg.splice_special else special
     batches = token_batches(source.tokenizer, texts, dc.context_len, bs, cfg.splice_tokens, counted)
+    ins, outs = arch_sites(st.sae.cfg, st.site)
+    if len(ins) != 1 or len(outs) != 1:
+        src.notes.append(f"spliced CE/KL skipped: the SAE reads {ins} and writes {outs}")
+        return
+    # a transcoder replaces its target site with its prediction from its input site; its PCA
+    # baseline (fitted on the target) reads the target itself
+    reads = {} if ins == outs else {"sae": ins[0], "sae_err": ins[0], "base:random": ins[0]}
     sp = splice_metrics(
-        source.model, st.sae, st.site, batches, base_models, special, cfg.splice_special
+        source.model, st.sae, outs[0], batches, base_models, special, cfg.splice_special, reads
     )
     for name, r in sp.pop("baselines", {}).items():
         result["baselines"][name]["splice"] = r

@@ -14,6 +14,11 @@ and baseline runs and leave every average, as SAEBench's
 otherwise be charged for it); ``include_special=True`` replaces them too and counts them.
 The zero ablation zeroes every position.
 
+A transcoder (:mod:`saekit.arch.transcoder`) is spliced in place of its target: the runs
+replace ``layers.i.mlp_out`` by the transcoder's prediction from the live
+``layers.i.mlp_in`` (``reads``), so ``ce_recovered`` is the CE recovered with the MLP
+replaced; the zero run zeroes the MLP's output.
+
 CE is the next-token cross-entropy averaged over positions t whose token and next token are
 both real (attention mask 1) and whose token is not an excluded special one: ``n_tokens_ce``
 of them. KL(p_clean ‖ p_patched) = Σ_v p_clean(log p_clean − log p_patched) is averaged
@@ -27,6 +32,7 @@ and, with the attention mask, never reach real ones. Then
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -140,22 +146,29 @@ def splice_batch(
     mask: Tensor,
     baselines: dict[str, Any] | None = None,
     replace_at: Tensor | None = None,
+    reads: dict[str, str] | None = None,
 ) -> dict[str, Tensor]:
     """Logits of the runs ``clean``, ``sae``, ``zero``, ``sae_err`` (and ``base:<name>``).
 
     ``replace_at [B, T]`` (bool; default every position): where the autoencoders' output
     replaces the activation; elsewhere it stays clean. The zero run zeroes every position.
+    ``reads``: run name -> the site whose live activation that run's autoencoder reads, when
+    not ``site_name`` (a transcoder reads ``layers.i.mlp_in`` and replaces ``mlp_out``: the
+    MLP's output is replaced by the transcoder's prediction from the MLP's input).
     """
     from saekit.sources.sites import hook_site
 
     site = resolve_site(model, site_name)
+    reads = reads or {}
     logits: dict[str, Tensor] = {"clean": _logits(model, ids, mask)}
+    live: dict[str, Tensor] = {}
 
     def replace(ae: Any, mode: str):
         def fn(h: Tensor) -> Tensor:
             if mode == "zero":
                 return torch.zeros_like(h)
-            x_hat = ae(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
+            x = live.pop("x", h)
+            x_hat = ae(x.reshape(-1, x.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
             if mode == "sae_err":
                 x_hat = x_hat + (h - x_hat)
             if replace_at is not None:
@@ -167,9 +180,20 @@ def splice_batch(
     runs = [("sae", sae, "sae"), ("zero", None, "zero"), ("sae_err", sae, "sae_err")]
     runs += [(f"base:{n}", b, "sae") for n, b in (baselines or {}).items()]
     for name, ae, mode in runs:
-        with hook_site(site, replace(ae, mode)):
+        with contextlib.ExitStack() as stack:
+            read = reads.get(name, site_name)
+            if read != site_name and mode != "zero":
+                stack.enter_context(hook_site(resolve_site(model, read), _capture(live)))
+            stack.enter_context(hook_site(site, replace(ae, mode)))
             logits[name] = _logits(model, ids, mask)
     return logits
+
+
+def _capture(live: dict[str, Tensor]):
+    def fn(h: Tensor) -> None:
+        live["x"] = h
+
+    return fn
 
 
 @torch.no_grad()
@@ -181,8 +205,10 @@ def splice_metrics(
     baselines: dict[str, Any] | None = None,
     special_ids: Iterable[int] = (),
     include_special: bool = False,
+    reads: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """CE / KL metrics over ``batches`` of ``(input_ids, attention_mask)``.
+    """CE / KL metrics over ``batches`` of ``(input_ids, attention_mask)``; ``reads``: see
+    :func:`splice_batch` (run names ``sae``, ``sae_err``, ``base:<name>``).
 
     ``baselines``: other autoencoders (anything whose call returns ``.x_hat``) spliced the
     same way; their CE recovered / KL score are under ``result["baselines"]``.
@@ -202,7 +228,9 @@ def splice_metrics(
             if special.numel() and not include_special:
                 keep = ~torch.isin(ids, special)
                 n_special += int((mask.bool() & ~keep).sum())
-            logits = splice_batch(model, sae, site_name, ids, mask, baselines, replace_at=keep)
+            logits = splice_batch(
+                model, sae, site_name, ids, mask, baselines, replace_at=keep, reads=reads
+            )
             acc.update(logits, ids, mask, keep)
     finally:
         sae.train(was)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.arch import ArchImport, arch_from_saelens
+from saekit.arch import ArchImport, arch_from_saelens, arch_sites
 from saekit.config import SAEConfig
 from saekit.errors import FormatError
 from saekit.rules.base import saelens_import_architectures, saelens_import_rule
@@ -117,6 +117,9 @@ def _cfg(sae: SAE, arch: str, extra: dict, site: str, model: str, data: dict | N
     }
     if cfg.arch:
         out["metadata"]["saekit_arch"] = list(cfg.arch)
+    ins, outs = arch_sites(cfg, site) if site else ([], [])
+    if ins != outs and len(outs) == 1:  # a transcoder: where its prediction goes
+        out["metadata"].update(hook_name_out=outs[0], hook_layer_out=_layer_of(outs[0]))
     return out
 
 
@@ -167,6 +170,8 @@ def saekit_config_from_saelens(
     }
     if parts is not None and parts.arch:
         base.update(arch=parts.arch, arch_options=parts.options)
+        if isinstance(cfg.get("d_out"), int) and cfg["d_out"] != cfg["d_in"]:
+            base["d_out"] = cfg["d_out"]  # a transcoder's target width
     sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 

@@ -1,11 +1,18 @@
 """Activations of a Hugging Face transformers model on text.
 
 :class:`HFSource` tokenises documents from :func:`saekit.sources.text.iter_texts` into
-sequences of ``context_len`` tokens (long documents are cut into several windows, each with
-the tokenizer's special tokens; the last is right-padded), runs the frozen model on
+sequences of ``context_len`` tokens, runs the frozen model on
 ``model_batch_size`` sequences at a time, and reads every requested site from that one
 forward. Without gradients the forward stops (:class:`~saekit.sources.sites.StopForward`)
 as soon as every hooked module has run, so later layers and the LM head are never computed.
+
+Windows (``DataConfig.pack``, default): the documents' tokens are concatenated, each
+document followed by the tokenizer's eos token (else its sep token), and cut into windows of
+``context_len`` tokens with the tokenizer's special tokens around each (``[CLS] ... [SEP]``
+for BERT, none for GPT-2), as SAELens and sparsify pack; only the last window of a pass over
+the text is padded [our choice: the separator and special tokens; SAELens puts BOS between
+documents, sparsify EOS]. ``pack=false``: each document on its own windows, the last
+right-padded (short documents waste most of the model's positions).
 
 Token selection: padding is always dropped (attention mask); with ``exclude_special``
 every id in ``tokenizer.all_special_ids`` is dropped too. Kept tokens enter a shuffle
@@ -347,6 +354,7 @@ class HFSource(ActivationSource):
             "split": c.dataset_split,
             "part": self.part,
             "context_len": c.context_len,
+            **({"pack": True} if self._packs() else {}),
             "model_batch_size": c.model_batch_size,
             "exclude_special": c.exclude_special,
             "shuffle_buffer": c.shuffle_buffer,
@@ -360,6 +368,7 @@ class HFSource(ActivationSource):
         self._texts: Iterator[str] | None = None
         self._seq_ids: deque[Tensor] = deque()
         self._seq_mask: deque[Tensor] = deque()
+        self._carry: list[int] = []  # packed tokens not yet in a window
         self._epoch_seqs = 0
         self._epoch_kept = 0  # kept (non-special) tokens queued in this pass over the corpus
         self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
@@ -399,6 +408,9 @@ class HFSource(ActivationSource):
             docs.append(doc)
             if len(docs) >= self.cfg.model_batch_size:
                 break
+        if self._packs():
+            self._pack(docs)
+            return
         if not docs:
             self._end_pass()
             return
@@ -410,7 +422,9 @@ class HFSource(ActivationSource):
             return_overflowing_tokens=self.chunk,
             return_tensors="pt",
         )
-        ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        self._queue(enc["input_ids"].long(), enc["attention_mask"].long())
+
+    def _queue(self, ids: Tensor, mask: Tensor) -> None:
         kept = self._keep(ids, mask).sum(1)
         for i in range(ids.shape[0]):
             if mask[i].sum() > 0:
@@ -418,6 +432,57 @@ class HFSource(ActivationSource):
                 self._seq_mask.append(mask[i])
                 self._epoch_seqs += 1
                 self._epoch_kept += int(kept[i])
+
+    def _packs(self) -> bool:
+        return self.cfg.pack and self.chunk
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after one sequence."""
+        if not hasattr(self, "_special_ends"):
+            tok = self.tokenizer
+            plain = tok("a", add_special_tokens=False)["input_ids"]
+            full = tok("a", add_special_tokens=True)["input_ids"]
+            at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), None)
+            if not plain or at is None:
+                raise ConfigError(
+                    "cannot tell where this tokenizer puts its special tokens: pass --pack false"
+                )
+            self._special_ends = (full[:at], full[at + len(plain) :])
+        return self._special_ends
+
+    def _pack(self, docs: list[str]) -> None:
+        """Queue the full packed windows of ``docs`` (the rest waits in ``_carry``); with no
+        documents left, the carried tokens as one padded window, then the end of the pass."""
+        tok, T = self.tokenizer, self.cfg.context_len
+        head, tail = self._specials()
+        body = T - len(head) - len(tail)
+        if body < 1:
+            raise ConfigError(
+                f"DataConfig.context_len = {T} leaves no room for text beside the tokenizer's"
+                f" special tokens: raise context_len (--context-len) or pass --pack false"
+            )
+        if not docs:
+            if not self._carry:
+                self._end_pass()
+                return
+            rows = [head + self._carry + tail]
+            self._carry = []
+        else:
+            sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+            for ids in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+                if ids:
+                    self._carry += [*ids, *([] if sep is None else [sep])]
+            n = len(self._carry) // body * body
+            rows = [head + self._carry[i : i + body] + tail for i in range(0, n, body)]
+            self._carry = self._carry[n:]
+        if not rows:
+            return
+        ids = torch.full((len(rows), T), int(tok.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        self._queue(ids, mask)
 
     def _end_pass(self) -> None:
         """The corpus is exhausted: start the next pass, never looping without progress.
@@ -519,9 +584,9 @@ class HFSource(ActivationSource):
 
     # --------------------------------------------------------------- buffer
     def plan_tokens(self, n: int) -> None:
-        """About ``n`` tokens will be drawn in all: the buffer never holds more than the
-        tokens still to be drawn (recorded in :meth:`state_dict`; call before any batch)."""
-        self._planned = max(int(n), 0)
+        """About ``n`` more tokens will be drawn: the buffer never holds more than the tokens
+        still to be drawn (recorded in :meth:`state_dict`)."""
+        self._planned = self._drawn + max(int(n), 0)
 
     def _buffer_target(self, b: int) -> int:
         """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus

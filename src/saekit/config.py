@@ -230,6 +230,21 @@ class TrainConfig(Options):
         resumable=True,
     )
     log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
+    objective: str = option(
+        "local",
+        "loss: local (each SAE's reconstruction of its target), kl (KL(clean || spliced) of"
+        " the model's next-token distribution with the SAE spliced in) or ce (next-token"
+        " cross-entropy, spliced); kl and ce need a causal LM source (saekit.objective)",
+        choices=("local", "kl", "ce"),
+    )
+    local_coeff: float = option(
+        0.0, "with objective kl/ce: weight of the SAE's own reconstruction terms (0: none)", ge=0
+    )
+    init_from: str = option(
+        "",
+        "start from this trained SAE (a run directory or any load_sae path) instead of a fresh"
+        " one: fine-tuning, no data initialisation; its SAE config replaces the given one",
+    )
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:

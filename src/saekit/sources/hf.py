@@ -32,6 +32,10 @@ site)`` for the same tokens. ``L`` is the *sum* of the per-token losses over the
 share its batch) or their mean (``"mean"``). Positions whose target or input is padding
 are not in the loss.
 
+End-to-end training (:meth:`HFSource.objective`, ``TrainConfig.objective`` kl / ce): batches
+become whole sequences in text order and the source supplies the model's spliced loss
+(:mod:`saekit.sources.e2e`).
+
 Exact resume: ``state_dict()`` records the sizes of the batches handed out (run-length
 coded). ``load_state_dict`` replays the buffer bookkeeping *without the model* (token
 indices only; the text is re-tokenised, which is cheap), then re-runs the model only on
@@ -308,6 +312,8 @@ class HFSource(ActivationSource):
             sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long
         )
         self._dims = self._probe_dims()
+        #: the end-to-end objective (sequence batches), once :meth:`objective` was called
+        self._e2e: Any = None
         self._reset()
 
     # ---------------------------------------------------------------- setup
@@ -360,6 +366,7 @@ class HFSource(ActivationSource):
             "shuffle_buffer": c.shuffle_buffer,
             "seed": self.seed,
             "chunk": self.chunk,
+            **({"objective": self._e2e.name} if self._e2e is not None else {}),
             **({"doc_shard": list(self.doc_shard)} if self.doc_shard != (0, 1) else {}),
         }
 
@@ -514,13 +521,31 @@ class HFSource(ActivationSource):
         self._epoch_kept = 0
         self._texts = self._new_texts()
 
-    def _next_inputs(self) -> tuple[Tensor, Tensor]:
-        s = self.cfg.model_batch_size
-        while len(self._seq_ids) < s:
+    def next_sequences(self, n: int) -> tuple[Tensor, Tensor]:
+        """The next ``n`` token sequences ``(input_ids, attention_mask)``, ``[n, T]``, in
+        text order (the queue the model batches are cut from)."""
+        while len(self._seq_ids) < n:
             self._tokenize_more()
-        ids = torch.stack([self._seq_ids.popleft() for _ in range(s)])
-        mask = torch.stack([self._seq_mask.popleft() for _ in range(s)])
+        ids = torch.stack([self._seq_ids.popleft() for _ in range(n)])
+        mask = torch.stack([self._seq_mask.popleft() for _ in range(n)])
         return ids, mask
+
+    def _next_inputs(self) -> tuple[Tensor, Tensor]:
+        return self.next_sequences(self.cfg.model_batch_size)
+
+    def objective(self, kind: str) -> Any:
+        """The end-to-end loss ``kind`` (``kl``, ``ce``) of this model with functions spliced
+        in, :class:`saekit.sources.e2e.SplicedLM`; from now on batches are whole sequences
+        (no shuffle buffer). Call before the first batch, in one process."""
+        from saekit.sources.e2e import SplicedLM
+
+        if self._k > 0 or self._e2e is not None or self.doc_shard != (0, 1):
+            raise ConfigError(
+                "HFSource.objective: call it once, before the first batch, in one process"
+                " (end-to-end training is not distributed)"
+            )
+        self._e2e = SplicedLM(self, kind)
+        return self._e2e
 
     def _keep(self, ids: Tensor, mask: Tensor) -> Tensor:
         keep = mask.bool()
@@ -626,6 +651,8 @@ class HFSource(ActivationSource):
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if self._e2e is not None:
+            return self._e2e.next_batch(batch_size)  # type: ignore[no-any-return]
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
@@ -640,6 +667,7 @@ class HFSource(ActivationSource):
             "taken": [list(t) for t in self._taken],
             "fingerprint": self._fingerprint(),
             **({"planned": self._planned} if self._planned is not None else {}),
+            **({"e2e": self._e2e.state_dict()} if self._e2e is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -654,6 +682,9 @@ class HFSource(ActivationSource):
         planned = self._planned
         self._planned = state.get("planned")  # the plan the recorded batches were drawn under
         self._reset()
+        if self._e2e is not None:
+            self._e2e.load_state_dict(state["e2e"])
+            return
         # dry replay: index bookkeeping only, no model
         self._buf = _Buffer(None, self.with_grad)
         inputs: dict[int, tuple[Tensor, Tensor, int]] = {}

@@ -90,3 +90,14 @@ def test_corrupt_cache_and_not_a_run(dirs, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     rc, out = doctor(capsys, tmp_path / "empty", tmp_path / "nowhere")
     assert rc == 1 and "neither a saekit run nor a cache" in out and "not a directory" in out
+
+
+def test_compressed_model(tmp_path: Path, capsys) -> None:
+    from test_integrity import _compressed
+
+    d = _compressed(tmp_path)
+    rc, out = doctor(capsys, d)
+    assert rc == 0 and "file(s) of the compressed model, SHA-256 ok" in out
+    flip_bit(d / "model.saekit-lowrank.safetensors", -3)
+    rc, out = doctor(capsys, d)
+    assert rc == 1 and "model.saekit-lowrank.safetensors does not match its SHA-256" in out

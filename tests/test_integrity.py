@@ -174,6 +174,42 @@ def _fuzz_all(tmp_path: Path, flips: int) -> dict[str, dict[str, int]]:
     return res
 
 
+def _compressed(tmp_path: Path) -> Path:
+    from compress_helpers import BUILDERS
+    from saekit.compress import CompressConfig, compress_model, save_compressed
+
+    model = BUILDERS["gpt2"](1)
+    compress_model(model, CompressConfig(method="svd", ratio=0.5))
+    save_compressed(model, tmp_path / "lowrank")
+    return tmp_path / "lowrank"
+
+
+def _compressed_load(d: Path) -> dict:
+    from saekit.compress import load_compressed
+
+    return {"state": load_compressed(d).state_dict()}
+
+
+def test_flipped_bit_in_compressed_model_is_refused(tmp_path: Path) -> None:
+    """9e49562 (and main before this) loaded a compressed model with a flipped weight bit."""
+    from saekit.compress import load_compressed
+
+    d = _compressed(tmp_path)
+    want = load_compressed(d).state_dict()
+    f = d / "model.saekit-lowrank.safetensors"
+    flip_bit(f, data_offsets(f, 1, seed=3)[0], bit=5)
+    with pytest.raises(IntegrityError, match="model.saekit-lowrank.safetensors"):
+        load_compressed(d)
+    got = load_compressed(d, verify=False).state_dict()  # the opt-out checks sizes only
+    assert any(not torch.equal(got[k], want[k]) for k in want)
+
+
+def test_bit_flip_fuzz_compressed_model(tmp_path: Path) -> None:
+    res = fuzz(_compressed(tmp_path), _compressed_load, flips=3, seed=7)
+    assert {"compression.json", "config.json", "model.saekit-lowrank.safetensors"} <= set(res)
+    assert res["model.saekit-lowrank.safetensors"]["refused"] == 3, res
+
+
 def test_bit_flip_fuzz_every_loaded_file(tmp_path: Path) -> None:
     res = _fuzz_all(tmp_path, flips=4)
     names = {k.split(":", 1)[1] for k in res}

@@ -70,8 +70,23 @@ def test_sparsify_dir(tmp_path: Path, x: torch.Tensor) -> None:
     (d / "cfg.json").write_text(json.dumps({**cfg, "transcode": True, "d_in": D}))
     ref = topk_relu(x @ w["encoder.weight"].t() + w["encoder.bias"], K)
     close(codes(load_sae(d), x), ref)
-    save_file({**w, "W_skip": torch.zeros(D, D)}, str(d / "sae.safetensors"))
-    with pytest.raises(FormatError, match="skip connection"):
+    sae = load_sae(d)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].W_skip is None
+    # a skip-transcoder (sparsify's W_skip [d_out, d_in]) at an MLP: layers.3.mlp_in -> mlp_out
+    mlp = tmp_path / "layers.3.mlp"
+    mlp.mkdir()
+    skip = torch.randn(D, D) * 0.2
+    save_file({**w, "W_skip": skip}, str(mlp / "sae.safetensors"))
+    scfg = {**cfg, "transcode": True, "skip_connection": True, "d_in": D}
+    (mlp / "cfg.json").write_text(json.dumps(scfg))
+    sae, meta = open_sae(mlp)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip
+    assert meta["hook_name"] == "layers.3.mlp_in" and meta["hook_name_out"] == "layers.3.mlp_out"
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ w["W_dec"] + w["b_dec"] + x @ skip.t())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "skip_connection": True, "d_in": D}))
+    save_file({**w, "W_skip": skip}, str(d / "sae.safetensors"))
+    with pytest.raises(FormatError, match="not a transcoder"):
         load_sae(d)
 
 
@@ -225,9 +240,20 @@ def test_gemma_scope_npz_and_safetensors(tmp_path: Path, x: torch.Tensor) -> Non
     sae2, meta2 = open_sae(d2)
     close(codes(sae2, x), ref)
     assert meta2["hook_name"] == "layers.3.resid_post"
-    save_file({**st, "affine_skip_connection": torch.zeros(D, D)}, str(d2 / "params.safetensors"))
-    with pytest.raises(FormatError, match="transcoder"):
-        load_sae(d2)
+    # a Gemma Scope 2 skip-transcoder: mlp_in -> mlp_out, affine_skip_connection [d_in, d_out]
+    d3 = tmp_path / "transcoder_all" / "layer_3_width_16k_l0_small_affine"
+    d3.mkdir(parents=True)
+    A = torch.randn(D, D) * 0.2
+    save_file({**st, "affine_skip_connection": A}, str(d3 / "params.safetensors"))
+    sae3, meta3 = open_sae(d3)
+    assert sae3.cfg.arch == ["transcoder"] and sae3.arch["transcoder"].opts.skip
+    assert meta3["hook_name"] == "layers.3.mlp_in" and meta3["hook_name_out"] == "layers.3.mlp_out"
+    close(codes(sae3, x), ref)
+    W_dec, b_dec = torch.from_numpy(a["W_dec"]), torch.from_numpy(a["b_dec"])
+    close(sae3(x).x_hat, ref @ W_dec + b_dec + x @ A)
+    save_file({**st, "w_dec": st["w_dec"][:, None].repeat(1, 2, 1)}, str(d3 / "params.safetensors"))
+    with pytest.raises(FormatError, match="cross-layer transcoder"):
+        load_sae(d3)
 
 
 def test_llama_scope_dir(tmp_path: Path, x: torch.Tensor) -> None:
@@ -271,6 +297,40 @@ def test_goodfire_pth(tmp_path: Path, x: torch.Tensor) -> None:
     assert meta["format"] == "goodfire"
     assert meta["model_name"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert meta["hook_name"] == "layers.19.resid_post"
+
+
+def test_deepseek_r1_pt(tmp_path: Path, x: torch.Tensor) -> None:
+    w = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    w.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    path = tmp_path / "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt"
+    torch.save(w, path)
+    sae, meta = open_sae(path)
+    ref = torch.relu(x @ w["encoder.weight"].t() + w["encoder.bias"])  # SAELens deepseek_r1
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ w["decoder.weight"].t() + w["decoder.bias"])
+    assert meta["model_name"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    assert meta["hook_name"] == "layers.19.resid_post"
+
+
+def test_llama_scope_r1_distill(tmp_path: Path, x: torch.Tensor) -> None:
+    from saekit.io.formats import read_foreign
+
+    w = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    w.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    w["log_jumprelu_threshold"] = torch.randn(F) * 0.3
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"d_model": D, "expansion_factor": 4, "hook_point_in": "blocks.7.hook_resid_post"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert detect_format(tmp_path) == "llamascope_r1"
+    with pytest.raises(FormatError, match="norm_scaling_factor.*saelens:llama_scope_r1_distill"):
+        load_sae(tmp_path)
+    s = 2.5  # the registry's norm_scaling_factor, folded as SAELens does
+    sae, meta = read_foreign(tmp_path, hints={"norm_scaling_factor": s})
+    pre = x @ (w["encoder.weight"].t() * s) + w["encoder.bias"]
+    ref = torch.relu(pre) * (pre > w["log_jumprelu_threshold"].exp())
+    close(codes(sae, x), ref)
+    close(sae(x).x_hat, ref @ (w["decoder.weight"].t() / s) + w["decoder.bias"] / s)
+    assert meta["hook_name"] == "layers.7.resid_post"
 
 
 def test_saelens_topk_with_rescale_acts_by_decoder_norm(tmp_path: Path, x: torch.Tensor) -> None:
@@ -467,3 +527,30 @@ def test_matryoshka_files_read_as_matryoshka_saes(tmp_path: Path, x: torch.Tenso
     with torch.no_grad():
         x_hat = sae(x).x_hat
     close(x_hat, (scaled * (scaled > 0.5) / norm) @ w["W_dec"] + w["b_dec"])
+
+
+@pytest.mark.parametrize("rule", ["relu", "jumprelu"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_saelens_transcoders_read_as_transcoders(
+    tmp_path: Path, x: torch.Tensor, rule: str, skip: bool
+) -> None:
+    from saekit import SAE, SAEConfig
+
+    opts = {"skip": skip, "target": "layers.2.mlp_out"}
+    cfg = SAEConfig(d_in=D, d_out=7, d_sae=F, rule=rule, k=K, arch=["transcoder"],
+                    arch_options=opts)  # fmt: skip
+    sae = SAE(cfg).eval()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    out = write_format(sae, tmp_path / "tc", "saelens", {"hook_name": "layers.2.mlp_in"})
+    arch = json.loads((out / "cfg.json").read_text())["architecture"]
+    assert arch == {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}[rule].replace(
+        "transcoder", "skip_transcoder" if skip else "transcoder"
+    )
+    back = load_sae(out)
+    assert back.cfg.arch == ["transcoder"] and back.arch["transcoder"].opts.skip == skip
+    assert back.arch["transcoder"].opts.target == "layers.2.mlp_out" and back.d_out == 7
+    close(codes(back, x), codes(sae, x))
+    with torch.no_grad():
+        close(back(x).x_hat, sae(x).x_hat)

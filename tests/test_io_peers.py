@@ -101,6 +101,33 @@ for name, transcode in (("layers.2", False), ("layers.2.mlp", True)):
     with torch.no_grad():
         enc = sc.encode(x)
     expected[f"sparsify/{name}"] = dense(enc.top_acts, enc.top_indices)
+sc = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K, transcode=True, skip_connection=True))
+perturb(sc)  # a skip-transcoder: W_skip moved off its zero init
+sc.save_to_disk(out / "sparsify_skip" / "layers.2.mlp")
+with torch.no_grad():
+    enc = sc.encode(x)
+    expected["sparsify_skip/codes"] = dense(enc.top_acts, enc.top_indices)
+    expected["sparsify_skip/x_hat"] = sc(x).sae_out
+
+# ---- SAELens transcoders (d_out != d_in), saved and loaded as SAELens does
+from sae_lens import SAE
+from sae_lens.saes import (Transcoder, TranscoderConfig, SkipTranscoder, SkipTranscoderConfig,
+    JumpReLUTranscoder, JumpReLUTranscoderConfig, JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig)
+for name, (cls, ccls) in {"transcoder": (Transcoder, TranscoderConfig),
+        "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+        "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+        "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)}.items():
+    tc = cls(ccls(d_in=D, d_sae=F, d_out=D - 3, apply_b_dec_to_input=False))
+    perturb(tc)
+    with torch.no_grad():
+        if hasattr(tc, "threshold"):
+            tc.threshold.copy_(torch.rand(F) * 0.5)
+    tc.save_model(str(out / "saelens_tc" / name))
+    ref = SAE.load_from_disk(str(out / "saelens_tc" / name))
+    with torch.no_grad():
+        expected[f"saelens_tc/{name}"] = ref.encode(x)
+        expected[f"saelens_tc/{name}/x_hat"] = ref(x)
 
 # ---- SAELens: inference and training SAEs, saved as SAELens saves them
 from sae_lens import SAE
@@ -349,6 +376,30 @@ def test_dictionary_learning_trainer_files(peer_files, i: int) -> None:
         assert sae.arch["matryoshka"].widths == sizes.cumsum(0).tolist()
 
 
+def test_sparsify_skip_transcoder(peer_files) -> None:
+    out, x, expected = peer_files
+    sae, meta = open_sae(out / "sparsify_skip" / "layers.2.mlp")
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip
+    assert meta["hook_name"] == "layers.2.mlp_in" and meta["hook_name_out"] == "layers.2.mlp_out"
+    close(codes(sae, x), expected["sparsify_skip/codes"], "sparsify skip-transcoder codes")
+    with torch.no_grad():
+        close(sae(x).x_hat, expected["sparsify_skip/x_hat"], "sparsify skip-transcoder output")
+
+
+TRANSCODERS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+@pytest.mark.parametrize("name", TRANSCODERS)
+def test_saelens_transcoder_files(peer_files, name: str) -> None:
+    out, x, expected = peer_files
+    sae, _ = open_sae(out / "saelens_tc" / name)
+    assert sae.cfg.arch == ["transcoder"] and sae.arch["transcoder"].opts.skip == ("skip" in name)
+    assert sae.cfg.rule == ("jumprelu" if name.startswith("jumprelu") else "relu")
+    close(codes(sae, x), expected[f"saelens_tc/{name}"], f"SAELens {name}")
+    with torch.no_grad():
+        close(sae(x).x_hat, expected[f"saelens_tc/{name}/x_hat"], f"SAELens {name} output")
+
+
 @pytest.mark.parametrize("name", ["layers.2", "layers.2.mlp"])
 def test_sparsify_files(peer_files, name: str) -> None:
     out, x, expected = peer_files
@@ -450,3 +501,73 @@ def test_peers_read_saekit_files(tmp_path: Path) -> None:
     assert set(got) == set(ours)
     for name in ours:
         close(ours[name], got[name], name)
+
+
+REGISTRY_ONLY = r"""
+import sys, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+import torch
+from safetensors.torch import load_file, save_file
+from sae_lens.loading.pretrained_sae_loaders import (deepseek_r1_sae_huggingface_loader,
+    llama_scope_r1_distill_sae_huggingface_loader)
+from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+from sae_lens.saes import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+from saekit.io.native import open_sae
+out = Path(sys.argv[1]); x = load_file(str(out / "x.safetensors"))["x"]
+D, F = x.shape[1], int(sys.argv[2])
+got = {}
+cfg, state, _ = deepseek_r1_sae_huggingface_loader("qresearch/DeepSeek-R1-Distill-Llama-8B-SAE-l19",
+    "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt", cfg_overrides={"d_in": D, "d_sae": F})
+ref = StandardSAE(StandardSAEConfig(d_in=D, d_sae=F,
+                                    apply_b_dec_to_input=cfg["apply_b_dec_to_input"]))
+ref.load_state_dict(state)
+got["deepseek/saelens"] = ref.encode(x).detach()
+sae, meta = open_sae("saelens:deepseek-r1-distill-llama-8b-qresearch/blocks.19.hook_resid_post")
+got["deepseek/saekit"] = sae.encode(x).to_dense().detach()
+assert meta["hook_name"] == "layers.19.resid_post", meta
+release, sae_id = "llama_scope_r1_distill", "l0r_800m_slimpajama"
+cfg, state, _ = llama_scope_r1_distill_sae_huggingface_loader("fnlp/Llama-Scope-R1-Distill",
+    "800M-Slimpajama-0-OpenR1-Math-220k/L0R")
+ref = JumpReLUSAE(JumpReLUSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+                                    apply_b_dec_to_input=False))
+ref.load_state_dict(state)
+ref.fold_activation_norm_scaling_factor(get_norm_scaling_factor(release, sae_id))  # from_pretrained
+got["r1/saelens"] = ref.encode(x).detach()
+got["r1/x_hat_saelens"] = ref.decode(ref.encode(x)).detach()
+sae, meta = open_sae(f"saelens:{release}/{sae_id}")
+got["r1/saekit"] = sae.encode(x).to_dense().detach()
+got["r1/x_hat_saekit"] = sae(x).x_hat.detach()
+assert meta["hook_name"] == "layers.0.resid_post", meta
+save_file({k: v.contiguous() for k, v in got.items()}, str(out / "got.safetensors"))
+"""
+
+
+def test_registry_only_formats_match_saelens_loaders(tmp_path: Path) -> None:
+    """DeepSeek-R1 and Llama Scope R1-Distill SAEs: saekit's ``saelens:`` spec (the real
+    registry, its norm_scaling_factor) against SAELens's loaders, on a fake hub cache."""
+    hub = tmp_path / "hub"
+    lin = {"encoder.weight": torch.randn(F, D), "encoder.bias": torch.randn(F) * 0.1}
+    lin.update({"decoder.weight": torch.randn(D, F), "decoder.bias": torch.randn(D)})
+    repo, name = (
+        "qresearch/DeepSeek-R1-Distill-Llama-8B-SAE-l19",
+        "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt",
+    )
+    torch.save(lin, fake_hub_file(hub, repo, name))
+    folder = "800M-Slimpajama-0-OpenR1-Math-220k/L0R"
+    r1 = {**lin, "log_jumprelu_threshold": torch.randn(F) * 0.3 - 2}
+    save_file(
+        r1,
+        str(fake_hub_file(hub, "fnlp/Llama-Scope-R1-Distill", f"{folder}/sae_weights.safetensors")),
+    )
+    cfg = {"d_model": D, "expansion_factor": F // D, "hook_point_in": "blocks.0.hook_resid_post"}
+    cfg_path = fake_hub_file(hub, "fnlp/Llama-Scope-R1-Distill", f"{folder}/config.json")
+    cfg_path.write_text(json.dumps(cfg))
+    x = torch.randn(48, D) * 20  # Llama-scale activations against the registry's factor (53.5)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    run_peers(REGISTRY_ONLY, str(tmp_path), str(F), env={"HF_HUB_CACHE": str(hub)})
+    got = load_file(str(tmp_path / "got.safetensors"))
+    close(got["deepseek/saekit"], got["deepseek/saelens"], "DeepSeek-R1")
+    close(got["r1/saekit"], got["r1/saelens"], "Llama Scope R1-Distill")
+    close(got["r1/x_hat_saekit"], got["r1/x_hat_saelens"], "Llama Scope R1-Distill x_hat")
+    assert float((got["r1/saekit"] != 0).float().mean()) > 0.05  # not a trivially empty code

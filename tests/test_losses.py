@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peer_helpers import ROOT, needs_peers, run_peers
 from rule_helpers import make
 from saekit import SAE, SAEConfig
 from saekit.errors import ConfigError
@@ -98,3 +99,60 @@ def test_aux_form_follows_each_rules_paper_code() -> None:
     # the choice is an aux option for any rule
     assert make("batchtopk", aux_options={"form": "openai"}).aux_loss.form == "openai"
     assert make("topk", aux_options={"form": "bussmann"}).aux_loss.form == "bussmann"
+
+
+SAELENS_AUX = """
+import json, sys, torch
+from rule_helpers import make
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+torch.manual_seed(0)
+sae = make("topk", d_sae=48, k=3, aux_k=6, aux_coeff=1.0, recon_loss="mse",
+           aux_options={"form": "saelens"})
+sae.train()
+x = torch.randn(64, 12) * 2
+sae.init_from_data(x)
+dead = torch.zeros(48, dtype=torch.bool)
+dead[[3, 10, 17, 40]] = True  # 4 dead < k_aux = 6: SAELens scales the term by 4/6
+sae.tokens_since_fired.copy_(dead.long() * sae.dead_window)
+_, terms, _ = sae.loss(x)
+sl = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=12, d_sae=48, k=3, dtype="float32",
+                                           rescale_acts_by_decoder_norm=False))
+with torch.no_grad():
+    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        getattr(sl, n).copy_(getattr(sae, n))
+acts, pre = sl.encode_with_hidden_pre(x)
+want = sl.calculate_topk_aux_loss(x, sl.decode(acts), pre, dead)  # its trainer passes raw x
+print(json.dumps({"saekit": float(terms["aux"]), "saelens": float(want)}))
+"""
+
+
+@pytest.mark.slow
+@needs_peers
+def test_saelens_aux_form_is_saelens_term(tmp_path) -> None:
+    """Fidelity 11: ``aux_options.form="saelens"`` (with recon_loss mse, aux_k = d_in/2,
+    aux_coeff 1) is SAELens's TopK aux term exactly, including its min(n_dead/k_aux, 1)."""
+    import json
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    got = json.loads(run_peers(SAELENS_AUX, env=env).strip().splitlines()[-1])
+    assert got["saelens"] > 0
+    assert got["saekit"] == pytest.approx(got["saelens"], rel=1e-5)
+
+
+def test_saelens_aux_form_scales_by_the_dead_share() -> None:
+    """The saelens form: detached residual, per-token squared error, values not ReLU'd,
+    x min(n_dead/aux_k, 1)."""
+    sae, x, terms, out = _aux_parts("topk", aux_options={"form": "saelens"}, recon_loss="mse")
+    e = out.x - out.x_hat_n.detach()
+    cand = torch.ones(sae.d_sae, dtype=torch.bool)
+    args = (out.x_in, sae.W_enc, sae.b_enc, sae.W_dec, out.pre, e, cand, 8)
+    torch.testing.assert_close(
+        terms["aux"], sae.cfg.aux_coeff * aux_k_loss(*args, scale_like=("mse", out.x))
+    )
+    cand[4:] = False  # 4 candidates of aux_k = 8: half the term
+    half = aux_k_loss(*args[:6], cand, 8, scale_like=("mse", out.x), few_candidates_scale=True)
+    full = aux_k_loss(*args[:6], cand, 8, scale_like=("mse", out.x))
+    torch.testing.assert_close(half, full / 2)
+    (g,) = torch.autograd.grad(terms["aux"], out.x_hat_n, allow_unused=True)
+    assert g is None

@@ -78,7 +78,13 @@ def test_resumable_fields_are_field_metadata() -> None:
         "log",
         "log_project",
     }
-    assert set(train.RESUMABLE_DATA_FIELDS) == {"device", "model_batch_size", "prefetch", "verify"}
+    assert set(train.RESUMABLE_DATA_FIELDS) == {
+        "device",
+        "model_batch_size",
+        "pack",
+        "prefetch",
+        "verify",
+    }
 
 
 # ---------------------------------------------------------------------- every options class

@@ -117,3 +117,27 @@ def test_train_on_a_tiny_corpus(tmp_path: Path, forwards) -> None:
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), total_tokens=64, batch_size=16)
     res = train(SAEConfig(d_sae=64, k=4), cfg, src)
     assert res.completed and res.steps == 4
+
+
+def test_tiny_datasets_builder_corpus(tmp_path: Path, forwards) -> None:
+    """A two-row parquet file through the ``datasets`` builder path: no hang either."""
+    datasets = pytest.importorskip("datasets", reason="datasets is a dev/[datasets] extra")
+    datasets.Dataset.from_dict({"text": ["one two", "three"]}).to_parquet(str(tmp_path / "t.pq"))
+    cfg = DataConfig(dataset="parquet", data_files=[str(tmp_path / "t.pq")], model_batch_size=2)
+    assert HFSource(cfg).next_batch(20).acts["layers.3.resid_post"].shape[0] == 20
+
+
+def test_tiny_saelens_cache_cycles(tmp_path: Path) -> None:
+    """A SAELens Arrow cache of one 2-token row cycles its epochs like a saekit cache."""
+    datasets = pytest.importorskip("datasets", reason="datasets is a dev/[datasets] extra")
+    from saekit.sources.saelens_cache import SAELensCacheSource
+
+    feats = datasets.Features({"blocks.0.hook_resid_post": datasets.Array2D((2, 3), "float32")})
+    acts = torch.arange(6.0).view(1, 2, 3).numpy()
+    ds = datasets.Dataset.from_dict({"blocks.0.hook_resid_post": acts}, features=feats)
+    ds.save_to_disk(str(tmp_path / "c"))
+    src = SAELensCacheSource(tmp_path / "c", shuffle=False)
+    x = src.next_batch(7).acts["layers.0.resid_post"]
+    assert x.shape == (7, 3) and torch.equal(x[:2], x[2:4])
+    with pytest.raises(StopIteration):
+        SAELensCacheSource(tmp_path / "c", epochs=1).next_batch(3)

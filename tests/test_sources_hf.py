@@ -70,7 +70,7 @@ def cfg(path: Path | str, **kw: object) -> DataConfig:
 def test_special_and_padding_tokens_are_excluded(bert, tok, docs_file) -> None:
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
     n_words = sum(len(i) for i in ids)
-    src = HFSource(cfg(docs_file), model=bert, tokenizer=tok, part="all")
+    src = HFSource(cfg(docs_file, pack=False), model=bert, tokenizer=tok, part="all")
     batch = src.next_batch(n_words)
     assert batch.meta["token_ids"].tolist() == [t for i in ids for t in i]
     acts = batch.acts["layers.1.resid_post"]
@@ -85,9 +85,37 @@ def test_special_and_padding_tokens_are_excluded(bert, tok, docs_file) -> None:
     pads = hs[~enc["attention_mask"].bool()]
     assert torch.cdist(acts, pads).min() > 1e-3
     # without exclude_special: CLS and SEP of each document are kept, padding still not
-    src2 = HFSource(cfg(docs_file, exclude_special=False), model=bert, tokenizer=tok, part="all")
+    c2 = cfg(docs_file, exclude_special=False, pack=False)
+    src2 = HFSource(c2, model=bert, tokenizer=tok, part="all")
     b2 = src2.next_batch(n_words + 2 * len(DOCS))
     assert b2.meta["token_ids"].tolist() == [t for i in ids for t in [101, *i, 102]]
+
+
+def test_documents_are_packed_into_full_windows(bert, tok, docs_file) -> None:
+    """Issue 12: each document's last window was padded (pack=False); packed, only the
+    pass's last window is: [CLS] doc1 [SEP] doc2 [SEP] ... [SEP] windows of context_len."""
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
+    stream = [t for i in ids for t in [*i, 102]]  # documents separated by [SEP]
+    body = 16 - 2
+    want = [[101, *stream[s : s + body], 102] for s in range(0, len(stream), body)]
+    src = HFSource(cfg(docs_file), model=bert, tokenizer=tok, part="all")
+    n_words = sum(len(i) for i in ids)
+    batch = src.next_batch(n_words)
+    assert batch.meta["token_ids"].tolist() == [t for i in ids for t in i]  # same tokens
+    enc_ids = torch.zeros(len(want), 16, dtype=torch.long)
+    mask = torch.zeros(len(want), 16, dtype=torch.long)
+    for r, w in enumerate(want):
+        enc_ids[r, : len(w)], mask[r, : len(w)] = torch.tensor(w), 1
+    assert int(mask.sum()) < 16 * len(want) and mask[:-1].all()  # only the last is padded
+    with torch.no_grad():
+        hs = bert(input_ids=enc_ids, attention_mask=mask, output_hidden_states=True)
+    keep = mask.bool() & ~torch.isin(enc_ids, torch.tensor(tok.all_special_ids))
+    torch.testing.assert_close(batch.acts["layers.1.resid_post"], hs.hidden_states[2][keep])
+    unpacked = HFSource(cfg(docs_file, pack=False), model=bert, tokenizer=tok, part="all")
+    unpacked.next_batch(n_words)
+    assert src._k < unpacked._k  # fewer model batches for the same tokens
+    with pytest.raises(ValueError, match="context_len = 2 leaves no room"):
+        HFSource(cfg(docs_file, context_len=2), model=bert, tokenizer=tok).next_batch(4)
 
 
 def test_early_stop_matches_full_forward_and_skips_later_layers(bert, tok) -> None:
@@ -111,7 +139,7 @@ def test_early_stop_matches_full_forward_and_skips_later_layers(bert, tok) -> No
 
 def test_grads_equal_autograd_of_next_token_loss(gpt2, tok, docs_file) -> None:
     sites = ["layers.0.resid_post", "layers.1.mlp_out", "layers.1.resid_pre"]
-    c = cfg(docs_file, sites=sites, inputs=["grad"])
+    c = cfg(docs_file, sites=sites, inputs=["grad"], pack=False)  # one document per window
     src = HFSource(c, model=gpt2, tokenizer=tok, part="all")
     enc = tok(DOCS[:2], padding="max_length", max_length=16, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -288,3 +316,13 @@ def test_resume_is_exact_under_a_planned_run(bert, tok) -> None:
         g = b.next_batch(w.meta["token_ids"].shape[0])
         assert torch.equal(g.meta["token_ids"], w.meta["token_ids"])
         assert torch.equal(g.acts["layers.1.resid_post"], w.acts["layers.1.resid_post"])
+
+
+def test_a_small_cache_computes_only_its_tokens(bert, tok, tmp_path) -> None:
+    from saekit.sources.cache import CacheSource, write_cache
+
+    c = cfg("", shuffle_buffer=4096)
+    src = HFSource(c, model=bert, tokenizer=tok, seed=1)
+    write_cache(src, tmp_path / "cache", 96, batch_size=32)
+    assert src._next_gid <= 96 + c.model_batch_size * c.context_len
+    assert CacheSource(tmp_path / "cache").next_batch(96).acts["layers.1.resid_post"].shape[0] == 96

@@ -230,6 +230,21 @@ class TrainConfig(Options):
         resumable=True,
     )
     log_project: str = option("saekit", "wandb project name (--log wandb)", resumable=True)
+    objective: str = option(
+        "local",
+        "loss: local (each SAE's reconstruction of its target), kl (KL(clean || spliced) of"
+        " the model's next-token distribution with the SAE spliced in) or ce (next-token"
+        " cross-entropy, spliced); kl and ce need a causal LM source (saekit.objective)",
+        choices=("local", "kl", "ce"),
+    )
+    local_coeff: float = option(
+        0.0, "with objective kl/ce: weight of the SAE's own reconstruction terms (0: none)", ge=0
+    )
+    init_from: str = option(
+        "",
+        "start from this trained SAE (a run directory or any load_sae path) instead of a fresh"
+        " one: fine-tuning, no data initialisation; its SAE config replaces the given one",
+    )
 
     def check(self) -> None:
         if self.batch_size > self.total_tokens:
@@ -266,6 +281,13 @@ class DataConfig(Options):
     dataset_split: str = option("train", "HF dataset split", nonempty=True)
     text_field: str = option("text", "JSONL / dataset field holding the text", nonempty=True)
     context_len: int = option(128, "tokens per sequence", ge=1)
+    pack: bool = option(
+        True,
+        "hf: pack documents into full windows (separated by the tokenizer's eos/sep token,"
+        " each window with its special tokens) instead of padding each document's last"
+        " window; false: the windows of saekit <= 0.x (resumes their checkpoints)",
+        resumable=True,  # the HF source's own state refuses a change (its fingerprint)
+    )
     model_batch_size: int = option(16, "sequences per model forward", ge=1, resumable=True)
     exclude_special: bool = option(True, "drop special and padding tokens")
     shuffle_buffer: int = option(65536, "tokens held in the shuffle buffer (0: no shuffling)", ge=0)

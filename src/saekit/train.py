@@ -48,6 +48,7 @@ from saekit.io.lock import run_lock
 from saekit.io.native import save_sae
 from saekit.io.paths import check_writable_dir, user_path
 from saekit.losses import auto_dead_tokens
+from saekit.objective import downstream, init_saes, spliced_loss
 from saekit.options import fields_where, validate
 from saekit.sae import SAE, SAEOutput
 from saekit.sources.base import ActivationSource, Batch
@@ -97,6 +98,8 @@ class _Slot:
     sae: SAE
     opt: torch.optim.Adam
     base_lr: float
+    #: initialise from the first batch (``SAE.init_from_data``): not for a trained SAE
+    init_data: bool = True
 
 
 def default_lr(d_sae: int) -> float:
@@ -199,6 +202,8 @@ class Trainer:
         self.device = resolve_device(train_cfg.device)
         self.autocast_dtype = autocast_dtype(train_cfg.autocast, self.device)
         self.dtype = getattr(torch, train_cfg.dtype)  # a DTYPES name (validated)
+        if train_cfg.init_from:  # fine-tuning: the trained SAE and its config
+            sae_cfgs, saes = init_saes(train_cfg.init_from, list(source.sites), self.device)
         self.plan = plan_saes(sae_cfgs, list(source.sites))
         self.strategy = st = strategy or Strategy()
         st.validate(train_cfg.batch_size, len(self.plan))
@@ -215,6 +220,8 @@ class Trainer:
         # the named inputs the rules read (e.g. gtopk's "grad"), asked of the source once
         wanted = {name for s in self.slots for name in s.sae.requires}
         self.inputs = self.source.request_inputs(wanted) if wanted else set()
+        #: the source's end-to-end loss (TrainConfig.objective kl/ce); None: local losses
+        self.objective = downstream(self.source, train_cfg.objective)
         self.source.plan_tokens(self.planned_tokens())
 
     # ------------------------------------------------------------------ setup
@@ -240,7 +247,8 @@ class Trainer:
         if sae.cfg.dead_tokens == 0:  # automatic: scaled to this run
             sae.cfg.dead_tokens = auto_dead_tokens(c.total_tokens, c.batch_size)
         base_lr = c.lr if c.lr > 0 else default_lr(sae.d_sae)
-        return _Slot(index, name, site, sae.cfg, sae, None, base_lr)  # type: ignore[arg-type]
+        fresh = int(sae.tokens_seen) == 0 and not c.init_from  # a trained SAE keeps its init
+        return _Slot(index, name, site, sae.cfg, sae, None, base_lr, fresh)  # type: ignore[arg-type]
 
     def _own(self, slot: _Slot) -> _Slot:
         """Set up a slot this rank trains: its strategy's SAE and an optimizer."""
@@ -411,9 +419,16 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.autocast_dtype, self.device)
 
-    def _update(self, s: _Slot, x: Tensor, inputs: dict[str, Tensor], lr: float) -> SAEOutput:
+    def _update(
+        self, s: _Slot, x: Tensor, inputs: dict[str, Tensor], lr: float, batch: Batch
+    ) -> SAEOutput:
         with self._autocast():
-            loss, terms, out = s.sae.loss(x, inputs=inputs, step=self.step)
+            if self.objective is None:
+                loss, terms, out = s.sae.loss(x, inputs=inputs, step=self.step)
+            else:  # end to end: spliced into the source's model (saekit.objective)
+                loss, terms, out = spliced_loss(
+                    self.objective, s.sae, s.site, batch, inputs, self.step, self.cfg.local_coeff
+                )
         if not torch.isfinite(loss):
             vals = {k: float(v) for k, v in terms.items()}
             raise TrainingError(
@@ -469,9 +484,9 @@ class Trainer:
         outs = {}
         for s in self.slots:
             x, inputs = self.slot_data(s, batch)
-            if self.step == 0:
+            if self.step == 0 and s.init_data:
                 s.sae.init_from_data(x, inputs.get("target"))
-            outs[s.name] = self._update(s, x, inputs, factor)
+            outs[s.name] = self._update(s, x, inputs, factor, batch)
         self.step += 1
         self.tokens += self.cfg.batch_size
         self.cur_factor = factor

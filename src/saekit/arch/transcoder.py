@@ -27,19 +27,21 @@ SAELens loads the export as ``transcoder`` / ``skip_transcoder`` (ReLU codes: ru
 or ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (rules exporting as ``jumprelu``:
 ``jumprelu``, ``batchtopk``, ``feature_choice``...), with ``d_out`` and ``hook_name_out``;
 SAELens has no TopK transcoder, so those rules' transcoders stay saekit-only (the export
-refuses, naming the rules that export). Evaluation splices the transcoder in place of the
+refuses, naming the rules that export). Those four SAELens architectures, and peer files
+naming another output site (sparsify transcoders, Gemma Scope 2 transcoders), are read back as
+transcoders (:meth:`Transcoder.from_saelens`). Evaluation splices the transcoder in place of the
 target (``saekit eval``: CE/KL recovered with the MLP replaced).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from saekit.arch.base import ArchPart, register_arch
+from saekit.arch.base import ArchPart, SAELensImport, register_arch
 from saekit.errors import ConfigError, FormatError
 from saekit.options import Options, option
 
@@ -55,6 +57,9 @@ SAELENS_TRANSCODERS = {
     ("jumprelu", False): "jumprelu_transcoder",
     ("jumprelu", True): "jumprelu_skip_transcoder",
 }
+
+#: (the rule's SAELens architecture, skip path) of each SAELens transcoder architecture
+SAELENS_IMPORTS = {v: k for k, v in SAELENS_TRANSCODERS.items()}
 
 
 @dataclass
@@ -131,6 +136,36 @@ class Transcoder(ArchPart):
     def fold(self, sae: SAE, weights: dict[str, Tensor], s_in: float, s_out: float) -> None:
         if self.W_skip is not None:
             weights["W_skip"] = (self.W_skip.detach() * (s_in / s_out)).contiguous()
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], weights: dict[str, Tensor]) -> SAELensImport | None:
+        """SAELens's four transcoder architectures, and any SAE whose metadata names a
+        ``hook_name_out`` other than its ``hook_name`` (peer transcoders: sparsify, Gemma
+        Scope 2); ``W_skip`` makes it a skip-transcoder. The target is ``hook_name_out``
+        (default ``mlp_out`` of the input's layer [our choice: SAELens does not record it])."""
+        from saekit.sources.sites import canonical_site
+
+        arch = cfg.get("architecture", "standard")
+        meta = cfg.get("metadata") or {}
+        hook_out = cfg.get("hook_name_out") or meta.get("hook_name_out")
+        hook_in = cfg.get("hook_name") or meta.get("hook_name")
+        if arch in SAELENS_IMPORTS:
+            rule_arch, skip = SAELENS_IMPORTS[arch]
+        elif hook_out and hook_out != hook_in:
+            rule_arch, skip = arch, "W_skip" in weights
+        else:
+            return None
+        if skip and "W_skip" not in weights:
+            raise FormatError(f"SAELens {arch} weights lack 'W_skip'")
+        opts: dict[str, Any] = {"skip": skip}
+        if hook_out:
+            opts["target"] = canonical_site(str(hook_out))
+        rest = {k: v for k, v in weights.items() if k != "W_skip"}
+        state = {"W_skip": weights["W_skip"]} if skip else {}
+        if "d_out" not in cfg and "W_dec" in weights:
+            cfg = {**cfg, "d_out": int(weights["W_dec"].shape[1])}
+        cfg = {**cfg, "architecture": rule_arch, "apply_b_dec_to_input": False}
+        return SAELensImport(opts, cfg, rest, state)
 
     def saelens_export(self, sae: SAE, exp: SAELensExport, weights: dict[str, Tensor]) -> None:
         skip = self.W_skip is not None

@@ -1,4 +1,4 @@
-"""``saekit doctor DIR``: check a run or activation cache directory's integrity."""
+"""``saekit doctor DIR``: check a run, cache or compressed model directory's integrity."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ class DoctorOptions(Options):
     """Which directories ``saekit doctor`` checks, and how."""
 
     dirs: list[str] = option(
-        help="run or cache directories", positional=True, metavar="DIR", nonempty=True
+        help="run, cache or compressed model directories",
+        positional=True,
+        metavar="DIR",
+        nonempty=True,
     )
     sizes_only: bool = option(False, "check file sizes, not SHA-256 (huge files)", switch=True)
     quiet: bool = option(False, "print only warnings and failures", switch=True)
@@ -23,10 +26,11 @@ class DoctorOptions(Options):
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "doctor",
-        help="check a run or cache directory: digests, checkpoint, interrupted writes, lock",
+        help="check a run, cache or compressed model: digests, checkpoint, leftovers, lock",
         description="Check a run directory (cfg.json and its files, the checkpoint and what"
-        " interrupted writes left, metrics.jsonl, the lock) or an activation cache (manifest"
-        " and every shard). Prints one line per check; exits 1 when something is broken."
+        " interrupted writes left, metrics.jsonl, the lock), an activation cache (manifest"
+        " and every shard) or a compressed model (compression.json and every file it"
+        " records). Prints one line per check; exits 1 when something is broken."
         " Changes nothing.",
     )
     add_dataclass_args(p, DoctorOptions)

@@ -14,6 +14,10 @@ Directory layout written by :func:`save_compressed`::
                                         "report": {...}}
     tokenizer files                    when a tokenizer is given
 
+``compression.json`` records the size and SHA-256 of every other file it was saved with and
+is sealed (:mod:`saekit.io.integrity`); :func:`load_compressed` checks them (``verify=False``:
+sizes only), so a flipped bit is refused with the file's name instead of loading.
+
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and
 :func:`load_compressed` give the same model; ``from_pretrained`` without remote code, or
 with the base class, refuses the directory instead of building a randomly initialised one.
@@ -34,6 +38,7 @@ from saekit.compress import remote
 from saekit.compress.lowrank import LowRankLinear, set_module
 from saekit.errors import FormatError, MissingFileError
 from saekit.io.atomic import load_tensors, read_json, write_bytes, write_json
+from saekit.io.integrity import check_seal, file_records, seal, verify_files
 
 FORMAT = "saekit-lowrank"
 VERSION = 2
@@ -56,11 +61,14 @@ def _layers(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def _move_in(src: Path, out: Path) -> None:
-    """Move every file of ``src`` into ``out`` (each by an atomic rename)."""
+def _move_in(src: Path, out: Path) -> list[str]:
+    """Move every file of ``src`` into ``out`` (each by an atomic rename); their names."""
+    names = []
     for p in src.iterdir():
         if p.is_file():
             os.replace(p, out / p.name)
+            names.append(p.name)
+    return names
 
 
 def save_compressed(
@@ -102,10 +110,11 @@ def save_compressed(
         write_json(Path(tmp) / "config.json", cfg)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        _move_in(Path(tmp), out)
+        names = _move_in(Path(tmp), out)
     (out / WEIGHTS_V1).unlink(missing_ok=True)  # an older save's weights must not linger
     src = remote.modeling_source(base_config, base_model, base_type)
     write_bytes(out / f"{remote.MODULE}.py", src.encode())
+    names.append(f"{remote.MODULE}.py")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {
         "format": FORMAT,
@@ -115,8 +124,9 @@ def save_compressed(
         "dtype": dtype,
         "layers": layers,
         "report": report or {},
+        "files": file_records(out, sorted(names)),
     }
-    write_json(out / META, meta)
+    write_json(out / META, seal(meta))
     return weights_bytes(out)
 
 
@@ -125,8 +135,9 @@ def weights_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for pat in ("*.safetensors", "*.bin") for p in Path(path).glob(pat))
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The ``compression.json`` of a saved compressed model."""
+def read_meta(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The ``compression.json`` of a saved compressed model (its seal checked unless
+    ``verify`` is False; directories saved before digests have none)."""
     p = Path(path) / META
     if not p.is_file():
         raise MissingFileError(f"{p} not found: not a directory written by save_compressed")
@@ -134,6 +145,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise FormatError(f"{p}: format is {got!r}, expected {FORMAT!r}")
+    if verify:
+        check_seal(meta, p)
     return meta
 
 
@@ -166,12 +179,18 @@ def _base_config(path: Path, meta: dict):
     return transformers.AutoConfig.from_pretrained(path)  # version 1: the base config
 
 
-def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_compressed` (architecture from its config.json)."""
+def load_compressed(path: str | os.PathLike, device: str = "cpu", verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed` (architecture from its config.json).
+
+    Every file ``compression.json`` records is checked against its SHA-256 first
+    (``verify=False``: sizes only); an :class:`~saekit.errors.IntegrityError` names the file.
+    """
     import transformers
 
     path = Path(path)
-    meta = read_meta(path)
+    meta = read_meta(path, verify)
+    if "files" in meta:
+        verify_files(path, meta["files"], verify)
     config = _base_config(path, meta)
     cls = getattr(transformers, meta.get("model_class", ""), None)
     dtype = getattr(torch, meta.get("dtype", "float32"))

@@ -2,7 +2,8 @@
 
 :func:`diagnose` inspects a run directory (``cfg.json`` and its files, the checkpoint and
 what interrupted writes left, ``metrics.jsonl``, the lock; the per-SAE subdirectories of a
-sweep too) or an activation cache (manifest and every shard), and returns
+sweep too), an activation cache (manifest and every shard) or a compressed model
+(``compression.json`` and the files it records), and returns
 :class:`Finding` s: ``ok``, ``warn`` (harmless or repaired by the next run) or ``fail``
 (the directory cannot be used as it is; the message says what to do). Nothing is changed.
 """
@@ -183,33 +184,50 @@ def _cache(out: Path, verify: bool) -> list[Finding]:
     _lock(findings, out.parent / f".{out.name}.lock", str(out))
     man = _try(findings, str(out / "manifest.json"), lambda: read_manifest(out, verify), "valid")
     if isinstance(man, dict):
-        files = man.get("files")
-        if not isinstance(files, dict):
-            findings.append(Finding("warn", str(out), "records no file digests (older saekit)"))
-        else:
-            bad = 0
-            for name, rec in files.items():
-                try:
-                    verify_file(out / name, rec, verify)
-                except (SaekitError, OSError) as e:
-                    bad += 1
-                    findings.append(Finding("fail", str(out / name), str(e)))
-            if not bad:
-                how = "SHA-256" if verify else "size"
-                findings.append(Finding("ok", str(out), f"{len(files)} shard file(s), {how} ok"))
+        _recorded(findings, out, man.get("files"), verify, "shard file(s)")
         _try(findings, str(out), lambda: CacheSource(out, verify=False), "the cache opens")
     for t in stale_writes(out):
         findings.append(Finding("warn", str(t), "left by an interrupted `saekit cache` (delete)"))
     return findings
 
 
+def _recorded(findings: list[Finding], out: Path, files: object, verify: bool, what: str) -> None:
+    """One finding per recorded file that fails its check, or one ``ok`` for all."""
+    if not isinstance(files, dict):
+        findings.append(Finding("warn", str(out), "records no file digests (older saekit)"))
+        return
+    bad = 0
+    for name, rec in files.items():
+        try:
+            verify_file(out / name, rec, verify)
+        except (SaekitError, OSError) as e:
+            bad += 1
+            findings.append(Finding("fail", str(out / name), str(e)))
+    if not bad:
+        how = "SHA-256" if verify else "size"
+        findings.append(Finding("ok", str(out), f"{len(files)} {what}, {how} ok"))
+
+
+def _compressed(out: Path, verify: bool) -> list[Finding]:
+    from saekit.compress.io import META, read_meta
+
+    findings: list[Finding] = []
+    meta = _try(findings, str(out / META), lambda: read_meta(out, verify), "valid")
+    if isinstance(meta, dict):
+        _recorded(findings, out, meta.get("files"), verify, "file(s) of the compressed model")
+    return findings
+
+
 def diagnose(path: str | Path, verify: bool = True) -> list[Finding]:
-    """The findings for a run directory, a sweep's out_dir or an activation cache."""
+    """The findings for a run directory, a sweep's out_dir, an activation cache or a
+    compressed model (``saekit compress``'s output)."""
     p = Path(path)
     if not p.is_dir():
         return [Finding("fail", str(p), "not a directory")]
     if (p / "manifest.json").is_file():
         return _cache(p, verify)
+    if (p / "compression.json").is_file():
+        return _compressed(p, verify)
     markers = ("cfg.json", "checkpoint", metrics_log.FILE, ".checkpoint.old")
     if (
         any((p / m).exists() for m in markers)

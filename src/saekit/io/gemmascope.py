@@ -8,8 +8,10 @@ Both hold ``W_enc [d, F]``, ``W_dec [F, d]``, ``b_enc [F]``, ``b_dec [d]``,
 The model and hook come from the repository and folder names when the files sit in a hub
 cache (``google/gemma-scope-2b-pt-res`` / ``layer_12/width_16k/average_l0_82``): ``res`` ->
 ``layers.L.resid_post``, ``mlp`` -> ``layers.L.mlp_out``; attention SAEs (``att``, on
-``hook_z``) have no saekit site. Transcoders (``affine_skip_connection``, 3-D ``w_dec``)
-are refused. Write: JumpReLU-inference SAEs, and ReLU SAEs as JumpReLU with threshold 0.
+``hook_z``) have no saekit site. Gemma Scope 2 transcoders (folders named ``transcoder``:
+``layers.L.mlp_in`` -> ``layers.L.mlp_out``; ``affine_skip_connection [d_in, d_out]`` is the
+skip path) read as saekit transcoders; cross-layer transcoders (3-D ``w_dec``) are refused.
+Write: JumpReLU-inference SAEs, and ReLU SAEs as JumpReLU with threshold 0.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ def infer_meta(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
     if m:
         layer = m.group(1)
         where = repo + "/" + str(path)
-        if "resid_post" in where or re.search(r"-res\b", repo):
+        if "transcoder" in where:  # Gemma Scope 2: the MLP's normed input to its output
+            meta["hook_name"] = f"layers.{layer}.mlp_in"
+            meta["hook_name_out"] = f"layers.{layer}.mlp_out"
+        elif "resid_post" in where or re.search(r"-res\b", repo):
             meta["hook_name"] = f"layers.{layer}.resid_post"
         elif "mlp" in where:
             meta["hook_name"] = f"layers.{layer}.mlp_out"
@@ -98,14 +103,21 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
     f = _file(p)
     assert f is not None
     raw = {k.lower(): v for k, v in _load(f).items()}
-    if "affine_skip_connection" in raw or raw.get("w_dec", torch.zeros(1, 1)).dim() == 3:
-        raise FormatError(f"{f}: a Gemma Scope transcoder / CLT; saekit reads the SAEs only")
+    if raw.get("w_dec", torch.zeros(1, 1)).dim() == 3:
+        raise FormatError(
+            f"{f}: a Gemma Scope cross-layer transcoder; saekit reads SAEs and"
+            " per-layer transcoders"
+        )
     missing = [n for n in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if n not in raw]
     if missing:
         raise FormatError(f"{f}: missing {missing} (has {sorted(raw)})")
     scale = raw.get("scaling_factor")
     if scale is not None and not bool(torch.all(scale == 1)):
         raise FormatError(f"{f}: a finetuning scaling_factor other than 1 is not supported")
+    meta = infer_meta(f.parent, hints)
+    extra = {}
+    if "affine_skip_connection" in raw:  # stored [d_in, d_out]; W_skip is [d_out, d_in]
+        extra["W_skip"] = raw["affine_skip_connection"].t().contiguous()
     return Portable(
         "jumprelu",
         raw["w_enc"],
@@ -114,7 +126,8 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
         raw["b_dec"],
         threshold=raw["threshold"],
         apply_b_dec_to_input=False,
-        meta=infer_meta(f.parent, hints),
+        extra=extra,
+        meta=meta,
     )
 
 

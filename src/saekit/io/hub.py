@@ -37,6 +37,8 @@ CONVERSION_FORMATS = {
     "goodfire": "torch",
     "qwen_scope": "torch",
     "sparsify": "sparsify",
+    "deepseek_r1": "torch",
+    "llama_scope_r1_distill": "llamascope_r1",
 }
 
 

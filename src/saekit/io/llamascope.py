@@ -12,6 +12,12 @@ saekit reads them as SAELens converts them [our choice: the peer's conversion]: 
 ``b_dec`` subtraction, decoder ``W_dec / s``, ``b_dec / s``. ``topk`` checkpoints read as
 TopK with ``top_k``. Write: JumpReLU SAEs with one threshold for every latent (and ReLU as
 threshold 0), with ``norm_in = sqrt(d)`` so that ``s = 1``.
+
+The later Llama Scope R1-Distill layout (format ``llamascope_r1``, read only): ``config.json``
+(``d_model``, ``expansion_factor``, ``hook_point_in``) + ``sae_weights.safetensors`` with the
+same four tensors and ``log_jumprelu_threshold [F]``; read as SAELens converts it: threshold
+``exp(log_jumprelu_threshold)`` on ``x (s W_enc) + b_enc`` (``s``: the registry's
+``norm_scaling_factor``, SAELens's ``expected_average_only_in`` fold), decoder ``/ s``.
 """
 
 from __future__ import annotations
@@ -151,5 +157,61 @@ FORMAT = register_format(
         detect,
         read,
         write,
+    )
+)
+
+R1_CONFIG, R1_WEIGHTS = "config.json", "sae_weights.safetensors"
+
+
+def detect_r1(p: Path) -> bool:
+    r = p.parent if p.is_file() else p
+    if not ((r / R1_CONFIG).is_file() and (r / R1_WEIGHTS).is_file()):
+        return False
+    try:
+        cfg = read_json(r / R1_CONFIG)
+    except ValueError:
+        return False
+    return isinstance(cfg, dict) and "d_model" in cfg and "expansion_factor" in cfg
+
+
+def read_r1(p: Path, hints: dict[str, Any]) -> Portable:
+    r = p.parent if p.is_file() else p
+    cfg = read_json(r / R1_CONFIG)
+    w = load_tensors(r / R1_WEIGHTS)
+    names = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+    missing = [n for n in (*names, "log_jumprelu_threshold") if n not in w]
+    if missing:
+        raise FormatError(f"{r / R1_WEIGHTS}: missing {missing}")
+    if not hints.get("norm_scaling_factor"):
+        raise FormatError(
+            f"{r}: a Llama Scope R1-Distill SAE needs its norm_scaling_factor (kept in SAELens's"
+            " registry, not in the files): load it as saelens:llama_scope_r1_distill/<SAE_ID>"
+        )
+    s = float(hints["norm_scaling_factor"])
+    dt = w["encoder.weight"].dtype
+    hook = cfg.get("hook_point_in")
+    meta = {
+        "model_name": hints.get("model") or "meta-llama/Llama-3.1-8B",
+        "hook_name": canonical_site(hook) if hook else None,
+        "llama_scope_norm_scaling_factor": s,
+    }
+    return Portable(
+        "jumprelu",
+        (w["encoder.weight"].t().double() * s).to(dt),
+        w["encoder.bias"],
+        (w["decoder.weight"].t().double() / s).to(dt),
+        (w["decoder.bias"].double() / s).to(dt),
+        threshold=w["log_jumprelu_threshold"].double().exp().to(dt),
+        apply_b_dec_to_input=False,
+        meta={k: v for k, v in meta.items() if v is not None},
+    )
+
+
+R1_FORMAT = register_format(
+    Format(
+        "llamascope_r1",
+        "Llama Scope R1-Distill config.json + sae_weights.safetensors (JumpReLU)",
+        detect_r1,
+        read_r1,
     )
 )

@@ -62,7 +62,8 @@ class Portable:
         if self.W_enc.dim() != 2:
             raise FormatError(f"{where}: W_enc must be 2-D, got shape {tuple(self.W_enc.shape)}")
         d, F = self.W_enc.shape
-        want = {"b_enc": (F,), "W_dec": (F, d), "b_dec": (d,)}
+        d_out = int(self.W_dec.shape[-1]) if self.W_dec.dim() == 2 else d  # a transcoder's
+        want = {"b_enc": (F,), "W_dec": (F, d_out), "b_dec": (d_out,)}
         if self.threshold is not None:
             want["threshold"] = (F,)
         for name, shape in want.items():
@@ -91,6 +92,8 @@ class Portable:
         }
         if self.k is not None:
             cfg["k"] = int(self.k)
+        if int(self.W_dec.shape[1]) != self.d_in:
+            cfg["d_out"] = int(self.W_dec.shape[1])
         cfg.update(self.cfg_extra)
         cfg["metadata"] = dict(self.meta)
         return cfg
@@ -251,7 +254,7 @@ def portable_from_sae(sae: SAE, meta: dict[str, Any] | None = None) -> Portable:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the signed-codes warning is the writer's to give
-        cfg, w = saelens_export(sae)
+        cfg, w = saelens_export(sae, site=str((meta or {}).get("hook_name") or ""))
     extra = {n: t for n, t in w.items() if n not in (*CORE, "threshold")}
     return Portable(
         architecture=cfg["architecture"],

@@ -170,6 +170,8 @@ def saekit_config_from_saelens(
     }
     if parts is not None and parts.arch:
         base.update(arch=parts.arch, arch_options=parts.options)
+        if isinstance(cfg.get("d_out"), int) and cfg["d_out"] != cfg["d_in"]:
+            base["d_out"] = cfg["d_out"]  # a transcoder's target width
     sae_cfg = SAEConfig(**{**base, **fields})  # validated as a whole (k <= d_sae)
     return sae_cfg, {f"rule.{n}": t for n, t in rule_state.items()}
 

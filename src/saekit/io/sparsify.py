@@ -9,9 +9,10 @@ Layout (sparsify 1.x): ``cfg.json`` holds the ``SparseCoderConfig`` fields (``ac
 A directory is named after its hookpoint (``layers.6``, ``layers.6.mlp``, ``embed_tokens``);
 a ``config.json`` one level up records the model and dataset of the training run.
 
-Read: TopK SAEs and transcoders without a skip connection (a transcoder is an SAE whose
-input and output sites differ). ``groupmax`` activations and ``W_skip`` are refused with a
-FormatError. Write: TopK-inference SAEs (``saelens_architecture == "topk"``, unsigned).
+Read: TopK SAEs, and transcoders (``layers.N.mlp_in`` -> ``layers.N.mlp_out``) and
+skip-transcoders (``W_skip``) as saekit transcoders (:mod:`saekit.arch.transcoder`).
+``groupmax`` activations are refused with a FormatError. Write: TopK-inference SAEs
+(``saelens_architecture == "topk"``, unsigned).
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def hookpoint_site(hookpoint: str, transcode: bool) -> tuple[str | None, str | N
     if not m:
         return None, None
     layer, mlp = m.group(1), m.group(2)
-    if not mlp:
-        return f"layers.{layer}.resid_post", f"layers.{layer}.resid_post"
+    if not mlp:  # a transcoder of a whole block: its input to its output
+        return f"layers.{layer}.resid_pre" if transcode else f"layers.{layer}.resid_post", (
+            f"layers.{layer}.resid_post"
+        )
     if transcode:
-        return None, f"layers.{layer}.mlp_out"  # the MLP's input has no saekit site yet
+        return f"layers.{layer}.mlp_in", f"layers.{layer}.mlp_out"
     return f"layers.{layer}.mlp_out", f"layers.{layer}.mlp_out"
 
 
@@ -61,16 +64,17 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
     if act != "topk":
         raise FormatError(f"{d / CFG_FILE}: activation {act!r}; saekit reads sparsify topk only")
     w = load_tensors(d / WEIGHTS_FILE)
-    if "W_skip" in w:
-        raise FormatError(
-            f"{d / WEIGHTS_FILE}: a skip connection (W_skip); saekit SAEs have none yet"
-        )
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in w]
     if missing:
         raise FormatError(
             f"{d / WEIGHTS_FILE}: missing {missing} (the file was saved without its decoder?)"
         )
     transcode = bool(cfg.get("transcode", False))
+    if "W_skip" in w and not transcode:
+        raise FormatError(
+            f"{d / WEIGHTS_FILE}: a skip connection (W_skip) on an SAE that is not a transcoder;"
+            " saekit has skip paths for transcoders only"
+        )
     site_in, site_out = hookpoint_site(d.name, transcode)
     run = read_json(d.parent / "config.json") if (d.parent / "config.json").is_file() else {}
     run = run if isinstance(run, dict) else {}
@@ -91,6 +95,7 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
         b_dec=w["b_dec"],
         k=int(hints.get("k") or cfg["k"]),
         apply_b_dec_to_input=not transcode,
+        extra={"W_skip": w["W_skip"]} if "W_skip" in w else {},
         meta={k: v for k, v in meta.items() if v is not None},
     )
 

@@ -4,7 +4,10 @@ Both are read with ``torch.load(weights_only=True)`` (tensors only, never unpick
 told apart by their keys. Goodfire (``Llama-3.1-8B-Instruct-SAE-l19.pth``):
 ``encoder_linear.weight [F, d]``, ``encoder_linear.bias``, ``decoder_linear.weight [d, F]``,
 ``decoder_linear.bias``; ``ReLU(x W_e^T + b_e)``, no ``b_dec`` subtraction; the model and
-layer come from the file name (``<model>-SAE-l<L>`` -> ``layers.L.resid_post``). Qwen-Scope:
+layer come from the file name (``<model>-SAE-l<L>`` -> ``layers.L.resid_post``). The
+DeepSeek-R1 SAEs (``DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt``) are ``nn.Linear`` pairs:
+``encoder.weight [F, d]``, ``encoder.bias``, ``decoder.weight [d, F]``, ``decoder.bias``, read
+as SAELens's ``deepseek_r1`` loader does (ReLU, no ``b_dec`` subtraction). Qwen-Scope:
 :mod:`saekit.io.qwenscope`. Write: ``goodfire`` (ReLU SAEs), ``qwenscope`` (TopK SAEs).
 """
 
@@ -29,6 +32,7 @@ GOODFIRE_KEYS = (
     "decoder_linear.weight",
     "decoder_linear.bias",
 )
+LINEAR_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 SUFFIXES = (".pt", ".pth")
 
 
@@ -45,12 +49,18 @@ def detect(p: Path) -> bool:
     return p.is_file() and p.suffix in SUFFIXES
 
 
+#: Hugging Face organisation of the models in ``<model>-SAE-l<L>`` file names
+ORGS = {"Llama": "meta-llama", "DeepSeek": "deepseek-ai"}
+
+
 def goodfire_meta(path: Path) -> dict[str, Any]:
     m = re.search(r"([A-Za-z0-9.\-]+?)-SAE-l(\d+)", path.name)
     if not m:
         return {}
+    model = m.group(1)
+    org = next((o for prefix, o in ORGS.items() if model.startswith(prefix)), None)
     return {
-        "model_name": f"meta-llama/{m.group(1)}",
+        "model_name": f"{org}/{model}" if org else model,
         "hook_name": f"layers.{m.group(2)}.resid_post",
     }
 
@@ -69,12 +79,24 @@ def read(p: Path, hints: dict[str, Any]) -> Portable:
             apply_b_dec_to_input=False,
             meta=meta,
         )
+    if isinstance(obj, dict) and all(isinstance(obj.get(n), Tensor) for n in LINEAR_KEYS):
+        enc, b, dec, b_dec = (obj[n] for n in LINEAR_KEYS)  # DeepSeek-R1 SAEs (qresearch)
+        return Portable(
+            "standard",
+            enc.t().contiguous(),
+            b,
+            dec.t().contiguous(),
+            b_dec,
+            apply_b_dec_to_input=False,
+            meta={"format": "torch", **goodfire_meta(p)},
+        )
     if qwenscope.is_qwenscope(obj):
         return qwenscope.portable(obj, p, hints.get("k"))
     have = sorted(obj)[:12] if isinstance(obj, dict) else type(obj).__name__
     raise FormatError(
-        f"{p}: a torch file that is neither a Goodfire SAE ({', '.join(GOODFIRE_KEYS)}) nor a"
-        f" Qwen-Scope SAE ({', '.join(qwenscope.KEYS)}); it has {have}"
+        f"{p}: a torch file that is neither a Goodfire SAE ({', '.join(GOODFIRE_KEYS)}), a"
+        f" DeepSeek-R1 SAE ({', '.join(LINEAR_KEYS)}) nor a Qwen-Scope SAE"
+        f" ({', '.join(qwenscope.KEYS)}); it has {have}"
     )
 
 

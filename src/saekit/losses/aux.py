@@ -8,9 +8,15 @@ pre-activation, ReLU'd; no decoder bias). A loss says which latents are candidat
 (:meth:`AuxLoss.candidates`: the dead ones for ``auxk``, see :mod:`saekit.losses.zipf` for
 ``zipf``). ``aux_options.form`` says how the term is scaled:
 
-* ``"openai"`` (Gao et al. 2024, ``openai/sparse_autoencoder``; sparsify and SAELens do the
-  same): ``aux_coeff * ||e_aux - e||^2 / ||e - mean(e)||^2`` with ``e`` detached, i.e. the
-  NMSE of the residual: the term keeps its size as the residual shrinks.
+* ``"openai"`` (Gao et al. 2024, ``openai/sparse_autoencoder``; sparsify the same, with the
+  factor below): ``aux_coeff * ||e_aux - e||^2 / ||e - mean(e)||^2`` with ``e`` detached,
+  i.e. the NMSE of the residual: the term keeps its size as the residual shrinks.
+* ``"saelens"`` (SAELens's TopK and BatchTopK training SAEs, ``calculate_topk_aux_loss``):
+  ``aux_coeff * min(n_dead / aux_k, 1) * mean_tokens sum_d (e_aux - e)^2`` with ``e``
+  detached, the top dead pre-activations taken as they are (not ReLU'd), no variance
+  normalisation (SAELens's own defaults: ``aux_coeff`` 1, ``aux_k``
+  = d_in / 2, on its plain-MSE reconstruction loss). saekit reduces the squared error like
+  the SAE's reconstruction loss, so with ``recon_loss="mse"`` it is SAELens's term exactly.
 * ``"bussmann"`` (BatchTopK's code, ``bartbussmann/BatchTopK``, and top-AFA's,
   ``SewoongLee/top-afa-sae``): ``aux_penalty * mean((e_aux - e)^2)`` with ``e`` *not*
   detached, on a plain-MSE reconstruction loss. saekit reduces the squared error the way the
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
     from saekit.rules.base import Rule
     from saekit.sae import SAE, SAEOutput
 
-FORMS = ("openai", "bussmann")
+FORMS = ("openai", "bussmann", "saelens")
 
 
 @dataclass
@@ -50,7 +56,7 @@ class AuxOptions(Options):
 
     form: str = option(
         "auto",
-        "openai | bussmann | auto (the rule's paper code); see saekit.losses.aux",
+        "openai | bussmann | saelens | auto (the rule's paper code); see saekit.losses.aux",
         choices=("auto", *FORMS),
     )
 
@@ -88,6 +94,8 @@ class AuxLoss:
         y = out.x if target is None else target
         if self.form == "openai":
             residual, scale_like = y - out.x_hat_n.detach(), None
+        elif self.form == "saelens":
+            residual, scale_like = y - out.x_hat_n.detach(), (sae.recon_kind, y)
         else:
             residual, scale_like = y - out.x_hat_n, (sae.recon_kind, y)
         pre = None if out.pre is None else out.pre if out.pre.requires_grad else out.pre.detach()
@@ -106,6 +114,8 @@ class AuxLoss:
             comm=sae.comm,
             latents=sae.rule.aux_latents(out),
             chunk=sae.cfg.encoder_chunk,
+            few_candidates_scale=self.form == "saelens",
+            relu=self.form != "saelens",
         )
         return sae.cfg.aux_coeff * loss
 
@@ -125,6 +135,8 @@ def aux_k_loss(
     comm: Comm = LOCAL,
     latents: Tensor | None = None,
     chunk: int = 0,
+    few_candidates_scale: bool = False,
+    relu: bool = True,
 ) -> Tensor:
     """Gao et al.'s aux-k: reconstruct ``residual`` from the top-``k_aux`` candidates.
 
@@ -138,7 +150,9 @@ def aux_k_loss(
     ., x)`` scales (``scale_like = (kind, x)``); 0 without candidates. With ``comm`` the
     candidates, the top-k and the reconstruction span every latent shard and the sums the
     global batch. ``pre`` None (``SAEConfig.encoder_chunk``): the candidates'
-    pre-activations are computed ``chunk`` latents at a time.
+    pre-activations are computed ``chunk`` latents at a time. ``few_candidates_scale``: the
+    result is multiplied by ``min(n_candidates / k_aux, 1)`` (SAELens, sparsify). ``relu``
+    False: the selected values are used as they are, negative ones too (SAELens).
     """
     n = int(comm.latent_sum(candidates.sum()))
     if n == 0 or k_aux <= 0:
@@ -166,7 +180,7 @@ def aux_k_loss(
         vals = latents.gather(1, idx)
     else:
         vals = kernels.sparse_encode(x_in, W_enc, b_enc, idx, pre, selected=sel)
-    if not signed:
+    if relu and not signed:
         vals = torch.relu(vals)
     if weights is not None:
         vals = vals * weights[idx]
@@ -176,7 +190,8 @@ def aux_k_loss(
     if scale_like is None:
         return nmse(aux_hat, residual, comm).nan_to_num(0.0)
     kind, x = scale_like
-    return scaled_like_recon(kind, (aux_hat - residual).pow(2).sum(), x, comm).nan_to_num(0.0)
+    loss = scaled_like_recon(kind, (aux_hat - residual).pow(2).sum(), x, comm).nan_to_num(0.0)
+    return loss * min(n / k_aux, 1.0) if few_candidates_scale else loss
 
 
 _AUX: dict[str, type[AuxLoss]] = {}

@@ -112,7 +112,7 @@ class Rule(nn.Module):
     #: the aux loss (``SAEConfig.aux``) applies to this rule
     uses_aux: ClassVar[bool] = True
     #: aux-loss form of this rule's paper code when ``aux_options.form`` is "auto"
-    #: (see :mod:`saekit.losses.aux`): "openai" or "bussmann"
+    #: (see :mod:`saekit.losses.aux`): "openai", "bussmann" or "saelens"
     aux_form: ClassVar[str] = "openai"
     #: named inputs besides x that the rule reads from ``ctx.inputs`` (e.g. ``("grad",)``);
     #: the trainer asks the source for them. Inference must cope with their absence.

@@ -49,9 +49,9 @@ class ActivationSource:
         return set()
 
     def plan_tokens(self, n: int) -> None:
-        """A hint before the first batch: about ``n`` tokens will be drawn in all (a run's
-        training and held-back batches). Sources may size buffers by it; batches stay
-        whatever the stream gives. Default: ignored."""
+        """A hint: about ``n`` more tokens will be drawn (a run's training and held-back
+        batches; a cache's tokens). Sources may size buffers by it; the batches are whatever
+        the stream gives either way. Default: ignored."""
 
     def next_batch_part(self, batch_size: int, lo: int, hi: int) -> Batch:
         """Rows ``[lo, hi)`` of ``next_batch(batch_size)``, advancing the stream as it does.

@@ -199,6 +199,7 @@ def _write_shards(
     names: list[str] = []
     inputs: list[str] | None = None  # named inputs every site has in the first batch
     has_tokens: bool | None = None
+    source.plan_tokens(n_tokens)  # e.g. the HF source's buffer holds no more than this
     try:
         for d in dirs.values():
             (tmp / d).mkdir()

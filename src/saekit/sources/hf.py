@@ -1,11 +1,18 @@
 """Activations of a Hugging Face transformers model on text.
 
 :class:`HFSource` tokenises documents from :func:`saekit.sources.text.iter_texts` into
-sequences of ``context_len`` tokens (long documents are cut into several windows, each with
-the tokenizer's special tokens; the last is right-padded), runs the frozen model on
+sequences of ``context_len`` tokens, runs the frozen model on
 ``model_batch_size`` sequences at a time, and reads every requested site from that one
 forward. Without gradients the forward stops (:class:`~saekit.sources.sites.StopForward`)
 as soon as every hooked module has run, so later layers and the LM head are never computed.
+
+Windows (``DataConfig.pack``, default): the documents' tokens are concatenated, each
+document followed by the tokenizer's eos token (else its sep token), and cut into windows of
+``context_len`` tokens with the tokenizer's special tokens around each (``[CLS] ... [SEP]``
+for BERT, none for GPT-2), as SAELens and sparsify pack; only the last window of a pass over
+the text is padded [our choice: the separator and special tokens; SAELens puts BOS between
+documents, sparsify EOS]. ``pack=false``: each document on its own windows, the last
+right-padded (short documents waste most of the model's positions).
 
 Token selection: padding is always dropped (attention mask); with ``exclude_special``
 every id in ``tokenizer.all_special_ids`` is dropped too. Kept tokens enter a shuffle
@@ -24,6 +31,10 @@ site)`` for the same tokens. ``L`` is the *sum* of the per-token losses over the
 (``grad_reduction="sum"``, so a token's gradient does not depend on how many other tokens
 share its batch) or their mean (``"mean"``). Positions whose target or input is padding
 are not in the loss.
+
+End-to-end training (:meth:`HFSource.objective`, ``TrainConfig.objective`` kl / ce): batches
+become whole sequences in text order and the source supplies the model's spliced loss
+(:mod:`saekit.sources.e2e`).
 
 Exact resume: ``state_dict()`` records the sizes of the batches handed out (run-length
 coded). ``load_state_dict`` replays the buffer bookkeeping *without the model* (token
@@ -301,6 +312,8 @@ class HFSource(ActivationSource):
             sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long
         )
         self._dims = self._probe_dims()
+        #: the end-to-end objective (sequence batches), once :meth:`objective` was called
+        self._e2e: Any = None
         self._reset()
 
     # ---------------------------------------------------------------- setup
@@ -347,11 +360,13 @@ class HFSource(ActivationSource):
             "split": c.dataset_split,
             "part": self.part,
             "context_len": c.context_len,
+            **({"pack": True} if self._packs() else {}),
             "model_batch_size": c.model_batch_size,
             "exclude_special": c.exclude_special,
             "shuffle_buffer": c.shuffle_buffer,
             "seed": self.seed,
             "chunk": self.chunk,
+            **({"objective": self._e2e.name} if self._e2e is not None else {}),
             **({"doc_shard": list(self.doc_shard)} if self.doc_shard != (0, 1) else {}),
         }
 
@@ -360,6 +375,7 @@ class HFSource(ActivationSource):
         self._texts: Iterator[str] | None = None
         self._seq_ids: deque[Tensor] = deque()
         self._seq_mask: deque[Tensor] = deque()
+        self._carry: list[int] = []  # packed tokens not yet in a window
         self._epoch_seqs = 0
         self._epoch_kept = 0  # kept (non-special) tokens queued in this pass over the corpus
         self._corpus_tokens = 0  # kept tokens of one pass, known after the first pass
@@ -399,6 +415,9 @@ class HFSource(ActivationSource):
             docs.append(doc)
             if len(docs) >= self.cfg.model_batch_size:
                 break
+        if self._packs():
+            self._pack(docs)
+            return
         if not docs:
             self._end_pass()
             return
@@ -410,7 +429,9 @@ class HFSource(ActivationSource):
             return_overflowing_tokens=self.chunk,
             return_tensors="pt",
         )
-        ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        self._queue(enc["input_ids"].long(), enc["attention_mask"].long())
+
+    def _queue(self, ids: Tensor, mask: Tensor) -> None:
         kept = self._keep(ids, mask).sum(1)
         for i in range(ids.shape[0]):
             if mask[i].sum() > 0:
@@ -418,6 +439,57 @@ class HFSource(ActivationSource):
                 self._seq_mask.append(mask[i])
                 self._epoch_seqs += 1
                 self._epoch_kept += int(kept[i])
+
+    def _packs(self) -> bool:
+        return self.cfg.pack and self.chunk
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after one sequence."""
+        if not hasattr(self, "_special_ends"):
+            tok = self.tokenizer
+            plain = tok("a", add_special_tokens=False)["input_ids"]
+            full = tok("a", add_special_tokens=True)["input_ids"]
+            at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), None)
+            if not plain or at is None:
+                raise ConfigError(
+                    "cannot tell where this tokenizer puts its special tokens: pass --pack false"
+                )
+            self._special_ends = (full[:at], full[at + len(plain) :])
+        return self._special_ends
+
+    def _pack(self, docs: list[str]) -> None:
+        """Queue the full packed windows of ``docs`` (the rest waits in ``_carry``); with no
+        documents left, the carried tokens as one padded window, then the end of the pass."""
+        tok, T = self.tokenizer, self.cfg.context_len
+        head, tail = self._specials()
+        body = T - len(head) - len(tail)
+        if body < 1:
+            raise ConfigError(
+                f"DataConfig.context_len = {T} leaves no room for text beside the tokenizer's"
+                f" special tokens: raise context_len (--context-len) or pass --pack false"
+            )
+        if not docs:
+            if not self._carry:
+                self._end_pass()
+                return
+            rows = [head + self._carry + tail]
+            self._carry = []
+        else:
+            sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+            for ids in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+                if ids:
+                    self._carry += [*ids, *([] if sep is None else [sep])]
+            n = len(self._carry) // body * body
+            rows = [head + self._carry[i : i + body] + tail for i in range(0, n, body)]
+            self._carry = self._carry[n:]
+        if not rows:
+            return
+        ids = torch.full((len(rows), T), int(tok.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        self._queue(ids, mask)
 
     def _end_pass(self) -> None:
         """The corpus is exhausted: start the next pass, never looping without progress.
@@ -449,13 +521,31 @@ class HFSource(ActivationSource):
         self._epoch_kept = 0
         self._texts = self._new_texts()
 
-    def _next_inputs(self) -> tuple[Tensor, Tensor]:
-        s = self.cfg.model_batch_size
-        while len(self._seq_ids) < s:
+    def next_sequences(self, n: int) -> tuple[Tensor, Tensor]:
+        """The next ``n`` token sequences ``(input_ids, attention_mask)``, ``[n, T]``, in
+        text order (the queue the model batches are cut from)."""
+        while len(self._seq_ids) < n:
             self._tokenize_more()
-        ids = torch.stack([self._seq_ids.popleft() for _ in range(s)])
-        mask = torch.stack([self._seq_mask.popleft() for _ in range(s)])
+        ids = torch.stack([self._seq_ids.popleft() for _ in range(n)])
+        mask = torch.stack([self._seq_mask.popleft() for _ in range(n)])
         return ids, mask
+
+    def _next_inputs(self) -> tuple[Tensor, Tensor]:
+        return self.next_sequences(self.cfg.model_batch_size)
+
+    def objective(self, kind: str) -> Any:
+        """The end-to-end loss ``kind`` (``kl``, ``ce``) of this model with functions spliced
+        in, :class:`saekit.sources.e2e.SplicedLM`; from now on batches are whole sequences
+        (no shuffle buffer). Call before the first batch, in one process."""
+        from saekit.sources.e2e import SplicedLM
+
+        if self._k > 0 or self._e2e is not None or self.doc_shard != (0, 1):
+            raise ConfigError(
+                "HFSource.objective: call it once, before the first batch, in one process"
+                " (end-to-end training is not distributed)"
+            )
+        self._e2e = SplicedLM(self, kind)
+        return self._e2e
 
     def _keep(self, ids: Tensor, mask: Tensor) -> Tensor:
         keep = mask.bool()
@@ -519,9 +609,9 @@ class HFSource(ActivationSource):
 
     # --------------------------------------------------------------- buffer
     def plan_tokens(self, n: int) -> None:
-        """About ``n`` tokens will be drawn in all: the buffer never holds more than the
-        tokens still to be drawn (recorded in :meth:`state_dict`; call before any batch)."""
-        self._planned = max(int(n), 0)
+        """About ``n`` more tokens will be drawn: the buffer never holds more than the tokens
+        still to be drawn (recorded in :meth:`state_dict`)."""
+        self._planned = self._drawn + max(int(n), 0)
 
     def _buffer_target(self, b: int) -> int:
         """Tokens to hold before a draw of ``b``: the shuffle buffer, or one pass of a corpus
@@ -561,6 +651,8 @@ class HFSource(ActivationSource):
     def next_batch(self, batch_size: int) -> Batch:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if self._e2e is not None:
+            return self._e2e.next_batch(batch_size)  # type: ignore[no-any-return]
         out = self._take(batch_size, False, {})
         _gid, tok, rest = out[0], out[1], out[2:]
         acts = dict(zip(self.sites, rest[: len(self.sites)]))
@@ -575,6 +667,7 @@ class HFSource(ActivationSource):
             "taken": [list(t) for t in self._taken],
             "fingerprint": self._fingerprint(),
             **({"planned": self._planned} if self._planned is not None else {}),
+            **({"e2e": self._e2e.state_dict()} if self._e2e is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -589,6 +682,9 @@ class HFSource(ActivationSource):
         planned = self._planned
         self._planned = state.get("planned")  # the plan the recorded batches were drawn under
         self._reset()
+        if self._e2e is not None:
+            self._e2e.load_state_dict(state["e2e"])
+            return
         # dry replay: index bookkeeping only, no model
         self._buf = _Buffer(None, self.with_grad)
         inputs: dict[int, tuple[Tensor, Tensor, int]] = {}

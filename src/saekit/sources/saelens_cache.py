@@ -177,6 +177,7 @@ def write_saelens_cache(
         _hook_name(s): ds_mod.Array2D(shape=(context_size, source.d_in(s)), dtype=dtype)
         for s in source.sites
     }
+    source.plan_tokens(n_tokens)  # e.g. the HF source's buffer holds no more than this
     probe = source.next_batch(context_size)
     has_tokens = "token_ids" in probe.meta
     if has_tokens:

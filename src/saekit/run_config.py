@@ -16,13 +16,18 @@ apply to every one of them.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saekit.config import DataConfig, DistConfig, SAEConfig, TrainConfig
 from saekit.errors import ConfigError
 from saekit.options import check_fields, from_dict
+
+if TYPE_CHECKING:
+    from saekit.train import TrainResult
 
 #: the sections of a run document and the options class of each (``saes``: SAEConfig each)
 SECTIONS: dict[str, type] = {
@@ -126,7 +131,7 @@ def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
     """
     from saekit.distributed.launch import from_env, rank_device
     from saekit.sources import build_source
-    from saekit.train import finished_run, train
+    from saekit.train import train
 
     strategy = from_env(rc.dist, rc.train.device)
     try:
@@ -150,4 +155,67 @@ def train_run(rc: RunConfig):  # -> saekit.train.TrainResult
         strategy.close()
 
 
-__all__ = ["SECTIONS", "RunConfig", "load_run_config", "read_run_document", "train_run"]
+def _as_trained(cfg: SAEConfig, d_in: int, train_cfg: TrainConfig) -> SAEConfig:
+    """``cfg`` as :meth:`saekit.train.Trainer` completes it (a mismatch only costs the fast
+    path of :func:`finished_run`: the trainer then decides)."""
+    from saekit.losses import auto_dead_tokens
+
+    cfg = cfg.resolved(d_in)
+    if cfg.dead_tokens == 0:
+        cfg.dead_tokens = auto_dead_tokens(train_cfg.total_tokens, train_cfg.batch_size)
+    return cfg
+
+
+def finished_run(
+    sae_cfgs: SAEConfig | dict[str, Any] | Callable[[list[str]], Any],
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig | None,
+) -> TrainResult | None:
+    """The result of a finished run of these configs in ``out_dir``, found without building
+    a source (no model is loaded); None when there is none (then train, or resume, it).
+
+    ``sae_cfgs`` as for :func:`train`, or a function of the source's sites returning them.
+    """
+    from saekit.device import resolve_device
+    from saekit.errors import SaekitError
+    from saekit.io import checkpoint as ckpt
+    from saekit.io import rundir
+    from saekit.io.lock import run_lock
+    from saekit.io.native import load_sae
+    from saekit.train import TrainResult, _dir_name, plan_saes, run_configs
+
+    out = Path(train_cfg.out_dir)
+    if not (train_cfg.resume and (out / "checkpoint" / ckpt.STATE_JSON).is_file()):
+        return None
+    with run_lock(out):
+        try:
+            meta = ckpt.read_meta(out / "checkpoint", verify=False)
+            width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
+            sites = list(width)
+            plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
+            trained = {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()}
+            want = run_configs(train_cfg, data_cfg, trained)
+            dflt = run_configs(train_cfg, data_cfg, trained, ckpt.field_defaults)
+            dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
+            done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
+            want = json.loads(json.dumps(want))
+            if not done or ckpt.describe_diff(meta["configs"], want, defaults=dflt):
+                return None
+            if not rundir.is_finished(list(dirs.values()), meta["step"]):
+                return None
+            dev = resolve_device(train_cfg.device)
+            saes = {n: load_sae(d, device=str(dev), train=True) for n, d in dirs.items()}
+        except (SaekitError, KeyError, TypeError, ValueError, AttributeError):
+            return None  # the trainer reports the precise problem
+    res = TrainResult(saes, dirs, out, int(meta["step"]), int(meta["tokens"]))
+    return rundir.finished_result(res)
+
+
+__all__ = [
+    "SECTIONS",
+    "RunConfig",
+    "finished_run",
+    "load_run_config",
+    "read_run_document",
+    "train_run",
+]

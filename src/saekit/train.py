@@ -40,7 +40,7 @@ from saekit import arch, tracking
 from saekit.config import DataConfig, SAEConfig, TrainConfig, to_dict
 from saekit.device import autocast, autocast_dtype, resolve_device
 from saekit.distributed.strategy import SlotState, Strategy, resume_ranks
-from saekit.errors import ConfigError, DistributedError, SaekitError, TrainingError
+from saekit.errors import ConfigError, DistributedError, TrainingError
 from saekit.evaluate.core import fve
 from saekit.io import checkpoint as ckpt
 from saekit.io import metrics_log, rundir
@@ -274,7 +274,7 @@ class Trainer:
         st = self.strategy
         local = {
             "slots": {s.index: st.slot_state(s.index, s.sae, s.opt) for s in self.slots},
-            "rank": {"rng": _rng_state(self.device), "source": self.source.state_dict()},
+            "rank": {"rng": ckpt.rng_state(self.device), "source": self.source.state_dict()},
         }
         parts = st.collect(local)
         st.root(lambda: self._write_checkpoint(parts))
@@ -339,10 +339,10 @@ class Trainer:
             s.sae.load_state_dict(sd)
             if more:
                 s.opt.load_state_dict(osd)
-                _match_state_layout(s.opt)
+                ckpt.match_state_layout(s.opt)
         if more:
             self.source.load_state_dict(pkg["source"])
-            _set_rng_state(pkg["rng"], self.device)
+            ckpt.set_rng_state(pkg["rng"], self.device)
         return True
 
     def _read_checkpoint(self) -> tuple | None:
@@ -621,31 +621,7 @@ class Trainer:
         return -(-n // self.cfg.batch_size)
 
     def _warn_if_worse(self, drop: float = 0.05) -> None:
-        """Warn for every SAE whose logged training FVE fell by more than ``drop`` over the
-        run (first logged step to last) while its L0 did not fall by a tenth (a sparsity
-        penalty warming up trades FVE for L0): it got worse as it trained."""
-        rows, _ = metrics_log.read_rows(self.out_dir / metrics_log.FILE)
-        first: dict[str, tuple[float, float]] = {}
-        last: dict[str, tuple[float, float]] = {}
-        for r in rows:
-            name, f, l0 = r.get("sae"), r.get("fve"), r.get("l0")
-            if (
-                isinstance(name, str)
-                and isinstance(f, (int, float))
-                and isinstance(l0, (int, float))
-            ):
-                first.setdefault(name, (float(f), float(l0)))
-                last[name] = (float(f), float(l0))
-        for name, (f0, l0) in first.items():
-            f1, l1 = last[name]
-            if f1 < f0 - drop and l1 >= 0.9 * l0:
-                warnings.warn(
-                    f"SAE {name!r}: training FVE fell from {f0:.3f} to {f1:.3f} during the run"
-                    f" at L0 {l0:.1f} -> {l1:.1f}: it got worse as it trained (check the rule's"
-                    " options and the lr)",
-                    UserWarning,
-                    stacklevel=3,
-                )
+        metrics_log.warn_if_worse(self.out_dir / metrics_log.FILE, drop)
 
     def calibration_pending(self) -> bool:
         """Some rule of the plan calibrates and has not yet been calibrated in this run.
@@ -777,54 +753,6 @@ def run_configs(
     return {"saes": slots, "train": train, "data": data}
 
 
-def _as_trained(cfg: SAEConfig, d_in: int, train_cfg: TrainConfig) -> SAEConfig:
-    """``cfg`` as :meth:`Trainer._make_slot` completes it (a mismatch only costs the fast
-    path of :func:`finished_run`: the trainer then decides)."""
-    cfg = cfg.resolved(d_in)
-    if cfg.dead_tokens == 0:
-        cfg.dead_tokens = auto_dead_tokens(train_cfg.total_tokens, train_cfg.batch_size)
-    return cfg
-
-
-def finished_run(
-    sae_cfgs: SAEConfig | dict[str, Any] | Callable[[list[str]], Any],
-    train_cfg: TrainConfig,
-    data_cfg: DataConfig | None,
-) -> TrainResult | None:
-    """The result of a finished run of these configs in ``out_dir``, found without building
-    a source (no model is loaded); None when there is none (then train, or resume, it).
-
-    ``sae_cfgs`` as for :func:`train`, or a function of the source's sites returning them.
-    """
-    from saekit.io.native import load_sae
-
-    out = Path(train_cfg.out_dir)
-    if not (train_cfg.resume and (out / "checkpoint" / ckpt.STATE_JSON).is_file()):
-        return None
-    with run_lock(out):
-        try:
-            meta = ckpt.read_meta(out / "checkpoint", verify=False)
-            width = {v["site"]: int(v["sae"]["d_in"]) for v in meta["configs"]["saes"].values()}
-            sites = list(width)
-            plan = plan_saes(sae_cfgs(sites) if callable(sae_cfgs) else sae_cfgs, sites)
-            trained = {n: (s, _as_trained(c, width[s], train_cfg)) for n, (s, c) in plan.items()}
-            want = run_configs(train_cfg, data_cfg, trained)
-            dflt = run_configs(train_cfg, data_cfg, trained, ckpt.field_defaults)
-            dirs = {n: out if len(plan) == 1 else out / _dir_name(n) for n in plan}
-            done = meta["step"] >= train_cfg.total_tokens // train_cfg.batch_size
-            want = json.loads(json.dumps(want))
-            if not done or ckpt.describe_diff(meta["configs"], want, defaults=dflt):
-                return None
-            if not rundir.is_finished(list(dirs.values()), meta["step"]):
-                return None
-            dev = resolve_device(train_cfg.device)
-            saes = {n: load_sae(d, device=str(dev), train=True) for n, d in dirs.items()}
-        except (SaekitError, KeyError, TypeError, ValueError, AttributeError):
-            return None  # the trainer reports the precise problem
-    res = TrainResult(saes, dirs, out, int(meta["step"]), int(meta["tokens"]))
-    return rundir.finished_result(res)
-
-
 def train(
     sae_cfgs: SAEConfig | dict[str, Any],
     train_cfg: TrainConfig,
@@ -838,28 +766,8 @@ def train(
     return Trainer(sae_cfgs, train_cfg, source, data_cfg, saes, strategy).run()
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    rng: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
 __all__ = [
     "TrainResult",
-    "finished_run",
     "run_configs",
     "Trainer",
     "TrainingError",
@@ -872,16 +780,3 @@ __all__ = [
 
 def _note(msg: str) -> None:
     print(f"saekit: note: {msg}", file=sys.stderr)
-
-
-def _match_state_layout(opt: torch.optim.Optimizer) -> None:
-    """Give restored optimizer moments their parameter's strides.
-
-    Checkpoints store tensors contiguous; a parameter kept in another layout (``W_enc`` is
-    latent-major) would then disagree with its moments, which fused Adam reads as flat memory.
-    """
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, v in opt.state.get(p, {}).items():
-                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    opt.state[p][key] = torch.empty_like(p, dtype=v.dtype).copy_(v)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,37 @@ def describe_diff(saved: Any, now: Any, where: str = "", defaults: Any = None) -
     if not _same(saved, now):
         return [f"{where}: {saved!r} (checkpoint) -> {now!r} (now)"]
     return []
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch, Python and NumPy RNG states (and the device's on CUDA)."""
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` recorded."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give restored optimizer moments their parameter's strides.
+
+    Checkpoints store tensors contiguous; a parameter kept in another layout (``W_enc`` is
+    latent-major) would then disagree with its moments, which fused Adam reads as flat memory.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=v.dtype).copy_(v)

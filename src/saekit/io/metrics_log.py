@@ -9,6 +9,7 @@ JSON objects, :func:`truncate` keeps the rows up to the resumed step and
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,4 +66,28 @@ def set_aside(run_dir: str | Path) -> Path | None:
     return dst
 
 
-__all__ = ["FILE", "read_rows", "set_aside", "truncate"]
+def warn_if_worse(path: str | Path, drop: float = 0.05) -> None:
+    """Warn for every SAE whose logged training FVE fell by more than ``drop`` over the
+    run (first logged step to last) while its L0 did not fall by a tenth (a sparsity
+    penalty warming up trades FVE for L0): it got worse as it trained."""
+    rows, _ = read_rows(path)
+    first: dict[str, tuple[float, float]] = {}
+    last: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        name, f, l0 = r.get("sae"), r.get("fve"), r.get("l0")
+        if isinstance(name, str) and isinstance(f, (int, float)) and isinstance(l0, (int, float)):
+            first.setdefault(name, (float(f), float(l0)))
+            last[name] = (float(f), float(l0))
+    for name, (f0, l0) in first.items():
+        f1, l1 = last[name]
+        if f1 < f0 - drop and l1 >= 0.9 * l0:
+            warnings.warn(
+                f"SAE {name!r}: training FVE fell from {f0:.3f} to {f1:.3f} during the run"
+                f" at L0 {l0:.1f} -> {l1:.1f}: it got worse as it trained (check the rule's"
+                " options and the lr)",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+__all__ = ["FILE", "read_rows", "set_aside", "truncate", "warn_if_worse"]

@@ -6,33 +6,51 @@
    ``{rank}.json`` with the largest differences.
 2. Training through :func:`saekit.train.train` with the ``latents`` and ``layers``
    strategies into ``latents/`` and ``layers/`` (the test trains the same plans in one
-   process with :func:`train_plan`).
+   process with :func:`train_plan`), and each again stopped after step 10 and resumed by
+   the same launch into ``<kind>-resumed/`` (the test asks for the same bits).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from saekit.config import DistConfig, SAEConfig, TrainConfig
-from saekit.distributed.launch import from_env
+from saekit.distributed.launch import from_env, rank_device
 from saekit.distributed.state import shard_range
 from saekit.distributed.strategy import DataParallel, LayerParallel, Strategy
 from saekit.sae import SAE
 from saekit.sources.synthetic import SyntheticConfig, SyntheticSource
 from saekit.train import TrainResult, train
 
-RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice"]
+#: SAEs with architecture parts (saekit.arch), checked under ddp: name -> SAEConfig fields
+#: (nmse: the parts' loss terms must divide by the global batch's variance)
+ARCHS: dict[str, dict] = {
+    "batchtopk+matryoshka": {
+        "rule": "batchtopk", "arch": ["matryoshka"], "arch_options": {"widths": [8, 25]},
+        "recon_loss": "nmse",
+    },
+    "topk+gated": {"rule": "topk", "arch": ["gated"], "recon_loss": "nmse"},
+}  # fmt: skip
+RULES = ["topk", "batchtopk", "abstopk", "mutual_choice", "feature_choice", "topafa", *ARCHS]
 LATENT_RULES = ["topk", "batchtopk", "abstopk", "mutual_choice"]
 B, D, F, K = 64, 16, 51, 4  # F odd: uneven latent shards
+#: cpu (gloo) or cuda (NCCL, one GPU per rank): SAEKIT_DIST_DEVICE, as in test_distributed.py
+DEVICE = os.environ.get("SAEKIT_DIST_DEVICE", "cpu")
 
 
 def make_sae(rule: str) -> SAE:
+    return _make_sae(rule).to(rank_device(DEVICE))
+
+
+def _make_sae(rule: str) -> SAE:
     torch.manual_seed(1)
-    sae = SAE(SAEConfig(d_in=D, d_sae=F, rule=rule, k=K, aux_k=8, dead_tokens=100))
+    fields = ARCHS.get(rule, {"rule": rule})
+    sae = SAE(SAEConfig(d_in=D, d_sae=F, k=K, aux_k=8, dead_tokens=100, **fields))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.1)
@@ -68,26 +86,30 @@ PLANS = {
 }
 
 
-def train_plan(kind: str, out: Path, strategy: Strategy | None = None) -> TrainResult:
-    """Train ``PLANS[kind]`` for 20 steps of 128 tokens (aux-k active: short dead window)."""
+def train_plan(
+    kind: str, out: Path, strategy: Strategy | None = None, stop_after: int = 0
+) -> TrainResult:
+    """Train ``PLANS[kind]`` for 20 steps of 128 tokens (aux-k active: short dead window);
+    ``stop_after``: stop there (a checkpoint is written), as a killed run would."""
     plan = {
         r: ("synthetic", SAEConfig(rule=r, d_sae=129, k=4, aux_k=16, dead_tokens=256))
         for r in PLANS[kind]
     }
     tc = TrainConfig(
         out_dir=str(out), total_tokens=128 * 20, batch_size=128, progress=False,
-        log_every=10, checkpoint_every=10, threads=1,
+        log_every=10, checkpoint_every=10, threads=1, device=rank_device(DEVICE),
+        stop_after_steps=stop_after,
     )  # fmt: skip
     src = SyntheticSource(SyntheticConfig(n_features=128, d=32, n_roots=4, block_size=256))
     return train(plan, tc, src, strategy=strategy)
 
 
 def main(out_dir: str) -> None:
-    lat = from_env(DistConfig(strategy="latents"))
+    lat = from_env(DistConfig(strategy="latents"), DEVICE)
     ddp = DataParallel()
     rank, world = lat.rank, lat.world
     torch.manual_seed(2)
-    x = torch.randn(B, D) * 2
+    x = (torch.randn(B, D) * 2).to(rank_device(DEVICE))
     res: dict = {"rank": rank}
     for i, rule in enumerate(RULES):
         ref = make_sae(rule)
@@ -127,8 +149,14 @@ def main(out_dir: str) -> None:
         }
         res[rule] = r
     Path(out_dir, f"{rank}.json").write_text(json.dumps(res, indent=1))
-    train_plan("latents", Path(out_dir, "latents"), lat)
-    train_plan("layers", Path(out_dir, "layers"), LayerParallel())
+    layers = LayerParallel()
+    for kind, st in (("latents", lat), ("layers", layers)):
+        train_plan(kind, Path(out_dir, kind), st)
+        stopped = train_plan(kind, Path(out_dir, f"{kind}-resumed"), st, stop_after=10)
+        Path(out_dir, f"{kind}-stopped-{rank}.json").write_text(
+            json.dumps({"steps": stopped.steps, "completed": stopped.completed})
+        )
+        train_plan(kind, Path(out_dir, f"{kind}-resumed"), st)  # resumes from step 10
     lat.close()
 
 

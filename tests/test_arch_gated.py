@@ -192,3 +192,31 @@ def test_sae_lens_loads_gated_files(tmp_path) -> None:
         cls, codes, recon, active = got[rule]
         assert cls == "GatedSAE" and int(active) > 0, got
         assert float(codes) < 1e-5 and float(recon) < 1e-4, got
+
+
+def test_parts_of_different_stages_combine() -> None:
+    """A gated Matryoshka crosscoder: the prefix losses decode the magnitudes, the gate's
+    aux loss and L1 use the crosscoder's summed decoder norms; the export stays gated."""
+    from saekit.arch.matryoshka import prefix_reconstructions
+
+    torch.manual_seed(0)
+    opts = {"widths": [8, 32], "sites": ["a", "b"]}
+    cfg = SAEConfig(d_in=16, d_sae=64, rule="relu", arch=["matryoshka", "gated", "crosscoder"],
+                    arch_options=opts, normalize_input=False)  # fmt: skip
+    sae = SAE(cfg)
+    assert [p.stage for p in sae.arch.all] == ["objective", "encoder", "wiring"]
+    x = torch.randn(32, 16)
+    _, terms, out = sae.loss(x)
+    assert {"recon", "recon_m8", "recon_m32", "l1", "gate_recon"} <= set(terms)
+    f = out.codes.to_dense()
+    pre8 = prefix_reconstructions(sae, out.codes, [8], sae.b_dec.expand(32, 16))[0]
+    torch.testing.assert_close(pre8, f[:, :8] @ sae.W_dec[:8] + sae.b_dec, rtol=1e-5, atol=1e-5)
+    gate = torch.relu(sae.encode_pre(x))
+    w = sae.W_dec[:, :8].norm(dim=1) + sae.W_dec[:, 8:].norm(dim=1)
+    l1 = sae.rule.opts.l1_coeff * (gate * w).sum(-1).mean()
+    torch.testing.assert_close(terms["l1"], l1, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FormatError, match="crosscoder"):
+        saelens_export(sae)
+    plain = SAE(SAEConfig(d_in=8, d_sae=32, rule="relu", arch=["matryoshka", "gated"]))
+    cfg_json, _ = saelens_export(plain)
+    assert cfg_json["architecture"] == "gated" and cfg_json["matryoshka_widths"] == [2, 8, 32]

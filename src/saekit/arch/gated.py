@@ -116,7 +116,9 @@ class Gated(ArchPart):
         extra = sae.arch.decode_extra(sae, out.x)  # a gated transcoder's skip path
         if extra is not None:
             pred = pred + extra
-        return {"gate_recon": self.opts.aux_coeff * recon_loss(sae.recon_kind, pred, target)}
+        # over the global batch under ddp (sae.comm: the NMSE variance)
+        loss = recon_loss(sae.recon_kind, pred, target, sae.comm)
+        return {"gate_recon": self.opts.aux_coeff * loss}
 
     def fold(self, sae: SAE, weights: dict[str, Tensor], s_in: float, s_out: float) -> None:
         # π_mag's x W_enc product folds with W_enc; r_mag and b_mag are unit-free

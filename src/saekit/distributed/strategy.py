@@ -148,8 +148,11 @@ class _Distributed(Strategy):
         from saekit.distributed.mesh import collective
 
         out = [None] * self.world if self.is_writer else None
+        mine = None if self.is_writer else _cpu(obj)  # the writer's own part is not copied
         with collective("gathering state on rank 0"):
-            self.dist.gather_object(_cpu(obj), out, dst=0, group=self.cpu)
+            self.dist.gather_object(mine, out, dst=0, group=self.cpu)
+        if out is not None:
+            out[0] = obj
         return out
 
     def scatter(self, objs: list[Any] | None) -> Any:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, FormatError
+from saekit.losses.recon import nmse_denominator
 from saekit.options import Options, option
 from saekit.rules.base import Context, Rule, SAELensExport, Selection, SparsityKnob, register
 
@@ -131,6 +132,9 @@ class TopAFA(Rule):
         dn = ctx.sae.W_dec.norm(dim=1)
         f_norm = (codes.values * dn[codes.indices]).pow(2).sum(1).clamp_min(1e-12).sqrt()
         x = ctx.x
-        var = (x - x.mean(0, keepdim=True)).pow(2).mean().clamp_min(1e-12)
-        afa = (f_norm - x.norm(dim=1)).pow(2).mean() / var
+        # the global batch's per-element variance (the NMSE denominator over B * d_in)
+        n = ctx.comm.n_tokens(x.shape[0]) * x.shape[1]
+        var = (nmse_denominator(x.detach(), ctx.comm) / n).clamp_min(1e-12)
+        sq = ctx.comm.batch_sum((f_norm - x.norm(dim=1)).pow(2).sum())  # over the global batch
+        afa = sq / ctx.comm.n_tokens(x.shape[0]) / var
         return {"afa": self.opts.afa_coeff * afa}

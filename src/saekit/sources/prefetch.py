@@ -43,18 +43,26 @@ class PrefetchSource(ActivationSource):
             raise RuntimeError("PrefetchSource.request_inputs after the first batch")
         return self.source.request_inputs(names)
 
+    @property
+    def shard_of(self) -> tuple[int, int] | None:
+        """``(rank, world)`` when the wrapped source is one rank's shard."""
+        return getattr(self.source, "shard_of", None)
+
     def plan_tokens(self, n: int) -> None:
         if self._thread is not None:
             raise RuntimeError("PrefetchSource.plan_tokens after the first batch")
         self.source.plan_tokens(n)
 
     def shard(self, rank: int, world: int) -> ActivationSource:
-        """Prefetch from the wrapped source's shard (before the first batch)."""
+        """Prefetch from the wrapped source's shard from now on (before the first batch);
+        returns this source, so closing it still closes everything."""
         if world == 1:
             return self
         if self._thread is not None:
             raise RuntimeError("PrefetchSource.shard must be called before the first batch")
-        return PrefetchSource(self.source.shard(rank, world), self.batch_size, self.depth)
+        self.source = self.source.shard(rank, world)
+        self._state = copy.deepcopy(self.source.state_dict())
+        return self
 
     def _start(self) -> None:
         self._stop = threading.Event()

@@ -293,3 +293,18 @@ def test_saelens_loads_the_transcoder_files(tmp_path: Path) -> None:
         assert (codes > 0).any()
         torch.testing.assert_close(got[name + "/codes"], codes, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[name + "/out"], x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_directions_are_in_the_targets_units() -> None:
+    """Steering/dashboards read decoder rows in raw units: a transcoder's are the target's
+    (its own output scale), as decode gives them (was: divided by the input scale)."""
+    from saekit.apply.common import decoder_directions
+    from saekit.sae import Codes
+
+    sae = transcoder(skip=False)
+    sae.input_scale.fill_(2.0)
+    sae.arch.part("wiring").scale_out.fill_(5.0)  # type: ignore[union-attr]
+    with torch.no_grad():
+        sae.b_dec.zero_()
+    one = Codes(d_sae=32, dense=torch.eye(32)[:3])
+    torch.testing.assert_close(decoder_directions(sae, [0, 1, 2]), sae.decode(one))

@@ -230,10 +230,11 @@ def dense_codes(sae: SAE, acts: Tensor, chunk: int = 4096) -> Tensor:
 
 
 def decoder_directions(sae: SAE, features: Iterable[int] | None = None) -> Tensor:
-    """Decoder rows in raw activation units (``normalize_input`` folded in), ``[n, d_in]``."""
+    """Decoder rows in raw units of what the SAE reconstructs (``normalize_input`` folded
+    in: the target's scale for a transcoder), ``[n, d_out]``."""
     W = sae.W_dec.detach()
     if sae.cfg.normalize_input:
-        W = W / sae.input_scale
+        W = W / sae.output_scale
     if features is None:
         return W
     idx = check_features(sae, features)

@@ -316,3 +316,23 @@ def test_batch_statistics_pass_through_the_communicator() -> None:
             s.end_calibration()
         assert len(comm.ops) > n, rule  # so did the calibration
         torch.testing.assert_close(a.rule.threshold, b.rule.threshold)
+
+
+@pytest.mark.parametrize("rule", ["batchtopk", "mutual_choice"])
+def test_init_codes_relu_is_the_old_init(rule: str) -> None:
+    """``init_codes="relu"`` (exposed after the bench regression, see the rule's docstring):
+    the encoder is scaled from the untrained SAE's inference codes, every positive entry, so
+    training-time reconstructions start well below the input norm (the old 0.22)."""
+    x = SyntheticSource(syn_cfg()).next_batch(1024).acts[SITE]
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=64, d_sae=512, rule=rule, k=K, rule_options={"init_codes": "relu"}))
+    sae.init_from_data(x)
+    with torch.no_grad():
+        dense = sae.encode_pre(x).clamp_min(0) @ sae.W_dec  # the ReLU codes' reconstruction
+    ratio = dense.norm(dim=1).mean() / (x - sae.b_dec).norm(dim=1).mean()
+    assert float(ratio) == pytest.approx(1.0, rel=0.02)
+    sae.train()
+    with torch.no_grad():
+        out = sae(x)
+    trained = (out.x_hat - sae.b_dec).norm(dim=1).mean() / (x - sae.b_dec).norm(dim=1).mean()
+    assert float(trained) < 0.6

@@ -44,10 +44,9 @@ def slice_batch(batch: Batch, lo: int, hi: int, n: int) -> Batch:
     )
 
 
-class RowShard(ActivationSource):
-    """Rank ``rank`` of ``world``'s rows of every global batch of ``source``."""
-
-    global_stream = True
+class _Part(ActivationSource):
+    """Rank ``rank`` of ``world``'s part of ``source``: everything but the batch size and the
+    planned tokens delegates to the wrapped source."""
 
     def __init__(self, source: ActivationSource, rank: int, world: int) -> None:
         self.source, self.rank, self.world = source, rank, world
@@ -59,6 +58,21 @@ class RowShard(ActivationSource):
 
     def request_inputs(self, names: Collection[str]) -> set[str]:
         return self.source.request_inputs(names)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class RowShard(_Part):
+    """Rank ``rank`` of ``world``'s rows of every global batch of ``source``."""
+
+    global_stream = True
 
     def plan_tokens(self, n: int) -> None:
         self.source.plan_tokens(n)  # every rank reads the global stream
@@ -67,31 +81,11 @@ class RowShard(ActivationSource):
         lo, hi = part_range(batch_size, self.rank, self.world)
         return self.source.next_batch_part(batch_size, lo, hi)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.source.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.source.load_state_dict(state)
-
-    def close(self) -> None:
-        self.source.close()
-
-
-class LocalPart(ActivationSource):
+class LocalPart(_Part):
     """A source already dealt its own part of the data: asked for ``B / world`` tokens."""
 
     global_stream = False
-
-    def __init__(self, source: ActivationSource, rank: int, world: int) -> None:
-        self.source, self.rank, self.world = source, rank, world
-        self.sites = list(source.sites)
-        self.shard_of = (rank, world)
-
-    def d_in(self, site: str) -> int:
-        return self.source.d_in(site)
-
-    def request_inputs(self, names: Collection[str]) -> set[str]:
-        return self.source.request_inputs(names)
 
     def plan_tokens(self, n: int) -> None:
         self.source.plan_tokens(-(-n // self.world))  # this rank's part of each batch
@@ -99,12 +93,3 @@ class LocalPart(ActivationSource):
     def next_batch(self, batch_size: int) -> Batch:
         lo, hi = part_range(batch_size, self.rank, self.world)
         return self.source.next_batch(hi - lo)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.source.load_state_dict(state)
-
-    def close(self) -> None:
-        self.source.close()

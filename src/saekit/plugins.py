@@ -21,10 +21,11 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from saekit.errors import ConfigError
 
@@ -100,6 +101,22 @@ def load_plugins(specs: Iterable[str] = ()) -> list[str]:
                 _loaded[ep.value] = ep.load()
                 done.append(ep.value)
     return done
+
+
+T = TypeVar("T")
+
+
+def registered(registry: Mapping[str, T], name: str) -> T | None:
+    """``registry[name]``, importing the plugins first on a miss; None when still absent."""
+    if name not in registry:
+        load_plugins()
+    return registry.get(name)
+
+
+def registered_names(registry: Mapping[str, object]) -> list[str]:
+    """The names in ``registry`` once the plugins are imported, sorted."""
+    load_plugins()
+    return sorted(registry)
 
 
 __all__ = ["ENTRY_POINT_GROUP", "ENV_VAR", "env_plugins", "import_plugin", "load_plugins"]

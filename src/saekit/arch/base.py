@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from saekit.errors import ConfigError, DataError
 from saekit.options import Options
+from saekit.plugins import registered, registered_names
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -160,24 +161,17 @@ def register_arch(cls: type[ArchPart]) -> type[ArchPart]:
 
 def arch_names() -> list[str]:
     """Names of the registered architecture parts (plugins included)."""
-    from saekit.plugins import load_plugins
-
-    load_plugins()
-    return sorted(_REGISTRY)
+    return registered_names(_REGISTRY)
 
 
 def get_arch_class(name: str) -> type[ArchPart]:
-    if name not in _REGISTRY:
-        from saekit.plugins import load_plugins
-
-        load_plugins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = registered(_REGISTRY, name)
+    if cls is None:
         raise ConfigError(
             f"unknown architecture part {name!r} in SAEConfig.arch (--arch); known:"
             f" {', '.join(arch_names())}"
-        ) from None
+        )
+    return cls
 
 
 def parse_arch(cfg: SAEConfig) -> list[tuple[type[ArchPart], Any]]:

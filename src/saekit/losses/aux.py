@@ -41,6 +41,7 @@ from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError
 from saekit.losses.recon import nmse, scaled_like_recon
 from saekit.options import Options, from_dict, option
+from saekit.plugins import registered, registered_names
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -210,24 +211,17 @@ def register_aux(cls: type[AuxLoss]) -> type[AuxLoss]:
 
 def aux_names() -> list[str]:
     """Registered aux losses (``"none"`` turns the aux loss off)."""
-    from saekit.plugins import load_plugins
-
-    load_plugins()
-    return sorted(_AUX)
+    return registered_names(_AUX)
 
 
 def get_aux_class(name: str) -> type[AuxLoss]:
-    if name not in _AUX:
-        from saekit.plugins import load_plugins
-
-        load_plugins()
-    try:
-        return _AUX[name]
-    except KeyError:
+    cls = registered(_AUX, name)
+    if cls is None:
         raise ConfigError(
             f"unknown aux loss {name!r} (SAEConfig.aux / --aux); known: none,"
             f" {', '.join(aux_names())}"
-        ) from None
+        )
+    return cls
 
 
 def build_aux(cfg: SAEConfig, rule: Rule) -> AuxLoss | None:

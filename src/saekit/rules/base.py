@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from saekit.distributed.comm import LOCAL, Comm
 from saekit.errors import ConfigError, FormatError
+from saekit.plugins import load_plugins, registered, registered_names
 
 if TYPE_CHECKING:
     from saekit.config import SAEConfig
@@ -291,31 +292,22 @@ def register(cls: type[Rule]) -> type[Rule]:
 
 def rule_names() -> list[str]:
     """Names of the registered rules (plugins included)."""
-    from saekit.plugins import load_plugins
-
-    load_plugins()
-    return sorted(_REGISTRY)
+    return registered_names(_REGISTRY)
 
 
 def get_rule_class(name: str) -> type[Rule]:
-    if name not in _REGISTRY:
-        from saekit.plugins import load_plugins
-
-        load_plugins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = registered(_REGISTRY, name)
+    if cls is None:
         raise ConfigError(
             f"unknown rule {name!r}; known rules: {', '.join(rule_names())} (a rule of your own"
             " must be imported first: saekit --plugin MODULE, or SAEKIT_PLUGINS=MODULE)"
-        ) from None
+        )
+    return cls
 
 
 def saelens_import_rule(arch: str, load: bool = True) -> type[Rule] | None:
     """The rule that loads SAELens architecture ``arch``, or None."""
     if load:
-        from saekit.plugins import load_plugins
-
         load_plugins()
     for cls in _REGISTRY.values():
         if arch in own_saelens_imports(cls):
@@ -330,8 +322,6 @@ def own_saelens_imports(cls: type[Rule]) -> tuple[str, ...]:
 
 def saelens_import_architectures() -> list[str]:
     """Every SAELens architecture some registered rule loads."""
-    from saekit.plugins import load_plugins
-
     load_plugins()
     return sorted({a for c in _REGISTRY.values() for a in own_saelens_imports(c)})
 

@@ -49,8 +49,12 @@ from saekit.sources.base import ActivationSource, Batch  # noqa: E402
 N_FEATURES, D, WIDTH, K, BATCH = 1024, 128, 1024, 7, 1024
 
 #: saekit variants: SAEConfig and TrainConfig overrides (the ablations of the recipe)
+ROUND1 = {"train": {"decoder_lr_scale": 1.0}, "sae": {"init_scale": 1.0}}  # before item 11
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "saekit": {},
+    "saekit-round1": ROUND1,
+    "saekit+dec_lr1": {"train": {"decoder_lr_scale": 1.0}},
+    "saekit+init1": {"sae": {"init_scale": 1.0}},
     "saekit+const_lr": {"train": {"warmup_frac": 0.0, "decay_start_frac": 1.0}},
     "saekit+mse": {"sae": {"recon_loss": "mse"}},
     "saekit+eps1e-8": {"train": {"eps": 1e-8}},
@@ -209,7 +213,7 @@ def train_saekit(
     from saekit.train import train
 
     out = Path(tempfile.mkdtemp(prefix="sk_"))
-    sae_kw = dict(d_sae=WIDTH, k=K, rule=rule)
+    sae_kw: dict[str, Any] = dict(d_sae=WIDTH, k=K, rule=rule)
     sae_kw.update(variant.get("sae", {}))
     if sae_kw.get("dead_tokens") == -1:
         sae_kw["dead_tokens"] = dead_steps * BATCH
@@ -283,10 +287,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="/tmp/saekit_bench_recipe", help="stream cache")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument(
+        "--rows",
+        default="",
+        help="JSONL file: each finished row is appended; rows already there (same rule, lr,"
+        " variant, seed, tokens) are reused, so runs split over processes merge into one table",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.tokens // BATCH
     dead_steps = args.dead_steps or max(1, round(1000 * args.tokens / 3_000_000))
+    done: dict[tuple, dict] = {}
+    if args.rows and Path(args.rows).exists():
+        for line in Path(args.rows).read_text().splitlines():
+            r = json.loads(line)
+            done[(r["rule"], r["lr"], r["variant"], r["seed"], r.get("tokens"))] = r
     rows: list[dict] = []
     t_all = time.perf_counter()
     for seed in args.seeds:
@@ -295,6 +310,9 @@ def main() -> int:
         for rule in args.rules:
             for lr in args.lrs:
                 for v in args.variants:
+                    if (rule, lr, v, seed, args.tokens) in done:
+                        rows.append(done[(rule, lr, v, seed, args.tokens)])
+                        continue
                     t0 = time.perf_counter()
                     if v == "saelens":
                         run = train_saelens(rule, stream, steps, lr, seed, dead_steps)
@@ -302,9 +320,12 @@ def main() -> int:
                         run = train_saekit(rule, VARIANTS[v], stream, steps, lr, seed, dead_steps)
                     m = evaluate(run, model, eval_seed=10**6 + seed, n=args.eval_samples)
                     row = {"rule": rule, "lr": lr, "variant": v, "seed": seed, **m}
-                    row["train_s"] = time.perf_counter() - t0
+                    row["tokens"], row["train_s"] = args.tokens, time.perf_counter() - t0
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if args.rows:
+                        with open(args.rows, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     table = summarise(rows)
     print(
         f"\n{'rule':10} {'lr':>7} {'variant':22} "

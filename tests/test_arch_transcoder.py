@@ -128,7 +128,8 @@ def test_skip_transcoder_learns_its_skip_matrix(tmp_path: Path) -> None:
     for skip in (False, True):
         cfg = SAEConfig(d_sae=32, k=2, arch=["transcoder"],
                         arch_options={"target": "y", "skip": skip})  # fmt: skip
-        run = tcfg(tmp_path / str(skip), total_tokens=n * 20, lr=2e-2)
+        # a high lr for a fast test: the decoder at the same lr as W_skip (decoder_lr_scale 1)
+        run = tcfg(tmp_path / str(skip), total_tokens=n * 20, lr=2e-2, decoder_lr_scale=1.0)
         sae = train(cfg, run, MemorySource({"x": x, "y": y})).sae
         with torch.no_grad():
             pred = sae(x).x_hat

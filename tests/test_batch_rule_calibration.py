@@ -266,7 +266,7 @@ def test_init_scales_the_encoder_with_the_training_codes(rule: str) -> None:
     sae.rule.load_state_dict(state)
     ratio = (out.x_hat - sae.b_dec).norm(dim=1).mean() / (x - sae.b_dec).norm(dim=1).mean()
     # scaled from dense ReLU codes, batch rules started at a third of this (0.22 vs 0.64)
-    assert float(ratio) == pytest.approx(1.0, rel=0.02)
+    assert float(ratio) == pytest.approx(sae.cfg.init_scale, rel=0.02)
 
 
 class RecordingComm(Comm):
@@ -325,7 +325,11 @@ def test_init_codes_relu_is_the_old_init(rule: str) -> None:
     training-time reconstructions start well below the input norm (the old 0.22)."""
     x = SyntheticSource(syn_cfg()).next_batch(1024).acts[SITE]
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=64, d_sae=512, rule=rule, k=K, rule_options={"init_codes": "relu"}))
+    sae = SAE(
+        SAEConfig(
+            d_in=64, d_sae=512, rule=rule, k=K, init_scale=1.0, rule_options={"init_codes": "relu"}
+        )
+    )
     sae.init_from_data(x)
     with torch.no_grad():
         dense = sae.encode_pre(x).clamp_min(0) @ sae.W_dec  # the ReLU codes' reconstruction

@@ -162,7 +162,7 @@ def test_e2e_kl_lowers_the_spliced_kl_of_an_mse_trained_sae(lm, tok, tmp_path: P
             tmp_path,
             "e2e",
             total_tokens=2_560,
-            lr=5e-3,
+            lr=5e-4,  # 5e-3 before the decoder had its own lr (x10, decoder_lr_scale)
             grad_clip=0.0,
             objective="kl",
             init_from=str(tmp_path / "mse"),
@@ -172,7 +172,8 @@ def test_e2e_kl_lowers_the_spliced_kl_of_an_mse_trained_sae(lm, tok, tmp_path: P
         e2e = train(SAEConfig(), run, source(lm, tok))
     sae = e2e.sae.eval()
     after = spliced_kl(lm, sae, SITE, batches, tok)
-    assert after < 0.97 * before, (before, after)  # 0.158 -> 0.148 when written
+    # 0.158 -> 0.148 when written; 0.140 -> 0.131 with the decoder's lr scale (item 11)
+    assert after < 0.97 * before, (before, after)
     assert sae.cfg.d_sae == 128 and sae.cfg.k == 4  # the trained SAE's config
     assert "kl" in e2e.metrics[SITE] and "recon" not in e2e.metrics[SITE]
 

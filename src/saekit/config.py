@@ -120,6 +120,13 @@ class SAEConfig(Options):
         True, "keep decoder rows unit-norm (parallel gradient removed)"
     )
     tied_init: bool = option(True, "initialise W_dec as W_enc transposed")
+    init_scale: float = option(
+        0.3,
+        "the encoder is scaled at init so that reconstructions (less b_dec) have this fraction"
+        " of the targets' mean norm",
+        gt=0,
+        absent=1.0,
+    )
     rule_options: dict = option({}, "rule-specific options (see each rule's Options)")
     aux_options: dict = option({}, "options of the aux loss named by aux (see saekit.losses)")
     encoder_chunk: int = option(
@@ -194,6 +201,13 @@ class TrainConfig(Options):
     beta1: float = option(0.9, "Adam beta1", ge=0, lt=1)
     beta2: float = option(0.999, "Adam beta2", ge=0, lt=1)
     eps: float = option(6.25e-10, "Adam epsilon", gt=0)
+    decoder_lr_scale: float = option(
+        10.0,
+        "multiplier of the lr for the decoder rows W_dec (their own Adam group); 10 steps the"
+        " unit-norm rows as Adam steps SAELens's decoder at its init norm 0.1",
+        gt=0,
+        absent=1.0,
+    )
     warmup_frac: float = option(0.02, "fraction of steps with linear lr warm-up", ge=0, le=1)
     decay_start_frac: float = option(
         0.8, "lr decays linearly to 0 from this fraction of steps", ge=0, le=1

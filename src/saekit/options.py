@@ -20,7 +20,9 @@ Per-field facts beyond the value are metadata too, read with :func:`fields_where
 ``resumable`` (may change when a training run resumes), ``flag`` (the CLI name when it is
 not the field's own), ``cli=False`` (no flag), ``cli_default`` (the command's default where
 it differs from the library's), ``positional``, ``repeat`` (a repeatable flag), ``switch``
-(a ``--flag`` with no value that sets True).
+(a ``--flag`` with no value that sets True), ``absent`` (the value a config written before
+the field existed meant, when it is not today's default: a checkpoint without the field
+resumes only under that value).
 
 A subclass with its own ``__post_init__`` calls ``super().__post_init__()``.
 """
@@ -61,6 +63,7 @@ METADATA_KEYS = frozenset(
         "switch",
         "metavar",
         "nargs",
+        "absent",
     }
 )
 

@@ -437,6 +437,16 @@ class SAE(nn.Module):
         s = dots / torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-24)
         g.addcmul_(W, s.neg().unsqueeze(1))
 
+    def param_groups(self, decoder_lr_scale: float = 1.0) -> list[dict]:
+        """The optimizer's parameter groups: ``W_dec`` with its lr scaled by
+        ``decoder_lr_scale`` (``lr_scale``), then every other parameter, in
+        ``parameters()`` order (``W_dec`` is the first: checkpoints index moments by it)."""
+        rest = [p for n, p in self.named_parameters() if n != "W_dec"]
+        return [
+            {"params": [self.W_dec], "lr_scale": float(decoder_lr_scale)},
+            {"params": rest, "lr_scale": 1.0},
+        ]
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.cfg.unit_norm_decoder:
@@ -465,13 +475,14 @@ class SAE(nn.Module):
             self.b_dec.copy_(yn.mean(0))
         elif how != "zeros":
             raise ConfigError(f"unknown init_b_dec {how!r}; use geometric_median, mean or zeros")
-        # rescale the encoder so that reconstructions start with roughly the target's norm
-        # (about b_dec), with the codes the rule trains with (Rule.init_selection)
+        # rescale the encoder so that reconstructions start with init_scale times the target's
+        # norm (about b_dec), with the codes the rule trains with (Rule.init_selection)
         was = self.training
         self.train(False)
         ref = self._encoder_input(xn) if target is None else yn - self.b_dec
         recon = self.decode_n(self._select(xn, {}, 0, init=True)[0]) - self.b_dec
-        ratio = ref.norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-12)
+        ratio = self.cfg.init_scale * ref.norm(dim=-1).mean()
+        ratio = ratio / recon.norm(dim=-1).mean().clamp_min(1e-12)
         if torch.isfinite(ratio) and ratio > 0:
             self.W_enc.mul_(ratio)
         self.train(was)

@@ -5,9 +5,13 @@ Recipe (Gao et al. 2024 defaults, all in :class:`~saekit.config.TrainConfig`): A
 ``warmup_frac`` of the steps, linear decay to 0 from ``decay_start_frac``, gradient-norm
 clipping per SAE, decoder gradient projected (``remove_parallel_grad``) before and rows
 renormalised (``normalize_decoder``) after each step; ``init_from_data`` on the first
-batch. Steps = ``total_tokens // batch_size``. After the last step, rules that calibrate
-(``Rule.calibrates``: the batch rules' inference thresholds) see ``calibration_tokens`` of
-held-back batches drawn from the source (:meth:`Trainer.calibrate`).
+batch (the encoder scaled so reconstructions start at ``SAEConfig.init_scale`` of the
+targets' norm). ``W_dec`` is its own Adam group with ``lr * decoder_lr_scale``
+[our choice, default 10: Adam's step is absolute, and SAELens's decoder, initialised at
+norm 0.1 with codes rescaled by it, turns its directions 10x faster at the same lr; measured
+in ``benchmarks/bench_recipe.py``]. Steps = ``total_tokens // batch_size``. After the last
+step, rules that calibrate (``Rule.calibrates``: the batch rules' inference thresholds) see
+``calibration_tokens`` of held-back batches drawn from the source (:meth:`Trainer.calibrate`).
 
 Checkpoints (``out_dir/checkpoint``, every ``checkpoint_every`` steps and at the end) hold
 the SAEs' weights and buffers, the optimizer states, the torch / Python / NumPy RNG states,
@@ -257,7 +261,11 @@ class Trainer:
         # fused Adam (one kernel over all tensors) is ~5x cheaper than the default on CPU
         fused = sae.W_enc.device.type in ("cpu", "cuda")
         slot.opt = torch.optim.Adam(
-            sae.parameters(), lr=slot.base_lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused
+            sae.param_groups(c.decoder_lr_scale),
+            lr=slot.base_lr,
+            betas=(c.beta1, c.beta2),
+            eps=c.eps,
+            fused=fused,
         )
         # the loop drops each step's output, so the [B, d_sae] pre-activation buffer is reused
         sae.reuse_buffers = True
@@ -338,7 +346,7 @@ class Trainer:
             sd, osd = pkg["slots"][s.index]
             s.sae.load_state_dict(sd)
             if more:
-                s.opt.load_state_dict(osd)
+                s.opt.load_state_dict(ckpt.regroup_optim(osd, s.opt))
                 ckpt.match_state_layout(s.opt)
         if more:
             self.source.load_state_dict(pkg["source"])
@@ -450,7 +458,7 @@ class Trainer:
                     f"{self._last_good()}"
                 ) from e
         for group in s.opt.param_groups:
-            group["lr"] = lr * s.base_lr
+            group["lr"] = lr * s.base_lr * group.get("lr_scale", 1.0)
         s.opt.step()
         s.sae.normalize_decoder()
         s.sae.observe(out.codes, x.shape[0])

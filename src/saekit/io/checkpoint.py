@@ -279,10 +279,13 @@ def recover_checkpoint(path: str | Path, verify: bool = True) -> list[str]:
 
 def field_defaults(cfg: Any) -> dict:
     """``{field: default}`` (JSON form) of the fields of the dataclass ``cfg`` that have a
-    default: the tree :func:`describe_diff` takes as ``defaults``."""
+    default: the tree :func:`describe_diff` takes as ``defaults``. A field whose default
+    changed when it was added (metadata ``absent``) gives the value its absence meant."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
-        if f.default is not dataclasses.MISSING:
+        if "absent" in f.metadata:
+            value = f.metadata["absent"]
+        elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
@@ -357,3 +360,17 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
             for key, v in opt.state.get(p, {}).items():
                 if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     opt.state[p][key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def regroup_optim(osd: dict, opt: torch.optim.Optimizer) -> dict:
+    """``osd`` with ``opt``'s parameter groups when only the grouping differs.
+
+    A checkpoint written before the decoder had its own group (``decoder_lr_scale``) holds one
+    group over the same parameters in the same order; its moments are kept as they are (the
+    lr of every group is set before each step).
+    """
+    saved = [i for g in osd["param_groups"] for i in g["params"]]
+    now = opt.state_dict()["param_groups"]
+    if len(osd["param_groups"]) == len(now) or saved != [i for g in now for i in g["params"]]:
+        return osd  # the same grouping, or another layout load_state_dict will refuse
+    return {"state": osd["state"], "param_groups": now}

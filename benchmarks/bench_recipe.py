@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "saekit-round1": ROUND1,
     "saekit+dec_lr1": {"train": {"decoder_lr_scale": 1.0}},
     "saekit+init1": {"sae": {"init_scale": 1.0}},
+    "saekit+aux_bussmann": {"sae": {"aux_options": {"form": "bussmann"}}},
     "saekit+const_lr": {"train": {"warmup_frac": 0.0, "decay_start_frac": 1.0}},
     "saekit+mse": {"sae": {"recon_loss": "mse"}},
     "saekit+eps1e-8": {"train": {"eps": 1e-8}},

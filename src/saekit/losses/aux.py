@@ -22,7 +22,8 @@ pre-activation, ReLU'd; no decoder bias). A loss says which latents are candidat
   detached, on a plain-MSE reconstruction loss. saekit reduces the squared error the way the
   SAE's reconstruction loss does (same denominator), so the ratio of the aux term to the
   reconstruction term is exactly theirs for either ``recon_loss``.
-* ``"auto"`` (default): the rule's ``aux_form`` (its paper's code; see each rule).
+* ``"auto"`` (default): the rule's ``aux_form`` (its paper's code, or where a rule
+  chose otherwise on measurements, that choice; see each rule).
 
 To add an aux loss, write one module in this package with a ``@register_aux`` subclass of
 :class:`AuxLoss` (or in a plugin module, :mod:`saekit.plugins`).
@@ -57,7 +58,7 @@ class AuxOptions(Options):
 
     form: str = option(
         "auto",
-        "openai | bussmann | saelens | auto (the rule's paper code); see saekit.losses.aux",
+        "openai | bussmann | saelens | auto (the rule's default); see saekit.losses.aux",
         choices=("auto", *FORMS),
     )
 

@@ -49,7 +49,13 @@ from saekit.sources.base import ActivationSource, Batch  # noqa: E402
 N_FEATURES, D, WIDTH, K, BATCH = 1024, 128, 1024, 7, 1024
 
 #: saekit variants: SAEConfig and TrainConfig overrides (the ablations of the recipe)
-ROUND1 = {"train": {"decoder_lr_scale": 1.0}, "sae": {"init_scale": 1.0}}  # before item 11
+#: before item 11: the decoder at the lr, the encoder scaled to the inputs' norm, and BatchTopK's
+#: aux in its paper code's form
+ROUND1: dict[str, Any] = {
+    "train": {"decoder_lr_scale": 1.0},
+    "sae": {"init_scale": 1.0},
+    "by_rule": {"batchtopk": {"sae": {"aux_options": {"form": "bussmann"}}}},
+}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "saekit": {},
     "saekit-round1": ROUND1,
@@ -216,6 +222,7 @@ def train_saekit(
     out = Path(tempfile.mkdtemp(prefix="sk_"))
     sae_kw: dict[str, Any] = dict(d_sae=WIDTH, k=K, rule=rule)
     sae_kw.update(variant.get("sae", {}))
+    sae_kw.update(variant.get("by_rule", {}).get(rule, {}).get("sae", {}))
     if sae_kw.get("dead_tokens") == -1:
         sae_kw["dead_tokens"] = dead_steps * BATCH
     tr_kw = dict(

@@ -18,6 +18,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny matrices: OpenMP costs more than it gives on a
+    shared machine); the count is restored after. Per module: ``pytestmark =
+    pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request) -> torch.device:
     """Each test taking ``device`` runs on CPU and, when present, on CUDA (skipped otherwise)."""

@@ -29,12 +29,7 @@ PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / ".peers" / "bin" / 
 K, B = 8, 512
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def syn_cfg() -> SyntheticConfig:

@@ -16,12 +16,7 @@ from saekit.train import train
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data() -> torch.Tensor:
@@ -42,8 +37,11 @@ def tcfg(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def drop_config_keys(ckdir: Path, train_keys: list[str], sae_keys: list[str]) -> None:
-    """Make ``ckdir`` look written by a saekit without these fields (re-sealed)."""
+def drop_config_keys(
+    ckdir: Path, train_keys: list[str], sae_keys: list[str], one_adam_group: bool = False
+) -> None:
+    """Make ``ckdir`` look written by a saekit without these fields (re-sealed);
+    ``one_adam_group``: and from before the decoder had its own Adam group."""
     sj = ckdir / "state.json"
     state = json.loads(sj.read_text())
     for k in train_keys:
@@ -51,6 +49,11 @@ def drop_config_keys(ckdir: Path, train_keys: list[str], sae_keys: list[str]) ->
     for slot in state["configs"]["saes"].values():
         for k in sae_keys:
             del slot["sae"][k]
+    for osd in state["optim"].values() if one_adam_group else ():
+        groups = osd["param_groups"]
+        one = {k: v for k, v in groups[0].items() if k != "lr_scale"}
+        one["params"] = [i for g in groups for i in g["params"]]
+        groups[:] = [one]
     try:  # the seal exists since the reliability work; older code has none
         from saekit.io.integrity import seal
 
@@ -100,3 +103,31 @@ def test_describe_diff_with_defaults() -> None:
     assert ckpt.describe_diff({"a": 1, "b": 2}, {"a": 1}, defaults={"b": 2}) == [
         "b: 2 -> '<absent>'"
     ]
+
+
+# issue 10, item 11: decoder_lr_scale and init_scale changed the behaviour when they were added
+ITEM11_TRAIN, ITEM11_SAE = ["decoder_lr_scale"], ["init_scale"]
+
+
+def test_old_checkpoint_resumes_to_the_bit_under_its_values(tmp_path: Path) -> None:
+    """A checkpoint without the fields meant decoder_lr_scale 1 and init_scale 1: it resumes,
+    one Adam group regrouped, equal to the bit to an uninterrupted run under those values."""
+    old = dict(decoder_lr_scale=1.0)
+    cfg = SAEConfig(d_sae=32, k=3, init_scale=1.0)
+    src = lambda: MemorySource({"a": data()}, seed=5)  # noqa: E731
+    ref = train(cfg, tcfg(tmp_path / "ref", **old), src())
+    train(cfg, tcfg(tmp_path / "old", stop_after_steps=5, **old), src())
+    drop_config_keys(tmp_path / "old" / "checkpoint", ITEM11_TRAIN, ITEM11_SAE, one_adam_group=True)
+    res = train(cfg, tcfg(tmp_path / "old", **old), src())
+    assert res.completed
+    for k, v in ref.sae.state_dict().items():
+        assert torch.equal(v, res.sae.state_dict()[k]), k
+
+
+def test_old_checkpoint_under_new_values_names_the_fields(tmp_path: Path) -> None:
+    cfg = SAEConfig(d_sae=32, k=3, init_scale=1.0)
+    train(cfg, tcfg(tmp_path, stop_after_steps=5, decoder_lr_scale=1.0),
+          MemorySource({"a": data()}))  # fmt: skip
+    drop_config_keys(tmp_path / "checkpoint", ITEM11_TRAIN, ITEM11_SAE, one_adam_group=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"decoder_lr_scale: '<absent>' -> 10"):
+        train(cfg, tcfg(tmp_path, decoder_lr_scale=10.0), MemorySource({"a": data()}))

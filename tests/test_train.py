@@ -18,13 +18,7 @@ from saekit.train import TrainingError, default_lr, lr_factor, train
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: one thread avoids OpenMP overhead on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n: int = 512, seed: int = 0) -> torch.Tensor:
